@@ -1,0 +1,152 @@
+//! Atomic files and checkpoint directories.
+//!
+//! A checkpoint is a directory holding `config.json`, `model.safetensors` and, for training runs,
+//! `optimizer.safetensors` and `trainer.json`. It is written into a temporary sibling directory,
+//! every file fsynced, then renamed into place; the previous version is moved aside first and
+//! removed last, so a kill at any moment leaves a complete checkpoint at `dir` or `dir.old`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A temporary path next to `path` (same filesystem, so rename is atomic).
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "file".into());
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+fn sync_dir(dir: &Path) {
+    // Best effort: directories cannot be fsynced on every platform.
+    if let Ok(f) = File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// fsync `tmp`, rename it to `path`, fsync the parent directory.
+pub fn fsync_and_rename(tmp: &Path, path: &Path) -> Result<()> {
+    let f = File::open(tmp).map_err(|e| Error::io(tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(tmp, e))?;
+    drop(f);
+    std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent);
+    }
+    Ok(())
+}
+
+/// Writes bytes atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    fsync_and_rename(&tmp, path)
+}
+
+/// Writes pretty JSON atomically.
+pub fn write_json_atomic<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::msg(e.to_string()))?;
+    write_atomic(path, format!("{text}\n").as_bytes())
+}
+
+/// Reads a JSON file with the path in every error.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn with_suffix(dir: &Path, suffix: &str) -> PathBuf {
+    let mut s = dir.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Builds a directory atomically: `fill` writes into a fresh temporary directory, which then
+/// replaces `dir`. On error the temporary directory is removed and `dir` is untouched.
+pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = with_suffix(dir, &format!(".tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    if let Some(parent) = dir.parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    // fsync every file written.
+    for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
+        let p = entry.map_err(|e| Error::io(&tmp, e))?.path();
+        if p.is_file() {
+            File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    sync_dir(&tmp);
+    let old = with_suffix(dir, ".old");
+    if dir.exists() {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent);
+    }
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    }
+    Ok(())
+}
+
+/// Where a checkpoint directory really is: `dir`, or `dir.old` if a write was interrupted
+/// between its two renames.
+pub fn resolve_dir(dir: &Path) -> PathBuf {
+    if !dir.exists() {
+        let old = with_suffix(dir, ".old");
+        if old.exists() {
+            return old;
+        }
+    }
+    dir.to_path_buf()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dir_write_replaces_and_failed_write_keeps_old() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ckpt");
+        write_dir_atomic(&dir, |d| write_atomic(&d.join("a"), b"one")).unwrap();
+        assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"one");
+        write_dir_atomic(&dir, |d| write_atomic(&d.join("a"), b"two")).unwrap();
+        assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"two");
+        let r = write_dir_atomic(&dir, |_| Err(Error::msg("killed")));
+        assert!(r.is_err());
+        assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temp left behind");
+    }
+
+    #[test]
+    fn interrupted_swap_is_found_at_old() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ckpt");
+        let old = root.path().join("ckpt.old");
+        std::fs::create_dir_all(&old).unwrap();
+        assert_eq!(resolve_dir(&dir), old);
+    }
+}

@@ -1,0 +1,23 @@
+//! palm-rlhf: PaLM + RLHF in Rust on candle.
+//!
+//! Map: `config` (model config), `model` (PaLM), `lora` (LoRA scopes), `kv_cache`, `sample`
+//! (sampling and batched generation), `tokenizer`, `params` (parameters by checkpoint name),
+//! `checkpoint` (atomic files and directories), `load` (model loading from any supported path),
+//! `fixtures` (where the shared test data lives), `rng` (seeded streams).
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod fixtures;
+pub mod kv_cache;
+pub mod load;
+pub mod lora;
+pub mod model;
+pub mod params;
+pub mod rng;
+pub mod sample;
+pub mod tokenizer;
+
+pub use config::PalmConfig;
+pub use error::{Error, Result};
+pub use model::{Forward, Palm};

@@ -1,0 +1,328 @@
+//! Sampling and batched generation with a KV cache.
+//!
+//! Filters use their standard meanings, applied in this order: temperature, top-k (keep the k
+//! most likely ids), top-p (keep the smallest set of most likely ids whose probability mass
+//! reaches p). The original's `filter_thres` is inverted: its `top_k(thres)` keeps
+//! `ceil((1 - thres) * V)` ids (so its default 0.9 keeps the top 10 %), and its `top_p(thres)`
+//! keeps mass `1 - thres`. Greedy (or temperature 0) takes the argmax, ties to the lowest id.
+//!
+//! Batched generation left-pads prompts of different lengths and masks the padding keys; since
+//! rotary and xPos depend only on relative positions, every row gets exactly the attention it
+//! would get alone. Each row stops at its first EOS.
+
+use candle_core::{DType, Tensor};
+use rand::Rng;
+
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::model::{Forward, Palm};
+use crate::rng::{self, PalmRng};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    /// Softmax temperature; <= 0 means greedy.
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub greedy: bool,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            greedy: false,
+        }
+    }
+}
+
+impl Sampling {
+    pub fn greedy() -> Self {
+        Self {
+            greedy: true,
+            ..Self::default()
+        }
+    }
+
+    /// The original's `generate(filter_logits_fn=top_k, filter_thres=thres)` as standard top-k.
+    pub fn from_original_top_k(thres: f32, vocab: usize, temperature: f32) -> Self {
+        let k = ((1.0 - thres) * vocab as f32).ceil().max(1.0) as usize;
+        Self {
+            temperature,
+            top_k: Some(k),
+            ..Self::default()
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(Error::msg(format!("top-p must be in (0, 1], got {p}")));
+            }
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::msg("top-k must be at least 1"));
+        }
+        if !self.temperature.is_finite() {
+            return Err(Error::msg("temperature must be finite"));
+        }
+        Ok(())
+    }
+}
+
+fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Draws one id from `logits` [V].
+pub fn sample_token(logits: &[f32], s: &Sampling, rng: &mut PalmRng) -> u32 {
+    if s.greedy || s.temperature <= 0.0 {
+        return argmax(logits);
+    }
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    // sort by descending logit (stable: ties keep the lower id first)
+    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if let Some(k) = s.top_k {
+        idx.truncate(k.min(idx.len()));
+    }
+    let max = logits[idx[0]];
+    let mut probs: Vec<f64> = idx
+        .iter()
+        .map(|&i| (((logits[i] - max) / s.temperature) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(p) = s.top_p {
+        let mut mass = 0.0;
+        let mut keep = probs.len();
+        for (n, q) in probs.iter().enumerate() {
+            mass += q;
+            if mass >= p as f64 {
+                keep = n + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        idx.truncate(keep);
+        let t: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= t);
+    }
+    let u: f64 = rng.random::<f64>();
+    let mut acc = 0.0;
+    for (n, q) in probs.iter().enumerate() {
+        acc += q;
+        if u < acc {
+            return idx[n] as u32;
+        }
+    }
+    idx[probs.len() - 1] as u32
+}
+
+/// A batched generation request.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompts: Vec<Vec<u32>>,
+    pub max_new_tokens: usize,
+    pub eos: Option<u32>,
+    pub sampling: Sampling,
+    pub seed: u64,
+    /// LoRA scope to sample from (e.g. the PPO actor).
+    pub scope: Option<String>,
+    pub disable_lora: bool,
+}
+
+/// What `generate` returns: per row, the new ids (up to and including the first EOS).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub completions: Vec<Vec<u32>>,
+    /// Whether the row stopped at an EOS.
+    pub ended_with_eos: Vec<bool>,
+}
+
+/// Generates for every prompt at once with a KV cache. `on_token(row, id)` is called for each
+/// new id as soon as it is sampled (streaming).
+pub fn generate(
+    model: &Palm,
+    req: &GenerateRequest,
+    mut on_token: impl FnMut(usize, u32),
+) -> Result<Generation> {
+    req.sampling.validate()?;
+    let b = req.prompts.len();
+    if b == 0 {
+        return Ok(Generation {
+            completions: vec![],
+            ended_with_eos: vec![],
+        });
+    }
+    let vocab = model.cfg.num_tokens as u32;
+    let max_len = req.prompts.iter().map(Vec::len).max().unwrap_or(0);
+    for (i, p) in req.prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(Error::msg(format!(
+                "prompt {i} is empty: give at least one token"
+            )));
+        }
+        if let Some(&bad) = p.iter().find(|&&t| t >= vocab) {
+            return Err(Error::msg(format!(
+                "prompt {i} has token id {bad}, outside the model's vocabulary of {vocab}"
+            )));
+        }
+        if p.len() + req.max_new_tokens > model.cfg.max_seq_len {
+            return Err(Error::msg(format!(
+                "prompt {i} has {} tokens; with {} new tokens that exceeds the model's context of {} (max_seq_len)",
+                p.len(),
+                req.max_new_tokens,
+                model.cfg.max_seq_len
+            )));
+        }
+    }
+    let dev = model.device().clone();
+
+    // left-pad to [B, L]; key mask 1 = real token
+    let mut ids = Vec::with_capacity(b * max_len);
+    let mut mask: Vec<u8> = Vec::with_capacity(b * (max_len + req.max_new_tokens));
+    for p in &req.prompts {
+        let pad = max_len - p.len();
+        ids.extend(std::iter::repeat_n(0i64, pad));
+        ids.extend(p.iter().map(|&t| t as i64));
+    }
+    let mut mask_rows: Vec<Vec<u8>> = req
+        .prompts
+        .iter()
+        .map(|p| {
+            let mut m = vec![0u8; max_len - p.len()];
+            m.extend(std::iter::repeat_n(1u8, p.len()));
+            m
+        })
+        .collect();
+    let mask_tensor = |rows: &Vec<Vec<u8>>, mask: &mut Vec<u8>| -> Result<Tensor> {
+        mask.clear();
+        for r in rows {
+            mask.extend_from_slice(r);
+        }
+        Ok(Tensor::from_vec(mask.clone(), (b, rows[0].len()), &dev)?)
+    };
+
+    let mut rng = rng::stream(req.seed, 0x5a3e);
+    let mut cache = KvCache::new(model.cfg.depth);
+    let mut completions = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    let mut input = Tensor::from_vec(ids, (b, max_len), &dev)?;
+    for _step in 0..req.max_new_tokens {
+        let km = mask_tensor(&mask_rows, &mut mask)?;
+        let opts = Forward {
+            scope: req.scope.as_deref(),
+            disable_lora: req.disable_lora,
+            key_mask: Some(&km),
+            ..Default::default()
+        };
+        let emb = model.embeddings(&input, &opts, Some(&mut cache))?;
+        let t = emb.dim(1)?;
+        let last = emb.narrow(1, t - 1, 1)?.squeeze(1)?; // [B, C]
+        let logits = model.logits_from(&last, false)?.to_dtype(DType::F32)?;
+        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+        let mut next = Vec::with_capacity(b);
+        for row in 0..b {
+            if done[row] {
+                next.push(0i64);
+                mask_rows[row].push(0);
+                continue;
+            }
+            let tok = sample_token(&logits[row], &req.sampling, &mut rng);
+            completions[row].push(tok);
+            on_token(row, tok);
+            if Some(tok) == req.eos {
+                done[row] = true;
+            }
+            next.push(tok as i64);
+            mask_rows[row].push(1);
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        input = Tensor::from_vec(next, (b, 1), &dev)?;
+    }
+    Ok(Generation {
+        completions,
+        ended_with_eos: done,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_first_max() {
+        let mut r = rng::seeded(0);
+        assert_eq!(
+            sample_token(&[1.0, 3.0, 3.0, 0.0], &Sampling::greedy(), &mut r),
+            1
+        );
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let mut r = rng::seeded(0);
+        let s = Sampling {
+            top_k: Some(1),
+            ..Sampling::default()
+        };
+        for _ in 0..20 {
+            assert_eq!(sample_token(&[0.5, 0.1, 2.0, 1.9], &s, &mut r), 2);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_p() {
+        // probs ~ [0.6, 0.3, 0.1]: p=0.8 keeps ids 0 and 1 only
+        let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
+        let s = Sampling {
+            top_p: Some(0.8),
+            ..Sampling::default()
+        };
+        let mut r = rng::seeded(3);
+        let mut seen = [0usize; 3];
+        for _ in 0..3000 {
+            seen[sample_token(&logits, &s, &mut r) as usize] += 1;
+        }
+        assert_eq!(seen[2], 0);
+        let frac0 = seen[0] as f64 / 3000.0;
+        assert!((frac0 - 2.0 / 3.0).abs() < 0.04, "{frac0}");
+    }
+
+    #[test]
+    fn temperature_sampling_matches_softmax() {
+        let logits = [0.0f32, 1.0, 2.0];
+        let s = Sampling {
+            temperature: 2.0,
+            ..Sampling::default()
+        };
+        let mut r = rng::seeded(5);
+        let n = 20000;
+        let mut seen = [0usize; 3];
+        for _ in 0..n {
+            seen[sample_token(&logits, &s, &mut r) as usize] += 1;
+        }
+        let z: f64 = [0.0f64, 0.5, 1.0].iter().map(|x| x.exp()).sum();
+        for (i, x) in [0.0f64, 0.5, 1.0].iter().enumerate() {
+            let want = x.exp() / z;
+            let got = seen[i] as f64 / n as f64;
+            assert!((want - got).abs() < 0.015, "{i}: {want} vs {got}");
+        }
+    }
+
+    #[test]
+    fn original_top_k_mapping() {
+        let s = Sampling::from_original_top_k(0.9, 256, 1.0);
+        assert_eq!(s.top_k, Some(26));
+    }
+}

@@ -1,0 +1,390 @@
+//! Golden tests against palm-rlhf-pytorch 0.8.0 (`<reference>/README.md`): logits, loss,
+//! embeddings and every parameter gradient, LoRA scoped/disabled/merged, greedy generation
+//! (with our KV cache), and the reward model's trunk. Tolerances come from `index.json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use palm::fixtures;
+use palm::load::palm_from_tensors;
+use palm::model::palm::rotary_freqs_and_scale;
+use palm::params::read_tensors;
+use palm::{Forward, Palm, PalmConfig};
+
+struct Case {
+    dir: PathBuf,
+    manifest: serde_json::Value,
+    io: BTreeMap<String, Tensor>,
+    atol: serde_json::Value,
+}
+
+fn case(name: &str) -> Option<Case> {
+    let root = fixtures::require(fixtures::reference_dir().join("index.json"))?;
+    let root = root.parent().unwrap().to_path_buf();
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("index.json")).unwrap()).unwrap();
+    let dir = root.join(name);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+    let io = read_tensors(&dir.join("io.safetensors"), &Device::Cpu).unwrap();
+    Some(Case {
+        dir,
+        manifest,
+        io,
+        atol: index["recommended_atol_float32"].clone(),
+    })
+}
+
+impl Case {
+    fn tol(&self, key: &str) -> f32 {
+        self.atol[key].as_f64().unwrap() as f32
+    }
+    fn get(&self, name: &str) -> &Tensor {
+        self.io
+            .get(name)
+            .unwrap_or_else(|| panic!("fixture {} has no `{name}`", self.dir.display()))
+    }
+    fn config(&self) -> PalmConfig {
+        serde_json::from_value(self.manifest["config"].clone()).unwrap()
+    }
+}
+
+fn model_from(cfg: PalmConfig, weights: &Path) -> Palm {
+    let t = read_tensors(weights, &Device::Cpu).unwrap();
+    palm_from_tensors(cfg, &t, weights, &Device::Cpu).unwrap()
+}
+
+/// Fails with a side-by-side listing of the worst elements when |a - b| > atol anywhere.
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let g: Vec<f32> = got
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let w: Vec<f32> = want
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut worst: Vec<(f32, usize)> = g
+        .iter()
+        .zip(&w)
+        .enumerate()
+        .map(|(i, (a, b))| ((a - b).abs(), i))
+        .collect();
+    worst.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let max = worst.first().map(|x| x.0).unwrap_or(0.0);
+    if !(max <= atol) {
+        let rows: Vec<String> = worst
+            .iter()
+            .take(5)
+            .map(|&(d, i)| format!("  [{i}] ours {:+.8} ref {:+.8} diff {d:.3e}", g[i], w[i]))
+            .collect();
+        panic!(
+            "{what}: max abs diff {max:.3e} > atol {atol:.1e}\n{}",
+            rows.join("\n")
+        );
+    }
+}
+
+fn ids(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::I64).unwrap()
+}
+
+fn check_causal_case(name: &str) {
+    let Some(c) = case(name) else { return };
+    let model = model_from(c.config(), &c.dir.join("weights.safetensors"));
+    let tokens = ids(c.get("tokens"));
+    let opts = Forward::default();
+
+    let logits = model.forward(&tokens, &opts).unwrap();
+    assert_close(
+        &format!("{name} logits"),
+        &logits,
+        c.get("logits"),
+        c.tol("logits"),
+    );
+    let emb = model.embeddings(&tokens, &opts, None).unwrap();
+    assert_close(
+        &format!("{name} embeddings"),
+        &emb,
+        c.get("embeddings"),
+        c.tol("embeddings"),
+    );
+
+    // rotary tables for N = 24 (xpos centre N//2)
+    let n = tokens.dim(1).unwrap();
+    let cfg = c.config();
+    let (freqs, scale) = rotary_freqs_and_scale(
+        cfg.dim_head,
+        0..n,
+        (n / 2) as i64,
+        cfg.rotary_xpos_scale_base,
+        true,
+    );
+    let freqs = Tensor::from_vec(freqs, (n, cfg.dim_head), &Device::Cpu).unwrap();
+    let scale = Tensor::from_vec(scale, (n, cfg.dim_head), &Device::Cpu).unwrap();
+    assert_close(
+        "rotary.freqs",
+        &freqs,
+        c.get("rotary.freqs"),
+        c.tol("rotary"),
+    );
+    assert_close(
+        "rotary.xpos_scale",
+        &scale,
+        c.get("rotary.xpos_scale"),
+        c.tol("rotary"),
+    );
+
+    // loss and every parameter gradient
+    let loss = model.loss(&tokens, &opts).unwrap();
+    assert_close(&format!("{name} loss"), &loss, c.get("loss"), c.tol("loss"));
+    let grads = loss.backward().unwrap();
+    let mut checked = 0;
+    for (pname, var) in model.vars.iter() {
+        let want = c.get(&format!("grad.{pname}"));
+        let got = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
+        assert_close(&format!("{name} grad.{pname}"), got, want, c.tol("grads"));
+        checked += 1;
+    }
+    let expected = c.io.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(checked, expected, "every stored gradient is checked");
+}
+
+#[test]
+fn palm_causal_logits_loss_and_every_gradient() {
+    check_causal_case("palm_causal");
+}
+
+#[test]
+fn palm_causal_qknorm_logits_loss_and_every_gradient() {
+    check_causal_case("palm_causal_qknorm");
+}
+
+#[test]
+fn palm_noncausal_with_padding() {
+    let Some(c) = case("palm_noncausal") else {
+        return;
+    };
+    let model = model_from(c.config(), &c.dir.join("weights.safetensors"));
+    let tokens = ids(c.get("tokens"));
+    let opts = Forward::default();
+    let logits = model.forward(&tokens, &opts).unwrap();
+    assert_close(
+        "noncausal logits",
+        &logits,
+        c.get("logits"),
+        c.tol("logits"),
+    );
+    let emb = model.embeddings(&tokens, &opts, None).unwrap();
+    assert_close(
+        "noncausal embeddings",
+        &emb,
+        c.get("embeddings"),
+        c.tol("embeddings"),
+    );
+    // the value of a negative id makes no difference
+    let other = tokens
+        .lt(0i64)
+        .unwrap()
+        .where_cond(
+            &Tensor::full(-7i64, tokens.dims(), &Device::Cpu).unwrap(),
+            &tokens,
+        )
+        .unwrap();
+    let logits7 = model.forward(&other, &opts).unwrap();
+    assert_close("noncausal -7 padding", &logits7, &logits, 0.0);
+}
+
+#[test]
+fn palm_lora_scoped_disabled_merged_and_grads() {
+    let Some(c) = case("palm_lora") else { return };
+    let base = c
+        .dir
+        .parent()
+        .unwrap()
+        .join("palm_causal/weights.safetensors");
+    let mut tensors = read_tensors(&base, &Device::Cpu).unwrap();
+    tensors.extend(read_tensors(&c.dir.join("lora_weights.safetensors"), &Device::Cpu).unwrap());
+    let mut model = palm_from_tensors(c.config(), &tensors, &base, &Device::Cpu).unwrap();
+    assert_eq!(model.scopes["actor"].spec.r, 4);
+    let tokens = ids(c.get("tokens"));
+    let scoped = Forward {
+        scope: Some("actor"),
+        ..Default::default()
+    };
+    let disabled = Forward {
+        scope: Some("actor"),
+        disable_lora: true,
+        ..Default::default()
+    };
+    let l = model.forward(&tokens, &scoped).unwrap();
+    assert_close("logits_scoped", &l, c.get("logits_scoped"), c.tol("logits"));
+    let l = model.forward(&tokens, &disabled).unwrap();
+    assert_close(
+        "logits_disable_lora",
+        &l,
+        c.get("logits_disable_lora"),
+        c.tol("logits"),
+    );
+
+    let loss = model.loss(&tokens, &scoped).unwrap();
+    assert_close("loss_scoped", &loss, c.get("loss_scoped"), c.tol("loss"));
+    let loss_base = model.loss(&tokens, &Forward::default()).unwrap();
+    assert_close("loss_base", &loss_base, c.get("loss_base"), c.tol("loss"));
+
+    // LoRA gradients, with the base frozen (as when only the scope is trained)
+    let frozen = Forward {
+        freeze_base: true,
+        ..scoped
+    };
+    let loss = model.loss(&tokens, &frozen).unwrap();
+    let grads = loss.backward().unwrap();
+    let mut n = 0;
+    for (pname, var) in model.vars.iter() {
+        if pname.starts_with("finetune_modules.") {
+            let got = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no grad for {pname}"));
+            assert_close(
+                &format!("grad.{pname}"),
+                got,
+                c.get(&format!("grad.{pname}")),
+                c.tol("grads"),
+            );
+            n += 1;
+        } else {
+            assert!(
+                grads.get(var.as_tensor()).is_none(),
+                "frozen base param {pname} got a gradient"
+            );
+        }
+    }
+    assert_eq!(n, 16);
+
+    model.merge_scope("actor").unwrap();
+    assert!(model.scopes.is_empty());
+    let l = model.forward(&tokens, &Forward::default()).unwrap();
+    assert_close("logits_merged", &l, c.get("logits_merged"), c.tol("logits"));
+}
+
+#[test]
+fn palm_greedy_generation_with_kv_cache_matches_exactly() {
+    let Some(c) = case("palm_greedy") else { return };
+    let model = model_from(
+        c.config(),
+        &c.dir
+            .parent()
+            .unwrap()
+            .join("palm_causal/weights.safetensors"),
+    );
+    let prompt: Vec<Vec<i64>> = c.get("prompt").to_vec2().unwrap();
+    let want: Vec<Vec<i64>> = c.get("generated").to_vec2().unwrap();
+    let req = palm::sample::GenerateRequest {
+        prompts: prompt
+            .iter()
+            .map(|p| p.iter().map(|&x| x as u32).collect())
+            .collect(),
+        max_new_tokens: want[0].len(),
+        eos: None,
+        sampling: palm::sample::Sampling::greedy(),
+        seed: 0,
+        scope: None,
+        disable_lora: false,
+    };
+    let got = palm::sample::generate(&model, &req, |_, _| {}).unwrap();
+    for (row, (g, w)) in got.completions.iter().zip(&want).enumerate() {
+        let w: Vec<u32> = w.iter().map(|&x| x as u32).collect();
+        assert_eq!(g, &w, "row {row}");
+    }
+    // step logits by full recomputation (no cache), as the original does
+    let step_logits = c.get("step_logits");
+    let prompt_t = ids(c.get("prompt"));
+    let gen_t = ids(c.get("generated"));
+    for s in [0usize, 7, 31] {
+        let seq = Tensor::cat(&[&prompt_t, &gen_t.narrow(1, 0, s).unwrap()], 1).unwrap();
+        let l = model.forward(&seq, &Forward::default()).unwrap();
+        let last = l
+            .narrow(1, seq.dim(1).unwrap() - 1, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap();
+        let want = step_logits.narrow(1, s, 1).unwrap().squeeze(1).unwrap();
+        assert_close(
+            &format!("step_logits[{s}]"),
+            &last,
+            &want,
+            c.tol("step_logits"),
+        );
+    }
+}
+
+#[test]
+fn reward_model_trunk_pooling_and_scalar_head() {
+    let Some(c) = case("reward_model") else {
+        return;
+    };
+    let all = read_tensors(&c.dir.join("weights.safetensors"), &Device::Cpu).unwrap();
+    let mut trunk = BTreeMap::new();
+    for (k, v) in &all {
+        if let Some(rest) = k.strip_prefix("palm.") {
+            trunk.insert(rest.to_string(), v.clone());
+        }
+    }
+    let cfg: PalmConfig = serde_json::from_value(c.manifest["palm_config"].clone()).unwrap();
+    let model = palm_from_tensors(cfg, &trunk, &c.dir, &Device::Cpu).unwrap();
+    let tokens = ids(c.get("tokens"));
+    let pm = c.get("prompt_mask").to_dtype(DType::U8).unwrap();
+    let (b, n) = tokens.dims2().unwrap();
+    let dim = model.cfg.dim;
+    let pe = all["prompt_embed"].broadcast_as((b, n, dim)).unwrap();
+    let re = all["response_embed"].broadcast_as((b, n, dim)).unwrap();
+    let extra = pm
+        .unsqueeze(2)
+        .unwrap()
+        .broadcast_as((b, n, dim))
+        .unwrap()
+        .where_cond(&pe, &re)
+        .unwrap();
+    let opts = Forward {
+        scope: Some("reward"),
+        extra_embed: Some(&extra),
+        ..Default::default()
+    };
+    let emb = model.embeddings(&tokens, &opts, None).unwrap();
+    let mask = c.get("mask").to_dtype(DType::F32).unwrap();
+    let pooled = (emb
+        .broadcast_mul(&mask.unsqueeze(2).unwrap())
+        .unwrap()
+        .sum(1)
+        .unwrap())
+    .broadcast_div(&mask.sum_keepdim(1).unwrap())
+    .unwrap();
+    assert_close(
+        "scalar.pooled",
+        &pooled,
+        c.get("scalar.pooled"),
+        c.tol("pooled"),
+    );
+    let head = &all["to_pred.0.weight"];
+    let rewards = pooled
+        .matmul(&head.t().unwrap())
+        .unwrap()
+        .squeeze(1)
+        .unwrap();
+    assert_close(
+        "scalar.rewards",
+        &rewards,
+        c.get("scalar.rewards"),
+        c.tol("reward_outputs"),
+    );
+}
