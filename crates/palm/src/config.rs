@@ -176,7 +176,7 @@ impl PalmConfig {
         if self.dim == 0 || self.num_tokens == 0 || self.depth == 0 || self.heads == 0 {
             return bad("dim, num_tokens, depth and heads must be positive");
         }
-        if self.dim_head == 0 || self.dim_head % 2 != 0 {
+        if self.dim_head == 0 || !self.dim_head.is_multiple_of(2) {
             return bad("dim_head must be even and positive (rotary embeddings rotate halves)");
         }
         if !(0.0..1.0).contains(&self.attn_dropout) || !(0.0..1.0).contains(&self.ff_dropout) {

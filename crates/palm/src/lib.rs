@@ -17,7 +17,8 @@ pub mod params;
 pub mod rng;
 pub mod sample;
 pub mod tokenizer;
+pub mod train;
 
 pub use config::PalmConfig;
 pub use error::{Error, Result};
-pub use model::{Forward, Palm};
+pub use model::{Forward, Model, Palm};

@@ -120,3 +120,8 @@ pub fn write_palm_files(model: &Palm, dir: &Path) -> Result<()> {
 pub fn save_palm(model: &Palm, dir: &Path) -> Result<()> {
     checkpoint::write_dir_atomic(dir, |tmp| write_palm_files(model, tmp))
 }
+
+/// Loads any supported model from a `--model` path.
+pub fn load_model(path: &Path, device: &Device) -> Result<crate::model::Model> {
+    Ok(crate::model::Model::Palm(load_palm(path, device)?))
+}

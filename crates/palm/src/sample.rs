@@ -15,7 +15,7 @@ use rand::Rng;
 
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::model::{Forward, Palm};
+use crate::model::{Forward, Model};
 use crate::rng::{self, PalmRng};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -150,7 +150,7 @@ pub struct Generation {
 /// Generates for every prompt at once with a KV cache. `on_token(row, id)` is called for each
 /// new id as soon as it is sampled (streaming).
 pub fn generate(
-    model: &Palm,
+    model: &Model,
     req: &GenerateRequest,
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<Generation> {
@@ -162,7 +162,7 @@ pub fn generate(
             ended_with_eos: vec![],
         });
     }
-    let vocab = model.cfg.num_tokens as u32;
+    let vocab = model.vocab_size() as u32;
     let max_len = req.prompts.iter().map(Vec::len).max().unwrap_or(0);
     for (i, p) in req.prompts.iter().enumerate() {
         if p.is_empty() {
@@ -175,12 +175,12 @@ pub fn generate(
                 "prompt {i} has token id {bad}, outside the model's vocabulary of {vocab}"
             )));
         }
-        if p.len() + req.max_new_tokens > model.cfg.max_seq_len {
+        if p.len() + req.max_new_tokens > model.max_seq_len() {
             return Err(Error::msg(format!(
                 "prompt {i} has {} tokens; with {} new tokens that exceeds the model's context of {} (max_seq_len)",
                 p.len(),
                 req.max_new_tokens,
-                model.cfg.max_seq_len
+                model.max_seq_len()
             )));
         }
     }
@@ -212,7 +212,7 @@ pub fn generate(
     };
 
     let mut rng = rng::stream(req.seed, 0x5a3e);
-    let mut cache = KvCache::new(model.cfg.depth);
+    let mut cache = KvCache::new(model.depth());
     let mut completions = vec![Vec::new(); b];
     let mut done = vec![false; b];
     let mut input = Tensor::from_vec(ids, (b, max_len), &dev)?;

@@ -1,5 +1,162 @@
-//! Models. `palm` is the PaLM decoder of the original.
+//! Models. `palm` is the PaLM of the original; `Model` is what the rest of the crate (sampling,
+//! training, reward model, PPO, CLI) works with, so imported architectures plug in beside it.
 
 pub mod palm;
 
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
 pub use palm::{cross_entropy, Forward, Palm};
+
+use crate::config::LoraSpec;
+use crate::error::Result;
+use crate::kv_cache::KvCache;
+use crate::params::VarStore;
+
+/// Any language model the pipeline can run.
+#[derive(Debug)]
+pub enum Model {
+    Palm(Palm),
+}
+
+impl From<Palm> for Model {
+    fn from(p: Palm) -> Self {
+        Model::Palm(p)
+    }
+}
+
+impl Model {
+    /// Final-norm hidden states [B, T, C] (see [`Palm::embeddings`]).
+    pub fn embeddings(
+        &self,
+        ids: &Tensor,
+        opts: &Forward,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        match self {
+            Model::Palm(m) => m.embeddings(ids, opts, cache),
+        }
+    }
+
+    /// Logits [.., V] from hidden states [.., C].
+    pub fn logits_from(&self, emb: &Tensor, freeze_base: bool) -> Result<Tensor> {
+        match self {
+            Model::Palm(m) => m.logits_from(emb, freeze_base),
+        }
+    }
+
+    /// Logits [B, T, V].
+    pub fn forward(&self, ids: &Tensor, opts: &Forward) -> Result<Tensor> {
+        let emb = self.embeddings(ids, opts, None)?;
+        self.logits_from(&emb, opts.freeze_base)
+    }
+
+    pub fn vars(&self) -> &VarStore {
+        match self {
+            Model::Palm(m) => &m.vars,
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        match self {
+            Model::Palm(m) => m.device(),
+        }
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Model::Palm(m) => m.cfg.num_tokens,
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        match self {
+            Model::Palm(m) => m.cfg.dim,
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        match self {
+            Model::Palm(m) => m.cfg.depth,
+        }
+    }
+
+    pub fn max_seq_len(&self) -> usize {
+        match self {
+            Model::Palm(m) => m.cfg.max_seq_len,
+        }
+    }
+
+    pub fn causal(&self) -> bool {
+        match self {
+            Model::Palm(m) => m.cfg.causal,
+        }
+    }
+
+    /// Label id the language-model loss ignores, if any.
+    pub fn ignore_index(&self) -> Option<i64> {
+        match self {
+            Model::Palm(m) => m.cfg.cross_entropy_ignore_index,
+        }
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.vars().num_elements()
+    }
+
+    pub fn has_scope(&self, name: &str) -> bool {
+        match self {
+            Model::Palm(m) => m.scopes.contains_key(name),
+        }
+    }
+
+    pub fn add_scope(&mut self, name: &str, spec: LoraSpec, seed: u64) -> Result<()> {
+        match self {
+            Model::Palm(m) => m.add_scope(name, spec, seed),
+        }
+    }
+
+    pub fn remove_scope(&mut self, name: &str) -> Result<()> {
+        match self {
+            Model::Palm(m) => m.remove_scope(name).map(|_| ()),
+        }
+    }
+
+    pub fn merge_scope(&mut self, name: &str) -> Result<()> {
+        match self {
+            Model::Palm(m) => m.merge_scope(name),
+        }
+    }
+
+    /// Reseeds dropout.
+    pub fn set_seed(&self, seed: u64) {
+        match self {
+            Model::Palm(m) => m.set_seed(seed),
+        }
+    }
+
+    /// Writes the model's own files (config and weights) into an existing directory.
+    pub fn write_files(&self, dir: &Path) -> Result<()> {
+        match self {
+            Model::Palm(m) => crate::load::write_palm_files(m, dir),
+        }
+    }
+
+    /// Saves as a checkpoint directory, atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        crate::checkpoint::write_dir_atomic(dir, |tmp| self.write_files(tmp))
+    }
+
+    /// A short human description (architecture and sizes).
+    pub fn describe(&self) -> serde_json::Value {
+        match self {
+            Model::Palm(m) => serde_json::json!({
+                "architecture": "palm",
+                "config": m.cfg,
+                "parameters": self.num_parameters(),
+                "lora_scopes": m.scopes.keys().collect::<Vec<_>>(),
+            }),
+        }
+    }
+}

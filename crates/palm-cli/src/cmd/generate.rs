@@ -1,0 +1,116 @@
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use palm::sample::{generate, GenerateRequest, Sampling};
+use palm::tokenizer::{StreamDecoder, Tokenizer};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Checkpoint directory, or a weights file with config.json beside it.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    /// `bytes` or a tokenizer.json (default: the model's own tokenizer.json if present, else bytes).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Softmax temperature (0 = greedy).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability mass reaches P (nucleus sampling).
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Always take the most likely token.
+    #[arg(long)]
+    pub greedy: bool,
+    /// Sample from this LoRA scope of the model.
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// Do not stop at the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+/// The tokenizer named on the command line, else `tokenizer.json` next to the model, else bytes.
+pub fn resolve_tokenizer(arg: Option<&str>, model: &std::path::Path) -> Result<Tokenizer> {
+    if let Some(t) = arg {
+        return Tokenizer::from_arg(t).map_err(Into::into);
+    }
+    let dir = if model.is_dir() {
+        model.to_path_buf()
+    } else {
+        model.parent().map(|p| p.to_path_buf()).unwrap_or_default()
+    };
+    let beside = dir.join("tokenizer.json");
+    if beside.exists() {
+        return Tokenizer::from_file(&beside).map_err(Into::into);
+    }
+    Ok(Tokenizer::Bytes)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let model = palm::load::load_model(&a.model, &super::device())
+        .with_context(|| format!("loading model {}", a.model.display()))?;
+    let tok = resolve_tokenizer(a.tokenizer.as_deref(), &a.model)?;
+    let prompt = tok.encode(&a.prompt)?;
+    if prompt.is_empty() {
+        bail!("the prompt is empty: give at least one character");
+    }
+    let req = GenerateRequest {
+        prompts: vec![prompt],
+        max_new_tokens: a.max_new_tokens,
+        eos: if a.ignore_eos { None } else { tok.eos_id() },
+        sampling: Sampling {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            greedy: a.greedy,
+        },
+        seed: a.seed,
+        scope: a.scope.clone(),
+        disable_lora: false,
+    };
+    let t0 = std::time::Instant::now();
+    let mut out = std::io::stdout().lock();
+    let mut dec = StreamDecoder::default();
+    let eos = req.eos;
+    let mut err: Option<anyhow::Error> = None;
+    let g = generate(&model, &req, |_, id| {
+        if Some(id) == eos || err.is_some() {
+            return;
+        }
+        match dec.push(&tok, id) {
+            Ok(Some(s)) => {
+                let _ = out.write_all(s.as_bytes());
+                let _ = out.flush();
+            }
+            Ok(None) => {}
+            Err(e) => err = Some(e.into()),
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    writeln!(out)?;
+    let n = g.completions[0].len();
+    tracing::info!(
+        "{n} tokens in {:.2}s ({:.1} tokens/s){}",
+        t0.elapsed().as_secs_f64(),
+        n as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        if g.ended_with_eos[0] {
+            ", stopped at EOS"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! One module per subcommand, each with clap `Args` and `run`.
+
+pub mod generate;
+pub mod info;
+
+use candle_core::Device;
+
+/// The device to run on (CPU; CUDA builds would pick the GPU here).
+pub fn device() -> Device {
+    Device::Cpu
+}

@@ -1,0 +1,3 @@
+//! Training: optimisers and schedules (`optim`).
+
+pub mod optim;

@@ -1,0 +1,302 @@
+//! Optimisers over named parameters: AdamW (decoupled weight decay, torch's eps placement) and
+//! Lion (the original's `train.py`), global-norm gradient clipping, gradient accumulation.
+//!
+//! Gradients are taken out of candle's `GradStore` as flat f32 vectors, one per parameter, in the
+//! optimiser's parameter order; clipping and the update run on those vectors.
+
+use std::collections::BTreeMap;
+
+use candle_core::{backprop::GradStore, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    #[default]
+    AdamW,
+    Lion,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OptimConfig {
+    pub kind: OptimizerKind,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl OptimConfig {
+    /// AdamW with the reference's settings: betas (0.9, 0.95), eps 1e-8, weight decay 0.1.
+    pub fn adamw() -> Self {
+        Self {
+            kind: OptimizerKind::AdamW,
+            betas: (0.9, 0.95),
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+    /// Lion with lion-pytorch's defaults: betas (0.9, 0.99), weight decay 0.
+    pub fn lion() -> Self {
+        Self {
+            kind: OptimizerKind::Lion,
+            betas: (0.9, 0.99),
+            eps: 0.0,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Per-parameter gradients as flat vectors (None: the parameter got no gradient this step).
+pub type Grads = Vec<Option<Vec<f32>>>;
+
+/// Reads the gradients of `params` from a backward pass.
+pub fn grads_of(params: &[(String, Var)], store: &GradStore) -> Result<Grads> {
+    params
+        .iter()
+        .map(|(_, v)| match store.get(v.as_tensor()) {
+            Some(g) => Ok(Some(g.flatten_all()?.to_vec1::<f32>()?)),
+            None => Ok(None),
+        })
+        .collect()
+}
+
+/// acc += g (gradient accumulation); `scale` multiplies g first (e.g. 1/K).
+pub fn accumulate(acc: &mut Grads, g: &Grads, scale: f32) {
+    if acc.is_empty() {
+        acc.resize(g.len(), None);
+    }
+    for (a, g) in acc.iter_mut().zip(g) {
+        if let Some(g) = g {
+            match a {
+                Some(a) => a.iter_mut().zip(g).for_each(|(x, y)| *x += scale * y),
+                None => *a = Some(g.iter().map(|y| scale * y).collect()),
+            }
+        }
+    }
+}
+
+/// Global L2 norm of all gradients.
+pub fn grad_norm(grads: &Grads) -> f64 {
+    grads
+        .iter()
+        .flatten()
+        .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// torch's `clip_grad_norm_`: total = ||(||g_p||)||, every g *= min(max / (total + 1e-6), 1).
+/// Returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> f64 {
+    let total = grad_norm(grads);
+    let c = (max_norm / (total + 1e-6)).min(1.0);
+    if c < 1.0 {
+        for g in grads.iter_mut().flatten() {
+            g.iter_mut().for_each(|x| *x = (*x as f64 * c) as f32);
+        }
+    }
+    total
+}
+
+/// True when any gradient is NaN or infinite.
+pub fn grads_non_finite(grads: &Grads) -> bool {
+    grads
+        .iter()
+        .flatten()
+        .any(|g| g.iter().any(|x| !x.is_finite()))
+}
+
+#[derive(Debug)]
+pub struct Optimizer {
+    pub cfg: OptimConfig,
+    pub params: Vec<(String, Var)>,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    /// Number of steps taken.
+    pub step: u64,
+}
+
+impl Optimizer {
+    pub fn new(params: Vec<(String, Var)>, cfg: OptimConfig) -> Self {
+        let m = params
+            .iter()
+            .map(|(_, v)| vec![0f32; v.elem_count()])
+            .collect();
+        let v = match cfg.kind {
+            OptimizerKind::AdamW => params
+                .iter()
+                .map(|(_, v)| vec![0f32; v.elem_count()])
+                .collect(),
+            OptimizerKind::Lion => vec![],
+        };
+        Self {
+            cfg,
+            params,
+            m,
+            v,
+            step: 0,
+        }
+    }
+
+    /// One update with learning rate `lr`. Parameters without a gradient are left untouched.
+    pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
+        if grads.len() != self.params.len() {
+            return Err(Error::msg(
+                "gradient list does not match the optimiser's parameters",
+            ));
+        }
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = self.cfg.betas;
+        let wd = self.cfg.weight_decay;
+        for (i, (_, var)) in self.params.iter().enumerate() {
+            let Some(g) = &grads[i] else { continue };
+            let shape = var.shape().clone();
+            let mut p: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+            let m = &mut self.m[i];
+            match self.cfg.kind {
+                OptimizerKind::AdamW => {
+                    let v = &mut self.v[i];
+                    let decay = (1.0 - lr * wd) as f32;
+                    let bc1 = 1.0 - b1.powi(t);
+                    let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
+                    let step_size = (lr / bc1) as f32;
+                    let (b1f, b2f, eps) = (b1 as f32, b2 as f32, self.cfg.eps as f32);
+                    let bc2_sqrt = bc2_sqrt as f32;
+                    for j in 0..p.len() {
+                        p[j] *= decay;
+                        m[j] += (1.0 - b1f) * (g[j] - m[j]);
+                        v[j] = b2f * v[j] + (1.0 - b2f) * g[j] * g[j];
+                        let denom = v[j].sqrt() / bc2_sqrt + eps;
+                        p[j] -= step_size * m[j] / denom;
+                    }
+                }
+                OptimizerKind::Lion => {
+                    let decay = (1.0 - lr * wd) as f32;
+                    let (b1f, b2f, lrf) = (b1 as f32, b2 as f32, lr as f32);
+                    for j in 0..p.len() {
+                        p[j] *= decay;
+                        let c = b1f * m[j] + (1.0 - b1f) * g[j];
+                        let u = if c > 0.0 {
+                            1.0
+                        } else if c < 0.0 {
+                            -1.0
+                        } else {
+                            0.0
+                        };
+                        p[j] -= lrf * u;
+                        m[j] = b2f * m[j] + (1.0 - b2f) * g[j];
+                    }
+                }
+            }
+            var.set(&Tensor::from_vec(p, shape, var.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// Optimiser state as named tensors (`m.<param>`, `v.<param>`, `step`), for checkpoints.
+    pub fn state(&self) -> Result<BTreeMap<String, Tensor>> {
+        let dev = candle_core::Device::Cpu;
+        let mut out = BTreeMap::new();
+        for (i, (name, var)) in self.params.iter().enumerate() {
+            out.insert(
+                format!("m.{name}"),
+                Tensor::from_slice(&self.m[i], var.shape(), &dev)?,
+            );
+            if !self.v.is_empty() {
+                out.insert(
+                    format!("v.{name}"),
+                    Tensor::from_slice(&self.v[i], var.shape(), &dev)?,
+                );
+            }
+        }
+        out.insert("step".into(), Tensor::new(&[self.step as i64], &dev)?);
+        Ok(out)
+    }
+
+    /// Restores state written by [`Optimizer::state`], checking names and sizes.
+    pub fn load_state(&mut self, st: &BTreeMap<String, Tensor>) -> Result<()> {
+        let need = |k: &str| {
+            st.get(k)
+                .ok_or_else(|| Error::msg(format!("optimizer state has no tensor `{k}`")))
+        };
+        for (i, (name, var)) in self.params.iter().enumerate() {
+            let m: Vec<f32> = need(&format!("m.{name}"))?.flatten_all()?.to_vec1()?;
+            if m.len() != var.elem_count() {
+                return Err(Error::msg(format!(
+                    "optimizer state `m.{name}` has the wrong size"
+                )));
+            }
+            self.m[i] = m;
+            if !self.v.is_empty() {
+                self.v[i] = need(&format!("v.{name}"))?.flatten_all()?.to_vec1()?;
+            }
+        }
+        self.step = need("step")?.to_vec1::<i64>()?[0] as u64;
+        Ok(())
+    }
+}
+
+/// Linear warmup from 0 to `max_lr` over `warmup` steps, then cosine decay to `min_lr` at `total`.
+/// `step` counts from 0.
+pub fn lr_at(step: usize, max_lr: f64, min_lr: f64, warmup: usize, total: usize) -> f64 {
+    if warmup > 0 && step < warmup {
+        return max_lr * (step + 1) as f64 / warmup as f64;
+    }
+    if step >= total || total <= warmup {
+        return min_lr.max(if total <= warmup { max_lr } else { min_lr });
+    }
+    let progress = (step - warmup) as f64 / (total - warmup) as f64;
+    min_lr + 0.5 * (max_lr - min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipping_hand_computed() {
+        // norms 3 and 4 -> total 5; clip to 1 scales by 1/(5 + 1e-6)
+        let mut g: Grads = vec![Some(vec![3.0]), Some(vec![0.0, 4.0]), None];
+        let total = clip_grad_norm(&mut g, 1.0);
+        assert!((total - 5.0).abs() < 1e-12);
+        let c = 1.0 / (5.0 + 1e-6);
+        assert!((g[0].as_ref().unwrap()[0] as f64 - 3.0 * c).abs() < 1e-6);
+        assert!((g[1].as_ref().unwrap()[1] as f64 - 4.0 * c).abs() < 1e-6);
+    }
+
+    #[test]
+    fn adamw_first_step_hand_computed() {
+        // t=1: m = 0.1 g, v = 0.05 g^2, step = lr/0.1 * m / (sqrt(v)/sqrt(0.05) + eps) = lr*sign(g)
+        let var =
+            Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &candle_core::Device::Cpu).unwrap())
+                .unwrap();
+        let mut opt = Optimizer::new(vec![("p".into(), var.clone())], OptimConfig::adamw());
+        opt.step(&vec![Some(vec![0.5, -3.0])], 1e-2).unwrap();
+        let p: Vec<f32> = var.as_tensor().to_vec1().unwrap();
+        let d = 1.0 - 1e-2 * 0.1;
+        assert!((p[0] - (1.0 * d - 1e-2) as f32).abs() < 1e-6, "{p:?}");
+        assert!((p[1] - (-2.0 * d + 1e-2) as f32).abs() < 1e-6, "{p:?}");
+    }
+
+    #[test]
+    fn lion_moves_by_lr_times_sign() {
+        let var =
+            Var::from_tensor(&Tensor::new(&[1.0f32, 1.0, 1.0], &candle_core::Device::Cpu).unwrap())
+                .unwrap();
+        let mut opt = Optimizer::new(vec![("p".into(), var.clone())], OptimConfig::lion());
+        opt.step(&vec![Some(vec![2.0, -0.1, 0.0])], 0.1).unwrap();
+        let p: Vec<f32> = var.as_tensor().to_vec1().unwrap();
+        assert_eq!(p, vec![0.9, 1.1, 1.0]);
+    }
+
+    #[test]
+    fn schedule_warmup_then_cosine() {
+        assert!((lr_at(0, 1.0, 0.1, 10, 110) - 0.1).abs() < 1e-12);
+        assert!((lr_at(9, 1.0, 0.1, 10, 110) - 1.0).abs() < 1e-12);
+        assert!((lr_at(60, 1.0, 0.1, 10, 110) - 0.55).abs() < 1e-12);
+        assert!((lr_at(110, 1.0, 0.1, 10, 110) - 0.1).abs() < 1e-12);
+    }
+}
