@@ -1,3 +1,4 @@
-//! Training: optimisers and schedules (`optim`).
+//! Training: optimisers and schedules (`optim`), run logs and plots (`metrics`).
 
+pub mod metrics;
 pub mod optim;
