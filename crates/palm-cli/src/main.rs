@@ -44,8 +44,14 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
+        // Print each cause once: library errors often already end with their source's text.
+        let mut shown = e.to_string();
         for cause in e.chain().skip(1) {
-            eprintln!("  caused by: {cause}");
+            let c = cause.to_string();
+            if !shown.ends_with(&c) {
+                eprintln!("  caused by: {c}");
+            }
+            shown = c;
         }
         std::process::exit(1);
     }

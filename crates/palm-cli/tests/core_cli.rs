@@ -1,0 +1,150 @@
+//! CLI snapshots for `palm info` and `palm generate`: exit code, stdout and stderr.
+
+use assert_cmd::Command;
+use candle_core::Device;
+use palm::{Model, Palm, PalmConfig};
+
+fn palm_cmd() -> Command {
+    let mut c = Command::cargo_bin("palm").unwrap();
+    c.env("NO_COLOR", "1").env_remove("RUST_LOG");
+    c
+}
+
+fn tiny_checkpoint(dir: &std::path::Path) {
+    let cfg = PalmConfig {
+        heads: 2,
+        dim_head: 8,
+        max_seq_len: 64,
+        ..PalmConfig::new(256, 16, 1)
+    };
+    Model::from(Palm::new(&cfg, 0, &Device::Cpu).unwrap())
+        .save(dir)
+        .unwrap();
+}
+
+/// Replaces the temp dir in output so snapshots are stable.
+fn scrub(s: &[u8], dir: &std::path::Path) -> String {
+    String::from_utf8_lossy(s).replace(&dir.display().to_string(), "[TMP]")
+}
+
+#[test]
+fn info_prints_config_and_parameter_count() {
+    let root = tempfile::tempdir().unwrap();
+    let ckpt = root.path().join("m");
+    tiny_checkpoint(&ckpt);
+    let out = palm_cmd()
+        .args(["info", "--model"])
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 256*16 embedding + 16 final norm + one block: 16 norm + fused (16+16+16+128)*16 + attn_out 16*16 + ff_out 16*64
+    let expected = 256 * 16 + 16 + 16 + (16 + 8 + 8 + 2 * 64) * 16 + 16 * 16 + 16 * 64;
+    assert_eq!(v["parameters"], expected);
+    assert_eq!(v["architecture"], "palm");
+    insta::assert_snapshot!(scrub(&out.stdout, root.path()));
+}
+
+#[test]
+fn generate_streams_only_the_completion_to_stdout() {
+    let root = tempfile::tempdir().unwrap();
+    let ckpt = root.path().join("m");
+    tiny_checkpoint(&ckpt);
+    let out = palm_cmd()
+        .args([
+            "generate",
+            "--greedy",
+            "--ignore-eos",
+            "--max-new-tokens",
+            "8",
+            "--prompt",
+            "Hi",
+            "--model",
+        ])
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // exactly the 8 sampled bytes (lossy-decoded) plus a newline; status went to stderr
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with('\n'));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("8 tokens in"));
+    // the same command twice gives the same completion
+    let again = palm_cmd()
+        .args([
+            "generate",
+            "--greedy",
+            "--ignore-eos",
+            "--max-new-tokens",
+            "8",
+            "--prompt",
+            "Hi",
+            "--model",
+        ])
+        .arg(&ckpt)
+        .output()
+        .unwrap();
+    assert_eq!(out.stdout, again.stdout);
+}
+
+#[test]
+fn bad_inputs_exit_1_with_a_clear_message() {
+    let root = tempfile::tempdir().unwrap();
+    let ckpt = root.path().join("m");
+    tiny_checkpoint(&ckpt);
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "missing_model",
+            vec![
+                "info".into(),
+                "--model".into(),
+                root.path().join("nope").display().to_string(),
+            ],
+        ),
+        (
+            "empty_prompt",
+            vec![
+                "generate".into(),
+                "--prompt".into(),
+                "".into(),
+                "--model".into(),
+                ckpt.display().to_string(),
+            ],
+        ),
+        (
+            "prompt_too_long",
+            vec![
+                "generate".into(),
+                "--prompt".into(),
+                "x".repeat(60),
+                "--max-new-tokens".into(),
+                "10".into(),
+                "--model".into(),
+                ckpt.display().to_string(),
+            ],
+        ),
+        (
+            "bad_top_p",
+            vec![
+                "generate".into(),
+                "--prompt".into(),
+                "a".into(),
+                "--top-p".into(),
+                "1.5".into(),
+                "--model".into(),
+                ckpt.display().to_string(),
+            ],
+        ),
+    ];
+    for (name, args) in cases {
+        let out = palm_cmd().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        assert!(out.stdout.is_empty(), "{name}: nothing on stdout");
+        insta::assert_snapshot!(name, scrub(&out.stderr, root.path()));
+    }
+}
