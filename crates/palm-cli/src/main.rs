@@ -26,6 +26,8 @@ enum Command {
     Info(cmd::info::Args),
     /// Generate text from a prompt, streamed to stdout.
     Generate(cmd::generate::Args),
+    /// Measure throughput: train, sample, decode, reward (JSON lines on stdout).
+    Bench(cmd::bench::Args),
 }
 
 fn main() {
@@ -41,6 +43,7 @@ fn main() {
     let result = match cli.command {
         Command::Info(a) => cmd::info::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -1,5 +1,6 @@
 //! One module per subcommand, each with clap `Args` and `run`.
 
+pub mod bench;
 pub mod generate;
 pub mod info;
 

@@ -232,7 +232,7 @@ pub fn log_softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
 struct BlockCtx<'a> {
     cfg: &'a PalmConfig,
     rot: &'a RotaryTables,
-    /// [B, 1, T, S] u8, 1 = attend; None = attend everywhere.
+    /// Additive attention bias [B or 1, 1, T, S]: 0 = attend, -FLT_MAX = masked; None = no mask.
     mask: Option<&'a Tensor>,
     lora: Option<&'a LoraLayer>,
     opts: &'a Forward<'a>,
@@ -313,11 +313,7 @@ impl Block {
         let sim = (q.reshape((b, h * t, d))?.matmul(&k.t()?)? * scale)?;
         let sim = sim.reshape((b, h, t, s))?; // [B, H, T, S]
         let sim = match ctx.mask {
-            Some(m) => {
-                let m = m.broadcast_as((b, h, t, s))?;
-                let fill = Tensor::full(MASK_VALUE, (b, h, t, s), sim.device())?;
-                m.where_cond(&sim, &fill)?
-            }
+            Some(bias) => sim.broadcast_add(bias)?,
             None => sim,
         };
         let attn = softmax_last(&sim)?;
@@ -672,7 +668,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, mask: Option<&Tensor>) ->
     }
 }
 
-/// [B, 1, T, S] u8 attention mask, or None when everything is visible.
+/// Additive attention bias [B or 1, 1, T, S] (0 or -FLT_MAX), or None when everything is visible.
 fn build_mask(
     causal: bool,
     b: usize,
@@ -702,12 +698,17 @@ fn build_mask(
         }
         None => None,
     };
-    Ok(match (causal_mask, pad) {
-        (None, None) => None,
-        (Some(c), None) => Some(c),
-        (None, Some(p)) => Some(p),
-        (Some(c), Some(p)) => Some(c.broadcast_mul(&p)?),
-    })
+    let keep = match (causal_mask, pad) {
+        (None, None) => return Ok(None),
+        (Some(c), None) => c,
+        (None, Some(p)) => p,
+        (Some(c), Some(p)) => c.broadcast_mul(&p)?,
+    };
+    // 1 -> 0, 0 -> -FLT_MAX. Adding -FLT_MAX to a score rounds to -FLT_MAX, which is what the
+    // original's masked_fill writes, so the softmax is the same.
+    let zeros = keep.zeros_like()?.to_dtype(DType::F32)?;
+    let masked = Tensor::full(MASK_VALUE, keep.shape(), device)?;
+    Ok(Some(keep.where_cond(&zeros, &masked)?))
 }
 
 impl Lora {

@@ -1,0 +1,197 @@
+//! `palm bench WORKLOAD`: throughput of the core workloads, one JSON object per line on stdout
+//! (median of several runs after a warm-up), for `scripts/bench-vs-pytorch.sh` and by hand.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use palm::sample::{generate, GenerateRequest, Sampling};
+use palm::train::optim::{clip_grad_norm, grads_of, OptimConfig, Optimizer};
+use palm::{Forward, Model, Palm, PalmConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// One training step: forward, cross-entropy, backward, clipping, AdamW.
+    Train,
+    /// Batched rollout sampling with the KV cache (256 new tokens by default).
+    Sample,
+    /// Batch-1 decoding with the KV cache.
+    Decode,
+    /// Reward-model style scoring: one forward over full sequences, no gradient.
+    Reward,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    pub workload: Workload,
+    /// Model size preset: tiny, small (dim 256, depth 4) or base (dim 512, depth 8).
+    #[arg(long, default_value = "small")]
+    pub config: String,
+    /// Batch size (default: train 8 at small / 4 at base, sample 16, decode 1, reward 16).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Sequence length for train/reward (default: 128 at small, 256 at base).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// New tokens per sequence for sample/decode.
+    #[arg(long, default_value_t = 256)]
+    pub new_tokens: usize,
+    /// Timed runs (after one warm-up run).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Peak resident set size of this process in MiB (Linux; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Forward FLOPs per token at context length `t`: 2 x (matrix parameters incl. the tied output
+/// projection) + attention scores and weighted values (2 x 2 x L x H x D x t).
+fn forward_flops_per_token(cfg: &PalmConfig, t: usize) -> f64 {
+    let per_layer =
+        cfg.dim * cfg.fused_dim() + cfg.attn_inner_dim() * cfg.dim + cfg.ff_inner_dim() * cfg.dim;
+    let matrix = cfg.depth * per_layer + cfg.num_tokens * cfg.dim;
+    let attn = 2 * cfg.depth * cfg.heads * cfg.dim_head * t;
+    2.0 * (matrix + attn) as f64
+}
+
+pub fn run(a: Args) -> Result<()> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let cfg = match std::path::Path::new(&a.config).extension() {
+        Some(_) => PalmConfig::load(std::path::Path::new(&a.config))?,
+        None => PalmConfig::preset(&a.config)?,
+    };
+    let dev = super::device();
+    let model = Model::from(Palm::new(&cfg, a.seed, &dev)?);
+    let big = cfg.dim >= 512;
+    let mut rng = palm::rng::stream(a.seed, 77);
+    let mut random_ids = |b: usize, t: usize| -> Result<Tensor> {
+        let v: Vec<i64> = palm::rng::uniform(&mut rng, b * t, 0.0, cfg.num_tokens as f32)
+            .into_iter()
+            .map(|x| (x as i64).min(cfg.num_tokens as i64 - 1))
+            .collect();
+        Ok(Tensor::from_vec(v, (b, t), &dev)?)
+    };
+    let (tokens_per_run, flops_per_run, mut step): (usize, f64, Box<dyn FnMut() -> Result<()>>) =
+        match a.workload {
+            Workload::Train => {
+                let b = a.batch_size.unwrap_or(if big { 4 } else { 8 });
+                let t = a.seq_len.unwrap_or(if big { 256 } else { 128 });
+                let ids = random_ids(b, t + 1)?;
+                let params: Vec<_> = model
+                    .vars()
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let mut opt = Optimizer::new(params.clone(), OptimConfig::adamw());
+                let palm = match &model {
+                    Model::Palm(p) => p,
+                };
+                let flops = 3.0 * forward_flops_per_token(&cfg, t) * (b * t) as f64;
+                (
+                    b * t,
+                    flops,
+                    Box::new(move || {
+                        let loss = palm.loss(&ids, &Forward::default())?;
+                        let mut g = grads_of(&params, &loss.backward()?)?;
+                        clip_grad_norm(&mut g, 1.0);
+                        opt.step(&g, 1e-4)?;
+                        Ok(())
+                    }),
+                )
+            }
+            Workload::Sample | Workload::Decode => {
+                let b = match a.workload {
+                    Workload::Decode => 1,
+                    _ => a.batch_size.unwrap_or(16),
+                };
+                let prompts: Vec<Vec<u32>> = (0..b)
+                    .map(|i| {
+                        (0..16)
+                            .map(|j| ((i * 31 + j * 7) % 255 + 1) as u32)
+                            .collect()
+                    })
+                    .collect();
+                let req = GenerateRequest {
+                    prompts,
+                    max_new_tokens: a.new_tokens,
+                    eos: None,
+                    sampling: Sampling::default(),
+                    seed: a.seed,
+                    scope: None,
+                    disable_lora: false,
+                };
+                let flops = forward_flops_per_token(&cfg, 16 + a.new_tokens / 2)
+                    * (b * (16 + a.new_tokens)) as f64;
+                let model = &model;
+                (
+                    b * a.new_tokens,
+                    flops,
+                    Box::new(move || {
+                        generate(model, &req, |_, _| {})?;
+                        Ok(())
+                    }),
+                )
+            }
+            Workload::Reward => {
+                let b = a.batch_size.unwrap_or(16);
+                let t = a.seq_len.unwrap_or(if big { 256 } else { 128 });
+                let ids = random_ids(b, t)?;
+                let model = &model;
+                (
+                    b * t,
+                    forward_flops_per_token(&cfg, t) * (b * t) as f64,
+                    Box::new(move || {
+                        let emb = model.embeddings(&ids, &Forward::default(), None)?;
+                        let _ = emb.mean(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                        Ok(())
+                    }),
+                )
+            }
+        };
+    step()?; // warm-up
+    let mut times = Vec::with_capacity(a.runs);
+    for _ in 0..a.runs {
+        let t0 = Instant::now();
+        step()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    let secs = median(times.clone());
+    let out = serde_json::json!({
+        "workload": format!("{:?}", a.workload).to_lowercase(),
+        "config": a.config,
+        "parameters": model.num_parameters(),
+        "tokens_per_run": tokens_per_run,
+        "runs": a.runs,
+        "median_seconds": secs,
+        "tokens_per_sec": tokens_per_run as f64 / secs,
+        "gflops": flops_per_run / secs / 1e9,
+        "peak_rss_mb": peak_rss_mb(),
+        "all_seconds": times,
+    });
+    println!("{out}");
+    Ok(())
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Side-by-side throughput: `palm bench` against the PyTorch original (palm-rlhf-pytorch 0.8.0) on
+# the same configs, interleaved (ours, theirs, ours, theirs, ...) so machine noise hits both alike.
+# Prints per workload: median tokens/s of each, the ratio ours/theirs, and peak RSS.
+#
+#   scripts/bench-vs-pytorch.sh                 # all workloads, 3 rounds
+#   ROUNDS=5 WORKLOADS="train:small train:base" scripts/bench-vs-pytorch.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv-bench}
+ROUNDS=${ROUNDS:-3}
+RUNS=${RUNS:-3}
+WORKLOADS=${WORKLOADS:-"train:small train:base sample:small decode:small generate:small reward:small"}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q "palm-rlhf-pytorch==0.8.0" torch
+fi
+cargo build -q --release -p palm-cli
+PALM=target/release/palm
+PY="$VENV/bin/python scripts/bench_pytorch.py"
+
+declare -A OURS THEIRS ORSS TRSS
+for w in $WORKLOADS; do
+  kind=${w%%:*}; cfg=${w##*:}
+  for r in $(seq "$ROUNDS"); do
+    if [ "$kind" != generate ]; then
+      o=$($PALM bench "$kind" --config "$cfg" --runs "$RUNS")
+      OURS[$w]+="$(echo "$o" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])') "
+      ORSS[$w]=$(echo "$o" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["peak_rss_mb"]))')
+    fi
+    t=$($PY "$kind" --config "$cfg" --runs "$RUNS")
+    THEIRS[$w]+="$(echo "$t" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])') "
+    TRSS[$w]=$(echo "$t" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["peak_rss_mb"]))')
+  done
+done
+
+median() { python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[1:]]; print(f"{statistics.median(v):.1f}" if v else "-")' $1; }
+printf "%-16s %14s %14s %8s %10s %10s\n" workload "ours tok/s" "pytorch tok/s" ratio "ours MB" "torch MB"
+for w in $WORKLOADS; do
+  o=$(median "${OURS[$w]:-}"); t=$(median "${THEIRS[$w]}")
+  if [ "${w%%:*}" = generate ]; then
+    # the original's uncached generate, against our cached sampling of the same size
+    o=$(median "${OURS[sample:${w##*:}]:-}")
+  fi
+  ratio=$(python3 -c "import sys; o,t=sys.argv[1:]; print('-' if o=='-' else f'{float(o)/float(t):.2f}x')" "$o" "$t")
+  printf "%-16s %14s %14s %8s %10s %10s\n" "$w" "$o" "$t" "$ratio" "${ORSS[$w]:-${ORSS[sample:${w##*:}]:-}}" "${TRSS[$w]}"
+done
