@@ -107,15 +107,13 @@ pub fn run(a: Args) -> Result<()> {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
                 let mut opt = Optimizer::new(params.clone(), OptimConfig::adamw());
-                let palm = match &model {
-                    Model::Palm(p) => p,
-                };
+                let model = &model;
                 let flops = 3.0 * forward_flops_per_token(&cfg, t) * (b * t) as f64;
                 (
                     b * t,
                     flops,
                     Box::new(move || {
-                        let loss = palm.loss(&ids, &Forward::default())?;
+                        let loss = model.lm_loss(&ids, &Forward::default())?;
                         let mut g = grads_of(&params, &loss.backward()?)?;
                         clip_grad_norm(&mut g, 1.0);
                         opt.step(&g, 1e-4)?;
