@@ -2,3 +2,4 @@
 
 pub mod metrics;
 pub mod optim;
+pub mod data;
