@@ -26,6 +26,8 @@ enum Command {
     Info(cmd::info::Args),
     /// Generate text from a prompt, streamed to stdout.
     Generate(cmd::generate::Args),
+    /// Pre-train on text or fine-tune on JSONL (SFT), full model or a LoRA scope; resumable.
+    Train(cmd::train::Args),
 }
 
 fn main() {
@@ -41,6 +43,7 @@ fn main() {
     let result = match cli.command {
         Command::Info(a) => cmd::info::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Train(a) => cmd::train::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
