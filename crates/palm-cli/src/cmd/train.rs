@@ -189,10 +189,16 @@ fn fresh_model(config: Option<&str>, tok: &Tokenizer, seed: u64) -> Result<Model
 fn read_data(files: &[PathBuf], tokenizer: &str, val_fraction: f64) -> Result<DataSpec> {
     let tok = Tokenizer::from_arg(tokenizer)?;
     let corpus = load_corpus(files, &tok, val_fraction)?;
+    // absolute paths in trainer.json, so --resume works from any directory
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let tokenizer_arg = match tok {
+        Tokenizer::Bytes => "bytes".to_string(),
+        _ => abs(Path::new(tokenizer)).display().to_string(),
+    };
     Ok(DataSpec {
         tokenizer: tok,
-        tokenizer_arg: tokenizer.to_string(),
-        files: files.to_vec(),
+        tokenizer_arg,
+        files: files.iter().map(|p| abs(p)).collect(),
         corpus,
     })
 }
