@@ -28,6 +28,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Measure throughput: train, sample, decode, reward (JSON lines on stdout).
     Bench(cmd::bench::Args),
+    /// Pre-train on text or fine-tune on JSONL (SFT), full model or a LoRA scope; resumable.
+    Train(cmd::train::Args),
 }
 
 fn main() {
@@ -44,6 +46,7 @@ fn main() {
         Command::Info(a) => cmd::info::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Train(a) => cmd::train::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -1,0 +1,263 @@
+//! `palm train`: pre-training on text or supervised fine-tuning on JSONL, with exact resume.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use palm::config::PalmConfig;
+use palm::model::{Model, Palm};
+use palm::tokenizer::Tokenizer;
+use palm::train::data::{load_corpus, BatchOrder};
+use palm::train::optim::OptimConfig;
+use palm::train::trainer::{DataSpec, LoraTrain, TrainConfig, Trainer};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum OptimizerArg {
+    /// AdamW: betas (0.9, 0.95), eps 1e-8, decoupled weight decay 0.1.
+    Adamw,
+    /// Lion (the original's train.py): betas (0.9, 0.99), no weight decay. Use a ~3-10x lower --lr.
+    Lion,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum OrderArg {
+    /// Each window (or example) drawn at random, as the original's train.py.
+    Random,
+    /// Each window (or example) once per epoch, in a seeded shuffle.
+    Epoch,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Data: plain text files (.txt, or anything not .jsonl; .gz is read directly) for language modelling,
+or JSONL files (.jsonl, .jsonl.gz) for supervised fine-tuning, one object a line:
+  {\"prompt\": \"...\", \"response\": \"...\"}
+  {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}, ...]}
+SFT trains on response tokens only and appends an end-of-sequence token to every response. The
+last --val-fraction of the data is held out for validation.
+
+The run directory gets metrics.jsonl, loss.svg, checkpoints/step-XXXXXX/, final/ and summary.json.
+Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
+
+Examples:
+  palm train --data shakespeare.txt --out runs/shakespeare --config small --steps 2000
+  palm train --data chat.jsonl --out runs/sft --model runs/shakespeare/final --lora-scope sft --lora-r 8
+  palm train --out runs/shakespeare --resume")]
+pub struct Args {
+    /// Training data files (text or JSONL; see below). With --resume, defaults to the run's files.
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Run directory (metrics, plots, checkpoints, final model).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Start from this model (checkpoint directory or weights file with config.json beside it).
+    #[arg(long, conflicts_with = "config")]
+    pub model: Option<PathBuf>,
+    /// A fresh model: preset `tiny`, `small` (dim 256, depth 4) or `base` (dim 512, depth 8), or a
+    /// config.json. Default: small. Its vocabulary is set to the tokenizer's.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// `bytes`, or a tokenizer.json (or a directory holding one).
+    #[arg(long, default_value = "bytes")]
+    pub tokenizer: String,
+    /// Optimiser steps [default: 1000; with --resume, the run's own].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Sequences per micro-batch (B).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Tokens per training sequence (T).
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Peak learning rate [default: 1e-3 for AdamW, 1e-4 for Lion].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Final learning rate of the cosine decay [default: lr / 10].
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Linear warmup steps [default: min(100, steps / 10)].
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: OptimizerArg,
+    /// AdamW weight decay [default: 0.1].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 0.5)]
+    pub max_grad_norm: f64,
+    /// Validate every N steps (and at the end).
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: usize,
+    /// Batches averaged for the validation loss.
+    #[arg(long, default_value_t = 10)]
+    pub eval_batches: usize,
+    /// Print a sample to stderr every N steps (0: never).
+    #[arg(long, default_value_t = 500)]
+    pub sample_every: usize,
+    /// Checkpoint every N steps (0: only at the end and on Ctrl-C).
+    #[arg(long, default_value_t = 500)]
+    pub save_every: usize,
+    /// Checkpoints kept (the oldest are removed).
+    #[arg(long, default_value_t = 3)]
+    pub keep_checkpoints: usize,
+    /// Fixes init, data order, dropout and samples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// How training batches are drawn.
+    #[arg(long, value_enum, default_value = "random")]
+    pub order: OrderArg,
+    /// Fraction of the data held out for validation (the end of it).
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    /// Continue the run in --out from its latest checkpoint (same config; --steps may extend it).
+    #[arg(long)]
+    pub resume: bool,
+    /// Train only this LoRA scope (created if absent); the base model stays frozen.
+    #[arg(long)]
+    pub lora_scope: Option<String>,
+    /// Rank of a new LoRA scope.
+    #[arg(long, default_value_t = 8, requires = "lora_scope")]
+    pub lora_r: usize,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Also write every batch and the initial model into --out (for scripts/compare-train.sh).
+    #[arg(long, hide = true)]
+    pub export_batches: bool,
+}
+
+fn train_config(a: &Args) -> TrainConfig {
+    let mut optimizer = match a.optimizer {
+        OptimizerArg::Adamw => OptimConfig::adamw(),
+        OptimizerArg::Lion => OptimConfig::lion(),
+    };
+    if let Some(wd) = a.weight_decay {
+        optimizer.weight_decay = wd;
+    }
+    let lr = a.lr.unwrap_or(match a.optimizer {
+        OptimizerArg::Adamw => 1e-3,
+        OptimizerArg::Lion => 1e-4,
+    });
+    let steps = a.steps.unwrap_or(1000);
+    TrainConfig {
+        steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        seq_len: a.seq_len,
+        lr,
+        min_lr: a.min_lr.unwrap_or(lr / 10.0),
+        warmup: a.warmup.unwrap_or((steps / 10).min(100)),
+        optimizer,
+        max_grad_norm: a.max_grad_norm,
+        eval_every: a.eval_every,
+        eval_batches: a.eval_batches,
+        sample_every: a.sample_every,
+        sample_tokens: 200,
+        save_every: a.save_every,
+        keep_checkpoints: a.keep_checkpoints,
+        seed: a.seed,
+        order: match a.order {
+            OrderArg::Random => BatchOrder::Random,
+            OrderArg::Epoch => BatchOrder::Epoch,
+        },
+        val_fraction: a.val_fraction,
+        lora: a.lora_scope.as_ref().map(|s| LoraTrain {
+            scope: s.clone(),
+            r: a.lora_r,
+        }),
+        export_batches: a.export_batches,
+    }
+}
+
+/// The fresh model of `--config` (default `small`), with the tokenizer's vocabulary.
+fn fresh_model(config: Option<&str>, tok: &Tokenizer, seed: u64) -> Result<Model> {
+    let name = config.unwrap_or("small");
+    let mut cfg = if Path::new(name).is_file() {
+        PalmConfig::load(Path::new(name))?
+    } else {
+        PalmConfig::preset(name)?
+    };
+    if !Path::new(name).is_file() {
+        cfg.num_tokens = tok.vocab_size();
+    }
+    Ok(Model::Palm(Palm::new(&cfg, seed, &super::device())?))
+}
+
+fn read_data(files: &[PathBuf], tokenizer: &str, val_fraction: f64) -> Result<DataSpec> {
+    let tok = Tokenizer::from_arg(tokenizer)?;
+    let corpus = load_corpus(files, &tok, val_fraction)?;
+    // absolute paths in trainer.json, so --resume works from any directory
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let tokenizer_arg = match tok {
+        Tokenizer::Bytes => "bytes".to_string(),
+        _ => abs(Path::new(tokenizer)).display().to_string(),
+    };
+    Ok(DataSpec {
+        tokenizer: tok,
+        tokenizer_arg,
+        files: files.iter().map(|p| abs(p)).collect(),
+        corpus,
+    })
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let stop = palm::train::run::stop_flag();
+    let mut trainer = if a.resume {
+        let (ckpt, st) = Trainer::resume_state(&a.out)?;
+        let files = if a.data.is_empty() {
+            st.data_files.clone()
+        } else {
+            a.data.clone()
+        };
+        let data = read_data(&files, &st.tokenizer, st.config.val_fraction)?;
+        let steps = a.steps.filter(|&s| s != st.config.steps);
+        if let Some(s) = steps {
+            tracing::warn!(
+                "--steps {s} replaces the run's {} (the learning-rate schedule changes)",
+                st.config.steps
+            );
+        }
+        tracing::info!(
+            "resuming from {} (other training options come from the checkpoint)",
+            ckpt.display()
+        );
+        Trainer::resume(&a.out, steps, data)?
+    } else {
+        if a.data.is_empty() {
+            bail!("--data is required (one or more text or JSONL files)");
+        }
+        let cfg = train_config(&a);
+        cfg.validate()?;
+        // read and validate all data before anything is written to --out
+        let data = read_data(&a.data, &a.tokenizer, cfg.val_fraction)?;
+        let model = match &a.model {
+            Some(p) => palm::load::load_model(p, &super::device())
+                .with_context(|| format!("loading model {}", p.display()))?,
+            None => fresh_model(a.config.as_deref(), &data.tokenizer, a.seed)?,
+        };
+        Trainer::new(cfg, model, data, &a.out)?
+    };
+    trainer.quiet = a.quiet;
+    tracing::info!(
+        "{} parameters, training {}; {} steps of {} x {} x {} tokens",
+        trainer.model.num_parameters(),
+        trainer.trained_parameters(),
+        trainer.cfg.steps,
+        trainer.cfg.grad_accum,
+        trainer.cfg.batch_size,
+        trainer.cfg.seq_len
+    );
+    let summary = trainer.run(stop)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    if !summary.completed {
+        tracing::info!(
+            "stopped at step {}; continue with: palm train --out {} --resume",
+            summary.steps,
+            a.out.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! `palm train` from the command line: bad input is refused before RUN_DIR is touched (stderr
+//! snapshots), a tiny run writes its run directory, and `--resume` extends it.
+
+use assert_cmd::Command;
+
+fn palm_cmd() -> Command {
+    let mut c = Command::cargo_bin("palm").unwrap();
+    c.env("NO_COLOR", "1").env_remove("RUST_LOG");
+    c
+}
+
+/// Replaces the temp dir in output so snapshots are stable.
+fn scrub(s: &[u8], dir: &std::path::Path) -> String {
+    String::from_utf8_lossy(s).replace(&dir.display().to_string(), "[TMP]")
+}
+
+fn tiny_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("tiny.json");
+    std::fs::write(
+        &p,
+        r#"{"dim": 16, "num_tokens": 256, "depth": 1, "heads": 2, "dim_head": 8, "max_seq_len": 64}"#,
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn bad_data_is_refused_before_anything_is_written() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::write(r.join("empty.txt"), "").unwrap();
+    std::fs::write(
+        r.join("bad.jsonl"),
+        "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"a\" \"response\": 1}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        r.join("wrong.jsonl"),
+        "{\"prompt\": \"a\", \"response\": \"b\"}\n{\"question\": \"a\"}\n",
+    )
+    .unwrap();
+    std::fs::write(r.join("short.txt"), "too short").unwrap();
+    let cases = [
+        ("train_missing_file", "missing.txt"),
+        ("train_empty_file", "empty.txt"),
+        ("train_bad_jsonl_line", "bad.jsonl"),
+        ("train_wrong_jsonl_fields", "wrong.jsonl"),
+        ("train_too_short_for_seq_len", "short.txt"),
+    ];
+    for (name, file) in cases {
+        let out_dir = r.join(format!("run-{name}"));
+        let out = palm_cmd()
+            .current_dir(r)
+            .args(["train", "--quiet", "--steps", "2", "--data", file, "--out"])
+            .arg(&out_dir)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{name}");
+        assert!(out.stdout.is_empty(), "{name}: nothing on stdout");
+        assert!(!out_dir.exists(), "{name}: RUN_DIR was created");
+        insta::assert_snapshot!(name, scrub(&out.stderr, r));
+    }
+}
+
+#[test]
+fn resume_without_a_run_is_a_clear_error() {
+    let root = tempfile::tempdir().unwrap();
+    let out = palm_cmd()
+        .args(["train", "--resume", "--out"])
+        .arg(root.path().join("nothing"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = scrub(&out.stderr, root.path());
+    assert!(err.contains("no checkpoint to resume from"), "{err}");
+}
+
+#[test]
+fn tiny_run_then_resume_to_more_steps() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::write(r.join("t.txt"), "to be or not to be, that is the question. ".repeat(40)).unwrap();
+    let cfg = tiny_config(r);
+    let run = r.join("run");
+    let args = |steps: &str| {
+        let mut v: Vec<String> = [
+            "train", "--quiet", "--data", "t.txt", "--seq-len", "16", "--batch-size", "2",
+            "--eval-every", "2", "--eval-batches", "2", "--save-every", "2", "--steps", steps,
+            "--config",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.push(cfg.display().to_string());
+        v.push("--out".into());
+        v.push(run.display().to_string());
+        v
+    };
+    let out = palm_cmd().current_dir(r).args(args("4")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["steps"], 4);
+    assert_eq!(s["completed"], true);
+    assert!(s["final_val_loss"].as_f64().unwrap() > 0.0);
+    assert!(run.join("final/model.safetensors").exists());
+    assert!(run.join("loss.svg").exists());
+
+    // the same command again is refused (the run exists)
+    let again = palm_cmd().current_dir(r).args(args("4")).output().unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+
+    // --resume with more steps continues from step 4
+    let out = palm_cmd()
+        .current_dir(r)
+        .args(["train", "--quiet", "--resume", "--steps", "6", "--out"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["steps"], 6);
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 6);
+}

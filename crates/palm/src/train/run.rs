@@ -1,0 +1,158 @@
+//! Pieces every trainer (language model, reward model, PPO) shares: the Ctrl-C stop flag, the
+//! progress bar, the NaN/inf guard, and numbered checkpoint directories with rotation.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::error::{Error, Result};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+static HANDLER: OnceLock<bool> = OnceLock::new();
+
+/// The process-wide stop flag, set by Ctrl-C (SIGINT/SIGTERM). The first call installs the handler;
+/// a second Ctrl-C while a trainer is saving exits at once (status 130).
+pub fn stop_flag() -> &'static AtomicBool {
+    HANDLER.get_or_init(|| {
+        ctrlc::set_handler(|| {
+            if STOP.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond interrupt: exiting without saving");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: saving a checkpoint, then stopping (Ctrl-C again to quit now)");
+        })
+        .is_ok()
+    });
+    &STOP
+}
+
+/// A progress bar on stderr over `total` steps starting at `pos`; hidden when `quiet`.
+/// Its message is meant for the latest loss and tokens/s.
+pub fn progress_bar(total: u64, pos: u64, quiet: bool) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(
+        Some(total),
+        if quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        },
+    );
+    if let Ok(style) = ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} {msg} ETA {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_position(pos);
+    pb
+}
+
+/// Errors when a loss (or any metric) is NaN or infinite, naming the step and the last good
+/// checkpoint (which is left as it is).
+pub fn check_finite(step: usize, what: &str, value: f64, last_good: Option<&Path>) -> Result<()> {
+    if value.is_finite() {
+        return Ok(());
+    }
+    let keep = match last_good {
+        Some(p) => format!("the last good checkpoint is {}", p.display()),
+        None => "no checkpoint was written yet".to_string(),
+    };
+    Err(Error::msg(format!(
+        "step {step}: {what} is {value}; training stopped ({keep}). Try a lower --lr or stronger clipping"
+    )))
+}
+
+/// `RUN_DIR/checkpoints/step-XXXXXX/` directories, written atomically, the last `keep` kept.
+#[derive(Debug, Clone)]
+pub struct Checkpoints {
+    pub dir: PathBuf,
+    pub keep: usize,
+}
+
+impl Checkpoints {
+    pub fn new(run_dir: &Path, keep: usize) -> Self {
+        Self {
+            dir: run_dir.join("checkpoints"),
+            keep: keep.max(1),
+        }
+    }
+
+    pub fn path(&self, step: usize) -> PathBuf {
+        self.dir.join(format!("step-{step:06}"))
+    }
+
+    /// (step, directory) of every complete checkpoint, oldest first. A checkpoint whose write was
+    /// interrupted between its two renames is found at `step-XXXXXX.old`.
+    pub fn list(&self) -> Result<Vec<(usize, PathBuf)>> {
+        if !self.dir.exists() {
+            return Ok(vec![]);
+        }
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))? {
+            let name = entry
+                .map_err(|e| Error::io(&self.dir, e))?
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            let stem = name.strip_suffix(".old").unwrap_or(&name);
+            let Some(step) = stem
+                .strip_prefix("step-")
+                .and_then(|s| s.parse::<usize>().ok())
+            else {
+                continue; // temporaries and foreign files
+            };
+            let dir = crate::checkpoint::resolve_dir(&self.path(step));
+            if dir.is_dir() && !out.iter().any(|(s, _)| *s == step) {
+                out.push((step, dir));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn latest(&self) -> Result<Option<(usize, PathBuf)>> {
+        Ok(self.list()?.pop())
+    }
+
+    /// Writes checkpoint `step` (`fill` writes the files into a temporary directory), then removes
+    /// the oldest ones beyond `keep`.
+    pub fn write(&self, step: usize, fill: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+        let path = self.path(step);
+        crate::checkpoint::write_dir_atomic(&path, fill)?;
+        let all = self.list()?;
+        if all.len() > self.keep {
+            for (_, dir) in &all[..all.len() - self.keep] {
+                std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+            }
+        }
+        Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_keeps_the_last_k() {
+        let root = tempfile::tempdir().unwrap();
+        let ck = Checkpoints::new(root.path(), 2);
+        for s in [10, 20, 30] {
+            ck.write(s, |d| crate::checkpoint::write_atomic(&d.join("x"), b"1"))
+                .unwrap();
+        }
+        let steps: Vec<usize> = ck.list().unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![20, 30]);
+        assert_eq!(ck.latest().unwrap().unwrap().1, ck.path(30));
+    }
+
+    #[test]
+    fn nan_guard_names_the_step() {
+        assert!(check_finite(3, "loss", 1.5, None).is_ok());
+        let e = check_finite(7, "loss", f64::NAN, Some(Path::new("/r/step-000005")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step 7: loss is NaN") && e.contains("step-000005"), "{e}");
+    }
+}
