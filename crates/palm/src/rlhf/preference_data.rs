@@ -13,7 +13,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -218,7 +218,7 @@ pub struct EncodedPair {
 }
 
 /// How much truncation happened.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TruncationStats {
     pub sequences: usize,
     pub truncated_prompts: usize,
