@@ -26,6 +26,8 @@ enum Command {
     Info(cmd::info::Args),
     /// Generate text from a prompt, streamed to stdout.
     Generate(cmd::generate::Args),
+    /// Reward model: train on preference pairs, evaluate, score.
+    Reward(cmd::reward::Args),
 }
 
 fn main() {
@@ -41,6 +43,7 @@ fn main() {
     let result = match cli.command {
         Command::Info(a) => cmd::info::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Reward(a) => cmd::reward::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -2,6 +2,7 @@
 
 pub mod generate;
 pub mod info;
+pub mod reward;
 
 use candle_core::Device;
 

@@ -192,6 +192,14 @@ pub fn read_files(paths: &[PathBuf]) -> Result<PreferenceData> {
     Ok(out)
 }
 
+/// Keeps `n` pairs drawn without replacement, in an order fixed by `seed`.
+pub fn subsample(pairs: &mut Vec<PreferencePair>, n: usize, seed: u64) {
+    use rand::seq::SliceRandom;
+    let mut r = crate::rng::stream(seed, 0x11a1);
+    pairs.shuffle(&mut r);
+    pairs.truncate(n);
+}
+
 /// A (prompt, response) sequence as token ids, after truncation; the response ends with EOS.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncodedSeq {

@@ -90,6 +90,10 @@ pub struct RewardConfig {
     pub segment_embeds: bool,
     #[serde(default)]
     pub bin_readout: BinReadout,
+    /// Token budget of a (prompt, response, EOS) sequence used in training; scoring truncates
+    /// the same way. `None`: the trunk's `max_seq_len`.
+    #[serde(default)]
+    pub max_len: Option<usize>,
 }
 
 impl Default for RewardConfig {
@@ -100,6 +104,7 @@ impl Default for RewardConfig {
             scope: Some(REWARD_SCOPE.to_string()),
             segment_embeds: true,
             bin_readout: BinReadout::Expected,
+            max_len: None,
         }
     }
 }
@@ -465,6 +470,40 @@ impl RewardModel {
             out.extend(r.detach().to_vec1::<f32>()?);
         }
         Ok(out)
+    }
+}
+
+impl RewardModel {
+    /// The token budget of one scored sequence.
+    pub fn max_len(&self) -> usize {
+        self.cfg
+            .max_len
+            .unwrap_or(self.trunk.max_seq_len())
+            .min(self.trunk.max_seq_len())
+    }
+
+    /// Scores responses to one prompt as training saw them: a trailing EOS is dropped and one
+    /// appended (`eos`), then truncated to [`RewardModel::max_len`] (prompt end, response start).
+    pub fn score_responses(
+        &self,
+        prompt: &[u32],
+        responses: &[Vec<u32>],
+        eos: Option<u32>,
+        batch_size: usize,
+    ) -> Result<Vec<f32>> {
+        let mut stats = crate::rlhf::preference_data::TruncationStats::default();
+        let enc: Vec<_> = responses
+            .iter()
+            .map(|r| {
+                let r = match (r.last(), eos) {
+                    (Some(&l), Some(e)) if l == e => &r[..r.len() - 1],
+                    _ => &r[..],
+                };
+                crate::rlhf::preference_data::truncate(prompt, r, eos, self.max_len(), &mut stats)
+            })
+            .collect();
+        let seqs: Vec<(&[u32], &[u32])> = enc.iter().map(|e| e.as_pair()).collect();
+        self.score(&seqs, batch_size)
     }
 }
 
