@@ -176,7 +176,7 @@ impl RewardBatch {
 
     /// A batch from given tensors (ids [B, T] with negative ids as padding, as the original).
     pub fn from_tensors(ids: &Tensor, mask: &Tensor, prompt_mask: Option<&Tensor>) -> Result<Self> {
-        let (b, t) = ids.dims2()?;
+        let b = ids.dim(0)?;
         let m: Vec<Vec<u8>> = mask.to_dtype(DType::U8)?.to_vec2()?;
         let mut last = Vec::with_capacity(b);
         for (i, row) in m.iter().enumerate() {
@@ -186,7 +186,6 @@ impl RewardBatch {
                 .ok_or_else(|| Error::msg(format!("row {i} of the mask has no real token")))?;
             last.push(l);
         }
-        let _ = t;
         Ok(Self {
             ids: ids.to_dtype(DType::I64)?,
             mask: mask.to_dtype(DType::U8)?,
