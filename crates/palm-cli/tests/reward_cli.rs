@@ -60,7 +60,16 @@ fn train_eval_score_and_best_of() {
             .arg(&data)
             .arg("--out")
             .arg(&run)
-            .args(["--epochs", "2", "--batch-size", "4", "--max-len", "32", "--lr", "1e-2"])
+            .args([
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--max-len",
+                "32",
+                "--lr",
+                "1e-2",
+            ])
             .args(extra);
         c
     };
@@ -115,7 +124,15 @@ fn train_eval_score_and_best_of() {
     palm()
         .args(["generate", "--model"])
         .arg(&base)
-        .args(["--prompt", "Q1:", "--max-new-tokens", "4", "--best-of", "3", "--reward"])
+        .args([
+            "--prompt",
+            "Q1:",
+            "--max-new-tokens",
+            "4",
+            "--best-of",
+            "3",
+            "--reward",
+        ])
         .arg(&run)
         .assert()
         .success();

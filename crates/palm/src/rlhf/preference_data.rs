@@ -367,7 +367,7 @@ mod tests {
         ];
         for (i, (body, line, what)) in cases.iter().enumerate() {
             let p = write(d.path(), &format!("bad{i}.jsonl"), body);
-            let e = read_files(&[p.clone()]).unwrap_err();
+            let e = read_files(std::slice::from_ref(&p)).unwrap_err();
             let msg = e.to_string();
             assert!(
                 msg.starts_with(&format!("{}:{line}:", p.display())) && msg.contains(what),

@@ -331,7 +331,7 @@ pub fn train(
 
         // 6. evaluation and checkpoints
         if cfg.eval_every > 0
-            && step % cfg.eval_every as u64 == 0
+            && step.is_multiple_of(cfg.eval_every as u64)
             && step < total
             && !eval_pairs.is_empty()
         {
@@ -345,7 +345,7 @@ pub fn train(
                 e.pairs
             );
         }
-        if cfg.save_every > 0 && step % cfg.save_every as u64 == 0 && step < total {
+        if cfg.save_every > 0 && step.is_multiple_of(cfg.save_every as u64) && step < total {
             save(&opt, step)?;
             plot(&log)?;
         }
