@@ -30,6 +30,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Pre-train on text or fine-tune on JSONL (SFT), full model or a LoRA scope; resumable.
     Train(cmd::train::Args),
+    /// Reward model: train on preference pairs, evaluate, score.
+    Reward(cmd::reward::Args),
 }
 
 fn main() {
@@ -47,6 +49,7 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Train(a) => cmd::train::run(a),
+        Command::Reward(a) => cmd::reward::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

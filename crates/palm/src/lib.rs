@@ -14,6 +14,7 @@ pub mod load;
 pub mod lora;
 pub mod model;
 pub mod params;
+pub mod rlhf;
 pub mod rng;
 pub mod sample;
 pub mod tokenizer;

@@ -38,6 +38,12 @@ pub struct Args {
     /// Do not stop at the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Sample N completions (one batch) and print the one the --reward model scores highest.
+    #[arg(long, default_value_t = 1, requires = "reward")]
+    pub best_of: usize,
+    /// Reward model directory for --best-of (or a `palm reward train` run directory).
+    #[arg(long)]
+    pub reward: Option<PathBuf>,
 }
 
 /// The tokenizer named on the command line, else `tokenizer.json` next to the model, else bytes.
@@ -79,6 +85,9 @@ pub fn run(a: Args) -> Result<()> {
         scope: a.scope.clone(),
         disable_lora: false,
     };
+    if a.best_of > 1 || a.reward.is_some() {
+        return best_of_n(&a, &model, &tok, req);
+    }
     let t0 = std::time::Instant::now();
     let mut out = std::io::stdout().lock();
     let mut dec = StreamDecoder::default();
@@ -112,5 +121,42 @@ pub fn run(a: Args) -> Result<()> {
             ""
         }
     );
+    Ok(())
+}
+
+/// Best-of-N (the original's `RLHFTrainer.generate`): N samples of the prompt in one batch,
+/// each scored by the reward model; the best is printed.
+fn best_of_n(
+    a: &Args,
+    model: &palm::Model,
+    tok: &Tokenizer,
+    mut req: GenerateRequest,
+) -> Result<()> {
+    let Some(rm_path) = &a.reward else {
+        bail!("--best-of needs --reward RM");
+    };
+    if a.best_of == 0 {
+        bail!("--best-of must be at least 1");
+    }
+    let rm = super::reward::load_reward_model(rm_path)?;
+    let prompt = req.prompts[0].clone();
+    req.prompts = vec![prompt.clone(); a.best_of];
+    let g = generate(model, &req, |_, _| {})?;
+    let scores = rm.score_responses(&prompt, &g.completions, tok.eos_id(), a.best_of)?;
+    let (best, score) = scores
+        .iter()
+        .enumerate()
+        .max_by(|x, y| x.1.total_cmp(y.1))
+        .map(|(i, s)| (i, *s))
+        .ok_or_else(|| anyhow::anyhow!("no completion generated"))?;
+    for (i, s) in scores.iter().enumerate() {
+        tracing::info!("sample {i}: reward {s:.4}");
+    }
+    let mut ids = g.completions[best].clone();
+    if ids.last().copied() == req.eos {
+        ids.pop();
+    }
+    tracing::info!("best: sample {best} of {} (reward {score:.4})", a.best_of);
+    println!("{}", tok.decode(&ids)?);
     Ok(())
 }

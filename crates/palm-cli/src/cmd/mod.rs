@@ -4,6 +4,7 @@ pub mod bench;
 pub mod generate;
 pub mod info;
 pub mod train;
+pub mod reward;
 
 use candle_core::Device;
 

@@ -1,0 +1,377 @@
+//! `palm reward train|eval|score`: the reward model on preference pairs.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use palm::config::LoraSpec;
+use palm::rlhf::preference_data::{
+    encode_pairs, read_files, EncodedPair, PreferenceData, TruncationStats,
+};
+use palm::rlhf::reward::{HeadKind, Pooling, RewardConfig, RewardModel, REWARD_SCOPE};
+use palm::rlhf::reward_train::{checkpoint_dir, evaluate, train, RewardTrainConfig, FINAL_DIR};
+use palm::tokenizer::Tokenizer;
+
+use super::generate::resolve_tokenizer;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: RewardCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum RewardCommand {
+    /// Train a reward model on preference pairs (Bradley-Terry loss).
+    Train(TrainArgs),
+    /// Pairwise accuracy of a reward model on preference pairs (one JSON object on stdout).
+    Eval(EvalArgs),
+    /// The reward of one (prompt, response) (a number on stdout).
+    Score(ScoreArgs),
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum PoolingArg {
+    /// The hidden state at the last real token (the EOS).
+    Last,
+    /// The mean over real tokens (the original's).
+    Mean,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// Base model (the trunk): checkpoint directory, or a weights file with config.json beside it.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Preference files (JSONL or .jsonl.gz): {"prompt","chosen","rejected"} or HH {"chosen","rejected"}.
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// Run directory: metrics.jsonl, metrics.svg, checkpoint/, reward_model/, summary.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Held-out preference files, evaluated during and after training.
+    #[arg(long, num_args = 1..)]
+    pub eval: Vec<PathBuf>,
+    /// LoRA rank of the `reward` scope.
+    #[arg(long, default_value_t = 8)]
+    pub lora_r: usize,
+    /// Fine-tune every trunk parameter instead of a LoRA scope.
+    #[arg(long)]
+    pub full: bool,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Peak learning rate (warmup, then cosine decay to a tenth of it).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 20)]
+    pub warmup_steps: usize,
+    /// Pairs per step.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Tokens per (prompt, response, EOS) sequence; longer ones keep the prompt's end and the
+    /// response's start (default: the model's max_seq_len).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    #[arg(long, value_enum, default_value_t = PoolingArg::Last)]
+    pub pooling: PoolingArg,
+    /// Bradley-Terry margin: the loss wants r_chosen - r_rejected above it.
+    #[arg(long, default_value_t = 0.0)]
+    pub margin: f64,
+    /// Do not add the (trainable) prompt/response segment embeddings.
+    #[arg(long)]
+    pub no_segment_embeds: bool,
+    /// Use at most this many training pairs (after shuffling with the seed).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Evaluate every N steps (0: at the end only).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: at the end only).
+    #[arg(long, default_value_t = 200)]
+    pub save_every: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Continue the run in --out from its last checkpoint, with the same arguments.
+    #[arg(long)]
+    pub resume: bool,
+    /// `bytes` or a tokenizer.json (default: the model's own tokenizer.json, else bytes).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Reward model directory (or a run directory holding reward_model/).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// Token budget per sequence (default: the one the model was trained with).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ScoreArgs {
+    /// Reward model directory (or a run directory holding reward_model/).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long)]
+    pub response: String,
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    match a.command {
+        RewardCommand::Train(t) => run_train(t),
+        RewardCommand::Eval(e) => run_eval(e),
+        RewardCommand::Score(s) => run_score(s),
+    }
+}
+
+/// A reward model directory, or a run directory's `reward_model/`.
+pub fn load_reward_model(path: &Path) -> Result<RewardModel> {
+    let dir = if path.join(FINAL_DIR).join("reward.json").exists() {
+        path.join(FINAL_DIR)
+    } else {
+        path.to_path_buf()
+    };
+    RewardModel::load(&dir, &super::device())
+        .with_context(|| format!("loading reward model {}", dir.display()))
+}
+
+fn check_vocab(tok: &Tokenizer, vocab: usize) -> Result<()> {
+    if tok.vocab_size() > vocab {
+        bail!(
+            "the tokenizer has {} ids but the model only {vocab}: use the model's own tokenizer",
+            tok.vocab_size()
+        );
+    }
+    Ok(())
+}
+
+fn read_pairs(files: &[PathBuf]) -> Result<PreferenceData> {
+    let data = read_files(files)?;
+    if !data.ratings.is_empty() {
+        bail!(
+            "{} rating records ({{\"prompt\",\"response\",\"score\"}}) found: `palm reward` trains and evaluates on preference pairs",
+            data.ratings.len()
+        );
+    }
+    if data.skipped_ties + data.skipped_prompt_mismatch > 0 {
+        tracing::warn!(
+            "skipped {} pairs with identical chosen and rejected, {} HH pairs whose dialogues differ before the last turn",
+            data.skipped_ties,
+            data.skipped_prompt_mismatch
+        );
+    }
+    Ok(data)
+}
+
+fn report_truncation(what: &str, st: &TruncationStats) {
+    if st.truncated_prompts + st.truncated_responses > 0 {
+        tracing::info!(
+            "{what}: truncated {} prompts (kept their end) and {} responses (kept their start) of {} sequences",
+            st.truncated_prompts,
+            st.truncated_responses,
+            st.sequences
+        );
+    }
+}
+
+fn run_train(a: TrainArgs) -> Result<()> {
+    // 1. validate everything before writing anything
+    let ck = checkpoint_dir(&a.out);
+    if a.resume && !ck.exists() {
+        bail!(
+            "--resume: {} has no checkpoint to resume from",
+            ck.display()
+        );
+    }
+    if !a.resume && ck.exists() {
+        bail!(
+            "{} already holds a run: pass --resume to continue it, or choose another --out",
+            a.out.display()
+        );
+    }
+    if a.batch_size == 0 || a.epochs == 0 || (!a.full && a.lora_r == 0) {
+        bail!("--batch-size, --epochs and --lora-r must be at least 1");
+    }
+    let tok = resolve_tokenizer(a.tokenizer.as_deref(), &a.model)?;
+    let base = palm::load::load_model(&a.model, &super::device())
+        .with_context(|| format!("loading base model {}", a.model.display()))?;
+    check_vocab(&tok, base.vocab_size())?;
+    let max_len = a.max_len.unwrap_or(base.max_seq_len());
+    if max_len < 2 || max_len > base.max_seq_len() {
+        bail!(
+            "--max-len {max_len}: must be between 2 and the model's max_seq_len {}",
+            base.max_seq_len()
+        );
+    }
+    let train_data = read_pairs(&a.data)?;
+    let eval_data = read_pairs(&a.eval)?;
+    let mut pairs = train_data.pairs;
+    if pairs.is_empty() {
+        bail!("no preference pairs in {:?}", a.data);
+    }
+    if let Some(n) = a.limit {
+        palm::rlhf::preference_data::subsample(&mut pairs, n, a.seed);
+    }
+    let mut st = TruncationStats::default();
+    let train_enc = encode_pairs(&pairs, &tok, max_len, &mut st)?;
+    report_truncation("train", &st);
+    let mut est = TruncationStats::default();
+    let eval_enc = encode_pairs(&eval_data.pairs, &tok, max_len, &mut est)?;
+    report_truncation("eval", &est);
+
+    // 2. the model: fresh on the base, or the checkpoint
+    let rm = if a.resume {
+        RewardModel::load(&ck, &super::device())?
+    } else {
+        let cfg = RewardConfig {
+            pooling: match a.pooling {
+                PoolingArg::Last => Pooling::LastToken,
+                PoolingArg::Mean => Pooling::MaskedMean,
+            },
+            head: HeadKind::Scalar,
+            scope: if a.full {
+                None
+            } else {
+                Some(REWARD_SCOPE.to_string())
+            },
+            segment_embeds: !a.no_segment_embeds,
+            max_len: Some(max_len),
+            ..Default::default()
+        };
+        let lora = (!a.full).then(|| LoraSpec::new(a.lora_r));
+        RewardModel::new(base, cfg, lora, a.seed)?
+    };
+    let trainable: usize = rm
+        .trainable_params()
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    tracing::info!(
+        "{} train pairs, {} eval pairs; {} trainable parameters of {}",
+        train_enc.len(),
+        eval_enc.len(),
+        trainable,
+        rm.trunk.num_parameters()
+    );
+
+    // 3. train with a progress bar
+    let cfg = RewardTrainConfig {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        min_lr: a.lr / 10.0,
+        warmup_steps: a.warmup_steps,
+        margin: a.margin,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        ..Default::default()
+    };
+    let total = (train_enc.len().div_ceil(a.batch_size) * a.epochs) as u64;
+    let bar = ProgressBar::new(total);
+    bar.set_style(ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+    )?);
+    let mut ema: Option<(f64, f64)> = None;
+    let summary = train(
+        &rm,
+        &train_enc,
+        &eval_enc,
+        &cfg,
+        &a.out,
+        a.resume,
+        Some(st),
+        |i| {
+            let (l, acc) = match ema {
+                None => (i.loss, i.accuracy),
+                Some((l, acc)) => (0.95 * l + 0.05 * i.loss, 0.95 * acc + 0.05 * i.accuracy),
+            };
+            ema = Some((l, acc));
+            bar.set_position(i.step);
+            bar.set_message(format!("loss {l:.4} acc {acc:.3}"));
+        },
+    )?;
+    bar.finish_and_clear();
+    tracing::info!(
+        "done in {:.0}s: eval accuracy {} on {} pairs; model in {}",
+        summary.seconds,
+        summary
+            .eval_accuracy
+            .map(|x| format!("{x:.4}"))
+            .unwrap_or_else(|| "-".into()),
+        summary.eval_pairs,
+        a.out.join(FINAL_DIR).display()
+    );
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+/// Accuracy of "the longer response wins" (in characters; a tie counts half).
+fn longer_wins(pairs: &[palm::rlhf::preference_data::PreferencePair]) -> f64 {
+    let s: f64 = pairs
+        .iter()
+        .map(|p| {
+            let (c, r) = (p.chosen.chars().count(), p.rejected.chars().count());
+            match c.cmp(&r) {
+                std::cmp::Ordering::Greater => 1.0,
+                std::cmp::Ordering::Equal => 0.5,
+                std::cmp::Ordering::Less => 0.0,
+            }
+        })
+        .sum();
+    s / pairs.len().max(1) as f64
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    let rm = load_reward_model(&a.model)?;
+    let tok = resolve_tokenizer(a.tokenizer.as_deref(), &a.model)?;
+    check_vocab(&tok, rm.trunk.vocab_size())?;
+    let data = read_pairs(&a.data)?;
+    if data.pairs.is_empty() {
+        bail!("no preference pairs in {:?}", a.data);
+    }
+    let max_len = a.max_len.unwrap_or(rm.max_len());
+    let mut st = TruncationStats::default();
+    let enc: Vec<EncodedPair> = encode_pairs(&data.pairs, &tok, max_len, &mut st)?;
+    report_truncation("eval", &st);
+    let e = evaluate(&rm, &enc, a.batch_size)?;
+    let out = serde_json::json!({
+        "accuracy": e.accuracy,
+        "pairs": e.pairs,
+        "mean_margin": e.mean_margin,
+        "loss": e.loss,
+        "longer_response_accuracy": longer_wins(&data.pairs),
+        "chance": 0.5,
+        "skipped_ties": data.skipped_ties,
+        "skipped_prompt_mismatch": data.skipped_prompt_mismatch,
+        "truncation": st,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+fn run_score(a: ScoreArgs) -> Result<()> {
+    let rm = load_reward_model(&a.model)?;
+    let tok = resolve_tokenizer(a.tokenizer.as_deref(), &a.model)?;
+    check_vocab(&tok, rm.trunk.vocab_size())?;
+    let p = tok.encode(&a.prompt)?;
+    let r = tok.encode(&a.response)?;
+    if p.is_empty() && r.is_empty() {
+        bail!("both --prompt and --response are empty");
+    }
+    let s = rm.score_responses(&p, &[r], tok.eos_id(), 1)?;
+    println!("{}", s[0]);
+    Ok(())
+}
