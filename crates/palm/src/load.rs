@@ -122,6 +122,17 @@ pub fn save_palm(model: &Palm, dir: &Path) -> Result<()> {
 }
 
 /// Loads any supported model from a `--model` path.
+/// A directory whose `config.json` names `architectures` (or a `model_type`) is a Hugging Face
+/// model (see [`crate::model::hf`]); anything else is a PaLM checkpoint.
 pub fn load_model(path: &Path, device: &Device) -> Result<crate::model::Model> {
+    let dir = checkpoint::resolve_dir(path);
+    if dir.is_dir() && dir.join(CONFIG_FILE).exists() {
+        let cfg: serde_json::Value = checkpoint::read_json(&dir.join(CONFIG_FILE))?;
+        if crate::model::hf::is_hf_config(&cfg) {
+            return Ok(crate::model::Model::Hf(crate::model::hf::load_hf(
+                &dir, device,
+            )?));
+        }
+    }
     Ok(crate::model::Model::Palm(load_palm(path, device)?))
 }
