@@ -712,7 +712,7 @@ mod tests {
             head_dim: 1,
             ..HfSpec::from_config(
                 &serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 8,
-                    "hidden_size": 4, "num_attention_heads": 4, "num_hidden_layers": 1,
+                    "hidden_size": 8, "num_attention_heads": 4, "num_hidden_layers": 1,
                     "intermediate_size": 8}),
                 Path::new("c"),
             )
