@@ -17,6 +17,7 @@ pub mod params;
 pub mod rng;
 pub mod sample;
 pub mod tokenizer;
+pub mod tokenizer_llama2c;
 pub mod train;
 
 pub use config::PalmConfig;
