@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod fixtures;
+pub mod judges;
 pub mod kv_cache;
 pub mod load;
 pub mod lora;
