@@ -94,3 +94,280 @@ fn load_model_dispatches_on_architectures() {
         assert!(matches!(m, Model::Hf(_)), "{}", dir.display());
     }
 }
+
+fn ids_tensor(rows: &[Vec<u32>]) -> Tensor {
+    let t = rows[0].len();
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Left padding (masked keys, per-row positions) and incremental decoding with the KV cache
+/// give the logits of a plain forward on the unpadded sequence.
+#[test]
+fn hf_cache_and_left_padding_match_full_forward() {
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let m = load_hf(&dir, &Device::Cpu).unwrap();
+        let (ids, _, _) = reference(&dir);
+        let full = logits(&m, &ids); // [T, V]
+        let t = ids.len();
+
+        // 1. the same sequence after 3 pad slots, in a batch with an unpadded row
+        let mut padded = vec![0u32; 3];
+        padded.extend(&ids[..t - 3]);
+        let rows = vec![ids.clone(), padded];
+        let mut km = vec![1u8; t];
+        km.extend([0u8, 0, 0]);
+        km.extend(vec![1u8; t - 3]);
+        let km = Tensor::from_vec(km, (2, t), &Device::Cpu).unwrap();
+        let opts = Forward {
+            key_mask: Some(&km),
+            ..Default::default()
+        };
+        let out = m.forward(&ids_tensor(&rows), &opts).unwrap();
+        let row1 = out.get(1).unwrap().narrow(0, 3, t - 3).unwrap();
+        let d_pad = max_diff(&row1, &full.narrow(0, 0, t - 3).unwrap());
+        let d_row0 = max_diff(&out.get(0).unwrap(), &full);
+
+        // 2. prefill 3 tokens, then one at a time through the cache
+        let mut cache = palm::kv_cache::KvCache::new(m.spec.depth);
+        let mut steps = vec![m
+            .embeddings(
+                &ids_tensor(&[ids[..3].to_vec()]),
+                &Forward::default(),
+                Some(&mut cache),
+            )
+            .unwrap()];
+        for &id in &ids[3..] {
+            steps.push(
+                m.embeddings(
+                    &ids_tensor(&[vec![id]]),
+                    &Forward::default(),
+                    Some(&mut cache),
+                )
+                .unwrap(),
+            );
+        }
+        let emb = Tensor::cat(&steps, 1).unwrap();
+        let inc = m.logits_from(&emb, false).unwrap().squeeze(0).unwrap();
+        let d_cache = max_diff(&inc, &full);
+        eprintln!("{name}: padded {d_pad:.1e}, batch row {d_row0:.1e}, cached {d_cache:.1e}");
+        assert!(d_pad < 1e-5 && d_row0 < 1e-5 && d_cache < 1e-5, "{name}");
+    }
+}
+
+/// d loss / d LoRA B from backprop agrees with a central finite difference.
+#[test]
+fn hf_lora_gradient_matches_finite_difference() {
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut m = load_hf(&dir, &Device::Cpu).unwrap();
+        m.add_scope("actor", palm::config::LoraSpec::new(2), 7)
+            .unwrap();
+        let (ids, _, _) = reference(&dir);
+        let t = ids.len();
+        let x = ids_tensor(&[ids[..t - 1].to_vec()]);
+        let y = ids_tensor(&[ids[1..].to_vec()]);
+        let opts = Forward {
+            scope: Some("actor"),
+            freeze_base: true,
+            ..Default::default()
+        };
+        let loss = |m: &HfModel| {
+            let lg = m.forward(&x, &opts).unwrap();
+            palm::model::cross_entropy(&lg, &y, None).unwrap()
+        };
+        // B = 0 at init: give every B a value so gradients flow into A too
+        let params = m.vars.with_prefix("finetune_modules.actor.");
+        for (i, (_, v)) in params.iter().enumerate() {
+            let r = palm::rng::normal(&mut palm::rng::seeded(i as u64), v.elem_count(), 0.3);
+            v.set(&Tensor::from_vec(r, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let grads = loss(&m).backward().unwrap();
+        for pname in [
+            "finetune_modules.actor.0.0.A",
+            "finetune_modules.actor.1.3.B",
+        ] {
+            let var = m.vars.get(pname).unwrap().clone();
+            let g: Vec<f32> = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (k, &gk) = g
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+                .unwrap();
+            let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let eps = 3e-3f32;
+            let at = |delta: f32| {
+                let mut w = base.clone();
+                w[k] += delta;
+                var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss(&m).to_scalar::<f32>().unwrap()
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            at(0.0);
+            eprintln!("{name} {pname}[{k}]: backprop {gk:.5e}, finite difference {fd:.5e}");
+            assert!(
+                (fd - gk).abs() <= 0.01 * gk.abs() + 2e-5,
+                "{name} {pname}: {gk} vs {fd}"
+            );
+        }
+    }
+}
+
+/// Import, LoRA-train a few steps, merge, export in the Hugging Face layout, re-import: the
+/// re-imported model gives the fine-tuned logits, and the files keep the source layout.
+#[test]
+fn hf_round_trip_lora_train_merge_export() {
+    use palm::train::optim::{grads_of, OptimConfig, Optimizer};
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut model = Model::Hf(load_hf(&dir, &Device::Cpu).unwrap());
+        model
+            .add_scope("actor", palm::config::LoraSpec::new(4), 3)
+            .unwrap();
+        let (ids, _, _) = reference(&dir);
+        let t = ids.len();
+        let x = ids_tensor(&[ids[..t - 1].to_vec()]);
+        let y = ids_tensor(&[ids[1..].to_vec()]);
+        let opts = Forward {
+            scope: Some("actor"),
+            freeze_base: true,
+            ..Default::default()
+        };
+        let base_logits = model.forward(&x, &Forward::default()).unwrap();
+        let params = model.vars().with_prefix("finetune_modules.actor.");
+        let mut opt = Optimizer::new(params.clone(), OptimConfig::adamw());
+        let mut losses = vec![];
+        for _ in 0..5 {
+            let loss =
+                palm::model::cross_entropy(&model.forward(&x, &opts).unwrap(), &y, None).unwrap();
+            losses.push(loss.to_scalar::<f32>().unwrap());
+            let g = grads_of(&params, &loss.backward().unwrap()).unwrap();
+            opt.step(&g, 1e-2).unwrap();
+        }
+        assert!(
+            losses[4] < losses[0],
+            "{name}: loss did not fall: {losses:?}"
+        );
+        let tuned = model.forward(&x, &opts).unwrap();
+        assert!(
+            max_diff(&tuned, &base_logits) > 1e-3,
+            "{name}: LoRA changed nothing"
+        );
+
+        // merge: the base model now gives the tuned logits
+        model.merge_scope("actor").unwrap();
+        assert!(!model.has_scope("actor"));
+        let merged = model.forward(&x, &Forward::default()).unwrap();
+        assert!(max_diff(&merged, &tuned) < 1e-5, "{name}: merge");
+
+        // export and re-import
+        let out = tempfile::tempdir().unwrap();
+        let path = out.path().join("exported");
+        model.save(&path).unwrap();
+        let again = palm::load::load_model(&path, &Device::Cpu).unwrap();
+        let d = max_diff(&again.forward(&x, &Forward::default()).unwrap(), &merged);
+        eprintln!("{name}: losses {losses:?}, re-imported logits differ by {d:.1e}");
+        assert!(d < 1e-6, "{name}: re-import {d}");
+
+        // the same layout as the source: same keys and shapes, same config
+        let src = palm::params::read_tensors(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let dst =
+            palm::params::read_tensors(&path.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(
+            src.keys().collect::<Vec<_>>(),
+            dst.keys().collect::<Vec<_>>(),
+            "{name}"
+        );
+        for (k, v) in &src {
+            assert_eq!(v.dims(), dst[k].dims(), "{name}: {k}");
+        }
+        let cfg = |p: &std::path::Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
+        };
+        assert_eq!(cfg(&dir), cfg(&path), "{name}: config.json");
+        assert!(path.join("generation_config.json").exists());
+    }
+}
+
+/// Unmerged scopes survive save and load (specs in config.json, weights beside the base).
+#[test]
+fn hf_unmerged_scope_round_trip() {
+    let Some(dir) = fixture_dirs().into_iter().next() else {
+        return;
+    };
+    let mut m = Model::Hf(load_hf(&dir, &Device::Cpu).unwrap());
+    m.add_scope("critic", palm::config::LoraSpec::new(3), 1)
+        .unwrap();
+    for (i, (_, v)) in m.vars().with_prefix("finetune_modules.").iter().enumerate() {
+        let r = palm::rng::normal(&mut palm::rng::seeded(i as u64), v.elem_count(), 0.1);
+        v.set(&Tensor::from_vec(r, v.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let x = ids_tensor(&[vec![1, 2, 3, 4]]);
+    let opts = Forward {
+        scope: Some("critic"),
+        ..Default::default()
+    };
+    let want = m.forward(&x, &opts).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    m.save(&out.path().join("m")).unwrap();
+    let again = palm::load::load_model(&out.path().join("m"), &Device::Cpu).unwrap();
+    assert!(again.has_scope("critic"));
+    assert!(max_diff(&again.forward(&x, &opts).unwrap(), &want) < 1e-6);
+}
+
+/// A missing tensor and an unsupported architecture are refused by name.
+#[test]
+fn hf_refuses_missing_tensors_and_unknown_architectures() {
+    let Some(dir) = fixture_dirs().into_iter().find(|d| d.ends_with("llama")) else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let mut tensors =
+        palm::params::read_tensors(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    tensors.remove("model.layers.1.mlp.up_proj.weight");
+    let bad = out.path().join("missing");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::copy(dir.join("config.json"), bad.join("config.json")).unwrap();
+    palm::params::write_safetensors(&bad.join("model.safetensors"), &tensors).unwrap();
+    let e = palm::load::load_model(&bad, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+
+    let arch = out.path().join("arch");
+    std::fs::create_dir(&arch).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    std::fs::write(arch.join("config.json"), cfg.to_string()).unwrap();
+    let e = palm::load::load_model(&arch, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("MistralForCausalLM") && e.contains("LlamaForCausalLM"),
+        "{e}"
+    );
+}

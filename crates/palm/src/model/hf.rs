@@ -1175,3 +1175,81 @@ pub fn write_hf_files(model: &HfModel, dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(v: Vec<f32>, shape: (usize, usize, usize, usize)) -> Tensor {
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Hand-computed: one head, D = 4, rotate-half at position 1, theta 100:
+    /// frequencies 1 and 1/10; pairs (x0, x2) and (x1, x3).
+    #[test]
+    fn rotate_half_by_hand() {
+        let rot =
+            RotaryTables::new(RotaryStyle::RotateHalf, 4, 100.0, &[vec![1]], &Device::Cpu).unwrap();
+        let x = tensor(vec![1.0, 2.0, 3.0, 4.0], (1, 1, 1, 4));
+        let y: Vec<f32> = apply_rotary(&x, &rot, RotaryStyle::RotateHalf, 4)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let (c1, s1, c2, s2) = (1f32.cos(), 1f32.sin(), 0.1f32.cos(), 0.1f32.sin());
+        let want = [
+            1.0 * c1 - 3.0 * s1,
+            2.0 * c2 - 4.0 * s2,
+            3.0 * c1 + 1.0 * s1,
+            4.0 * c2 + 2.0 * s2,
+        ];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{y:?} vs {want:?}");
+        }
+    }
+
+    /// Interleaved rotary is rotate-half on the dims permuted (2i, 2i+1) -> (i, i + dims/2),
+    /// which is how HF's Llama conversion permutes Meta's q/k weights; partial rotary leaves
+    /// the tail alone.
+    #[test]
+    fn interleaved_equals_rotate_half_on_permuted_dims() {
+        let (b, h, t, d, dims) = (2, 3, 5, 8, 6);
+        let x = tensor(
+            rng::normal(&mut rng::seeded(1), b * h * t * d, 1.0),
+            (b, h, t, d),
+        );
+        let pos: Vec<Vec<usize>> = vec![(3..3 + t).collect(), (0..t).collect()];
+        let inter =
+            RotaryTables::new(RotaryStyle::Interleaved, dims, 10000.0, &pos, &Device::Cpu).unwrap();
+        let half =
+            RotaryTables::new(RotaryStyle::RotateHalf, dims, 10000.0, &pos, &Device::Cpu).unwrap();
+        // perm[new] = old: first the even rotary dims, then the odd ones, then the tail
+        let mut perm: Vec<u32> = (0..dims / 2).map(|i| 2 * i as u32).collect();
+        perm.extend((0..dims / 2).map(|i| 2 * i as u32 + 1));
+        perm.extend(dims as u32..d as u32);
+        let perm_t = Tensor::from_vec(perm.clone(), d, &Device::Cpu).unwrap();
+        let mut inv = vec![0u32; d];
+        for (new, &old) in perm.iter().enumerate() {
+            inv[old as usize] = new as u32;
+        }
+        let inv_t = Tensor::from_vec(inv, d, &Device::Cpu).unwrap();
+        let a = apply_rotary(&x, &inter, RotaryStyle::Interleaved, dims).unwrap();
+        let xp = x.index_select(&perm_t, 3).unwrap();
+        let bb = apply_rotary(&xp, &half, RotaryStyle::RotateHalf, dims)
+            .unwrap()
+            .index_select(&inv_t, 3)
+            .unwrap();
+        let diff: f32 = (a - bb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-6, "{diff}");
+    }
+}
