@@ -665,25 +665,23 @@ impl HfModel {
         for name in tensors.keys() {
             if let Some(rest) = name.strip_prefix("finetune_modules.") {
                 let scope = rest.split('.').next().unwrap_or_default().to_string();
-                if !scope_specs.contains_key(&scope) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = scope_specs.entry(scope) {
+                    let scope = slot.key();
                     let a_name = format!("finetune_modules.{scope}.0.0.A");
                     let a = tensors.get(&a_name).ok_or_else(|| Error::MissingTensor {
                         name: a_name.clone(),
                         path: path.to_path_buf(),
                     })?;
                     let ff = tensors.contains_key(&format!("finetune_modules.{scope}.0.4.A"));
-                    scope_specs.insert(
-                        scope,
-                        LoraSpec {
-                            r: a.dim(1)?,
-                            alpha: None,
-                            targets: if ff {
-                                LoraTargets::AttentionAndFf
-                            } else {
-                                LoraTargets::Attention
-                            },
+                    slot.insert(LoraSpec {
+                        r: a.dim(1)?,
+                        alpha: None,
+                        targets: if ff {
+                            LoraTargets::AttentionAndFf
+                        } else {
+                            LoraTargets::Attention
                         },
-                    );
+                    });
                 }
             }
         }

@@ -505,7 +505,7 @@ impl HfSpec {
         if self.heads == 0 || self.kv_heads == 0 || self.head_dim == 0 || self.depth == 0 {
             return bad("heads, key/value heads, head dim and layers must be positive".into());
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
                 "{} attention heads are not a multiple of {} key/value heads",
                 self.heads, self.kv_heads
