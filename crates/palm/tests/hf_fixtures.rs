@@ -371,3 +371,71 @@ fn hf_refuses_missing_tensors_and_unknown_architectures() {
         "{e}"
     );
 }
+
+/// Falcon's new decoder architecture (grouped-query fused qkv, separate `ln_attn`/`ln_mlp`),
+/// built from the multi-query Falcon fixture by copying its one K/V head into two groups and its
+/// norm into both norms: the same function, so the same logits. A wrong grouped layout would
+/// pair query heads with the wrong rows and change them.
+#[test]
+fn falcon_new_architecture_equals_multi_query_copy() {
+    let Some(dir) = fixture_dirs().into_iter().find(|d| d.ends_with("falcon")) else {
+        return;
+    };
+    let dev = Device::Cpu;
+    let src = load_hf(&dir, &dev).unwrap();
+    let (h, d) = (src.spec.heads, src.spec.head_dim);
+    let mut tensors = palm::params::read_tensors(&dir.join("model.safetensors"), &dev).unwrap();
+    for l in 0..src.spec.depth {
+        let p = format!("transformer.h.{l}");
+        // multi-query rows [q0..q{H-1}, k, v] -> groups [q0, q1, k, v | q2, q3, k, v]
+        let w = tensors
+            .remove(&format!("{p}.self_attention.query_key_value.weight"))
+            .unwrap();
+        let rows = |i: usize, n: usize| w.narrow(0, i * d, n * d).unwrap();
+        let (k, v) = (rows(h, 1), rows(h + 1, 1));
+        let half = h / 2;
+        let grouped = Tensor::cat(
+            &[rows(0, half), k.clone(), v.clone(), rows(half, half), k, v],
+            0,
+        )
+        .unwrap();
+        tensors.insert(
+            format!("{p}.self_attention.query_key_value.weight"),
+            grouped,
+        );
+        for suffix in ["weight", "bias"] {
+            let n = tensors
+                .remove(&format!("{p}.input_layernorm.{suffix}"))
+                .unwrap();
+            tensors.insert(format!("{p}.ln_attn.{suffix}"), n.clone());
+            tensors.insert(format!("{p}.ln_mlp.{suffix}"), n);
+        }
+    }
+    let mut cfg = src.config.clone();
+    cfg["new_decoder_architecture"] = serde_json::json!(true);
+    cfg["num_kv_heads"] = serde_json::json!(2);
+    cfg["num_ln_in_parallel_attn"] = serde_json::json!(2);
+    let spec = palm::model::hf::HfSpec::from_config(&cfg, &dir).unwrap();
+    assert_eq!(spec.kv_heads, 2);
+    let m = HfModel::from_tensors(spec, cfg, &tensors, &dir, &dev).unwrap();
+    let (ids, _, _) = reference(&dir);
+    let diff = max_diff(&logits(&m, &ids), &logits(&src, &ids));
+    assert!(diff < 1e-5, "{diff}");
+    // and the merge of a LoRA scope goes back into the grouped rows correctly
+    let mut m = Model::Hf(m);
+    m.add_scope("s", palm::config::LoraSpec::new(2), 5).unwrap();
+    for (i, (_, v)) in m.vars().with_prefix("finetune_modules.").iter().enumerate() {
+        let r = palm::rng::normal(&mut palm::rng::seeded(i as u64), v.elem_count(), 0.2);
+        v.set(&Tensor::from_vec(r, v.shape(), &dev).unwrap())
+            .unwrap();
+    }
+    let x = ids_tensor(&[ids.clone()]);
+    let opts = Forward {
+        scope: Some("s"),
+        ..Default::default()
+    };
+    let scoped = m.forward(&x, &opts).unwrap();
+    m.merge_scope("s").unwrap();
+    let merged = m.forward(&x, &Forward::default()).unwrap();
+    assert!(max_diff(&scoped, &merged) < 1e-5);
+}
