@@ -16,7 +16,13 @@ fn generate_stories260k_text_to_text() {
         .unwrap()
         .args(["generate", "--model"])
         .arg(dir.join("hf"))
-        .args(["--prompt", "Once upon a time", "--greedy", "--max-new-tokens", "95"])
+        .args([
+            "--prompt",
+            "Once upon a time",
+            "--greedy",
+            "--max-new-tokens",
+            "95",
+        ])
         .assert()
         .success()
         .get_output()
@@ -25,5 +31,8 @@ fn generate_stories260k_text_to_text() {
     let text = String::from_utf8(out).unwrap();
     // stdout is the completion only; prompt + completion = the reference text
     let want = r["greedy_text"].as_str().unwrap();
-    assert_eq!(format!("Once upon a time{}", text.trim_end_matches('\n')), want);
+    assert_eq!(
+        format!("Once upon a time{}", text.trim_end_matches('\n')),
+        want
+    );
 }

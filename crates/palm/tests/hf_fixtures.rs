@@ -439,3 +439,12 @@ fn falcon_new_architecture_equals_multi_query_copy() {
     let merged = m.forward(&x, &Forward::default()).unwrap();
     assert!(max_diff(&scoped, &merged) < 1e-5);
 }
+
+/// `--model path/to/model.safetensors` inside a Hugging Face directory loads that directory.
+#[test]
+fn weights_file_path_loads_its_hf_directory() {
+    for dir in fixture_dirs() {
+        let m = palm::load::load_model(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert!(matches!(m, Model::Hf(_)), "{}", dir.display());
+    }
+}
