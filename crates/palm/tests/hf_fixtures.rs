@@ -429,7 +429,7 @@ fn falcon_new_architecture_equals_multi_query_copy() {
         v.set(&Tensor::from_vec(r, v.shape(), &dev).unwrap())
             .unwrap();
     }
-    let x = ids_tensor(&[ids.clone()]);
+    let x = ids_tensor(std::slice::from_ref(&ids));
     let opts = Forward {
         scope: Some("s"),
         ..Default::default()
