@@ -448,3 +448,49 @@ fn weights_file_path_loads_its_hf_directory() {
         assert!(matches!(m, Model::Hf(_)), "{}", dir.display());
     }
 }
+
+/// A sharded checkpoint (`model.safetensors.index.json` + shards) loads like the single file.
+#[test]
+fn sharded_checkpoint_loads() {
+    let Some(dir) = fixture_dirs().into_iter().find(|d| d.ends_with("llama")) else {
+        return;
+    };
+    let dev = Device::Cpu;
+    let tensors = palm::params::read_tensors(&dir.join("model.safetensors"), &dev).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let sharded = out.path();
+    std::fs::copy(dir.join("config.json"), sharded.join("config.json")).unwrap();
+    let mut shards = [
+        std::collections::BTreeMap::new(),
+        std::collections::BTreeMap::new(),
+    ];
+    let mut weight_map = serde_json::Map::new();
+    for (i, (k, v)) in tensors.iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i % 2 + 1);
+        shards[i % 2].insert(k.clone(), v.clone());
+        weight_map.insert(k.clone(), serde_json::json!(file));
+    }
+    for (i, s) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        palm::params::write_safetensors(&sharded.join(file), s).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let a = load_hf(&dir, &dev).unwrap();
+    let b = load_hf(sharded, &dev).unwrap();
+    let (ids, _, _) = reference(&dir);
+    assert_eq!(max_diff(&logits(&a, &ids), &logits(&b, &ids)), 0.0);
+
+    // a shard that lost a tensor named by the index is refused by name
+    let mut s0 = shards[0].clone();
+    let gone = s0.keys().next().unwrap().clone();
+    s0.remove(&gone);
+    palm::params::write_safetensors(&sharded.join("model-00001-of-00002.safetensors"), &s0)
+        .unwrap();
+    let e = load_hf(sharded, &dev).unwrap_err().to_string();
+    assert!(e.contains(&gone), "{e}");
+}
