@@ -506,7 +506,8 @@ struct TensorSource<'a> {
 }
 
 impl TensorSource<'_> {
-    fn take(&mut self, vars: &mut VarStore, name: &str, shape: &[usize]) -> Result<Tensor> {
+    /// The tensor `name`, checked against `shape` and marked as used.
+    fn get(&mut self, name: &str, shape: &[usize]) -> Result<&Tensor> {
         let t = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.to_string(),
             path: self.path.to_path_buf(),
@@ -520,7 +521,13 @@ impl TensorSource<'_> {
             });
         }
         self.used.insert(name.to_string());
-        vars.insert(name, t.clone())
+        Ok(t)
+    }
+
+    /// `get`, registered as parameter `name`.
+    fn take(&mut self, vars: &mut VarStore, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.get(name, shape)?.clone();
+        vars.insert(name, t)
     }
 
     fn linear(
@@ -706,8 +713,7 @@ impl HfModel {
             for pname in model.scope_param_names(&name) {
                 let var = model.vars.get(&pname).cloned();
                 if let Some(var) = var {
-                    let t = src.take(&mut VarStore::new(), &pname, var.dims())?;
-                    var.set(&t)?;
+                    var.set(&src.get(&pname, var.dims())?.to_dtype(DType::F32)?)?;
                 }
             }
         }
