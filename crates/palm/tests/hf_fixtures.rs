@@ -198,6 +198,15 @@ fn hf_lora_gradient_matches_finite_difference() {
                 .unwrap();
         }
         let grads = loss(&m).backward().unwrap();
+        // freeze_base: no base weight gets a gradient
+        for (k, v) in m.vars.iter() {
+            if !k.starts_with("finetune_modules.") {
+                assert!(
+                    grads.get(v.as_tensor()).is_none(),
+                    "{name}: {k} got a gradient"
+                );
+            }
+        }
         for pname in [
             "finetune_modules.actor.0.0.A",
             "finetune_modules.actor.1.3.B",
