@@ -1,7 +1,7 @@
 //! palm-rlhf: PaLM + RLHF in Rust on candle.
 //!
-//! Map: `config` (model config), `model` (PaLM), `lora` (LoRA scopes), `kv_cache`, `sample`
-//! (sampling and batched generation), `tokenizer`, `params` (parameters by checkpoint name),
+//! Map: `config` (model config), `model` (PaLM; `model::hf`: Hugging Face decoders), `lora` (LoRA scopes), `kv_cache`, `sample`
+//! (sampling and batched generation), `tokenizer` (+ `tokenizer_llama2c`), `judges` (VADER sentiment), `params` (parameters by checkpoint name),
 //! `checkpoint` (atomic files and directories), `load` (model loading from any supported path),
 //! `fixtures` (where the shared test data lives), `rng` (seeded streams).
 
@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod fixtures;
+pub mod judges;
 pub mod kv_cache;
 pub mod load;
 pub mod lora;
@@ -18,6 +19,7 @@ pub mod rlhf;
 pub mod rng;
 pub mod sample;
 pub mod tokenizer;
+pub mod tokenizer_llama2c;
 pub mod train;
 
 pub use config::PalmConfig;

@@ -122,6 +122,28 @@ pub fn save_palm(model: &Palm, dir: &Path) -> Result<()> {
 }
 
 /// Loads any supported model from a `--model` path.
+/// A directory whose `config.json` names `architectures` (or a `model_type`) is a Hugging Face
+/// model (see [`crate::model::hf`]); anything else is a PaLM checkpoint.
 pub fn load_model(path: &Path, device: &Device) -> Result<crate::model::Model> {
+    let mut dir = checkpoint::resolve_dir(path);
+    // a weights file inside a Hugging Face directory names that directory
+    if dir.is_file() {
+        dir = dir.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let is_hf_weights = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(".safetensors") || n.ends_with(".index.json"));
+        if !is_hf_weights {
+            return Ok(crate::model::Model::Palm(load_palm(path, device)?));
+        }
+    }
+    if dir.is_dir() && dir.join(CONFIG_FILE).exists() {
+        let cfg: serde_json::Value = checkpoint::read_json(&dir.join(CONFIG_FILE))?;
+        if crate::model::hf::is_hf_config(&cfg) {
+            return Ok(crate::model::Model::Hf(crate::model::hf::load_hf(
+                &dir, device,
+            )?));
+        }
+    }
     Ok(crate::model::Model::Palm(load_palm(path, device)?))
 }

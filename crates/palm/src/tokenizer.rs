@@ -17,6 +17,8 @@ pub enum Tokenizer {
         tok: Box<tokenizers::Tokenizer>,
         eos: Option<u32>,
     },
+    /// llama2.c's `tokenizer.bin` format (e.g. stories260K's `tok512.bin`).
+    Llama2c(Box<crate::tokenizer_llama2c::Llama2cTokenizer>),
 }
 
 impl Tokenizer {
@@ -35,6 +37,11 @@ impl Tokenizer {
     }
 
     pub fn from_file(file: &Path) -> Result<Self> {
+        if file.extension().is_some_and(|e| e == "bin") {
+            return Ok(Tokenizer::Llama2c(Box::new(
+                crate::tokenizer_llama2c::Llama2cTokenizer::from_file(file)?,
+            )));
+        }
         if !file.exists() {
             return Err(Error::Tokenizer(format!(
                 "{}: no such tokenizer file (use `bytes` or a tokenizer.json)",
@@ -60,6 +67,21 @@ impl Tokenizer {
                 .map_err(|e| Error::Tokenizer(e.to_string()))?
                 .get_ids()
                 .to_vec()),
+            Tokenizer::Llama2c(t) => Ok(t.encode_with(text, false, false)),
+        }
+    }
+
+    /// Ids of a generation prompt: `encode` plus the beginning-of-sequence id where the
+    /// tokenizer has one (llama2.c: BOS; `tokenizer.json`: its own special tokens).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Bytes => self.encode(text),
+            Tokenizer::Hf { tok, .. } => Ok(tok
+                .encode(text, true)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?
+                .get_ids()
+                .to_vec()),
+            Tokenizer::Llama2c(t) => Ok(t.encode_with(text, true, false)),
         }
     }
 
@@ -76,6 +98,7 @@ impl Tokenizer {
                 .decode(ids, true)
                 .map_err(|e| Error::Tokenizer(e.to_string()))?
                 .into_bytes()),
+            Tokenizer::Llama2c(t) => t.decode_bytes(ids),
         }
     }
 
@@ -83,6 +106,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => 256,
             Tokenizer::Hf { tok, .. } => tok.get_vocab_size(true),
+            Tokenizer::Llama2c(t) => t.vocab_size(),
         }
     }
 
@@ -90,6 +114,7 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => Some(BYTE_EOS),
             Tokenizer::Hf { eos, .. } => *eos,
+            Tokenizer::Llama2c(_) => Some(crate::tokenizer_llama2c::EOS),
         }
     }
 }

@@ -13,7 +13,9 @@ pub struct Args {
     /// The prompt text.
     #[arg(long)]
     pub prompt: String,
-    /// `bytes` or a tokenizer.json (default: the model's own tokenizer.json if present, else bytes).
+    /// `bytes`, a tokenizer.json, or a llama2.c tokenizer .bin (default: the model's own
+    /// tokenizer.json if present, else a llama2.c `tokenizer.bin`/`tok*.bin` in the model's
+    /// folder or its parent, else bytes).
     #[arg(long)]
     pub tokenizer: Option<String>,
     #[arg(long, default_value_t = 128)]
@@ -60,14 +62,39 @@ pub fn resolve_tokenizer(arg: Option<&str>, model: &std::path::Path) -> Result<T
     if beside.exists() {
         return Tokenizer::from_file(&beside).map_err(Into::into);
     }
+    if let Some(bin) = find_llama2c_tokenizer(&dir) {
+        tracing::info!("tokenizer: {}", bin.display());
+        return Tokenizer::from_file(&bin).map_err(Into::into);
+    }
     Ok(Tokenizer::Bytes)
+}
+
+/// A llama2.c tokenizer (`tokenizer.bin` or `tok*.bin`) in `dir` or its parent (stories260K
+/// keeps `tok512.bin` beside its `hf/` folder).
+fn find_llama2c_tokenizer(dir: &std::path::Path) -> Option<PathBuf> {
+    let parent = dir.parent().map(|p| p.to_path_buf());
+    for d in std::iter::once(dir.to_path_buf()).chain(parent) {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&d)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                name == "tokenizer.bin" || (name.starts_with("tok") && name.ends_with(".bin"))
+            })
+            .collect();
+        found.sort();
+        if let Some(p) = found.into_iter().next() {
+            return Some(p);
+        }
+    }
+    None
 }
 
 pub fn run(a: Args) -> Result<()> {
     let model = palm::load::load_model(&a.model, &super::device())
         .with_context(|| format!("loading model {}", a.model.display()))?;
     let tok = resolve_tokenizer(a.tokenizer.as_deref(), &a.model)?;
-    let prompt = tok.encode(&a.prompt)?;
+    let prompt = tok.encode_prompt(&a.prompt)?;
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one character");
     }

@@ -1,12 +1,15 @@
 //! Models. `palm` is the PaLM of the original; `Model` is what the rest of the crate (sampling,
 //! training, reward model, PPO, CLI) works with, so imported architectures plug in beside it.
 
+pub mod hf;
+pub mod hf_config;
 pub mod palm;
 
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
+pub use hf::HfModel;
 pub use palm::{cross_entropy, Forward, Palm};
 
 use crate::config::LoraSpec;
@@ -18,11 +21,19 @@ use crate::params::VarStore;
 #[derive(Debug)]
 pub enum Model {
     Palm(Palm),
+    /// A Hugging Face decoder (Llama, Falcon, GPT-NeoX, GPT-2).
+    Hf(HfModel),
 }
 
 impl From<Palm> for Model {
     fn from(p: Palm) -> Self {
         Model::Palm(p)
+    }
+}
+
+impl From<HfModel> for Model {
+    fn from(m: HfModel) -> Self {
+        Model::Hf(m)
     }
 }
 
@@ -36,6 +47,7 @@ impl Model {
     ) -> Result<Tensor> {
         match self {
             Model::Palm(m) => m.embeddings(ids, opts, cache),
+            Model::Hf(m) => m.embeddings(ids, opts, cache),
         }
     }
 
@@ -43,6 +55,7 @@ impl Model {
     pub fn logits_from(&self, emb: &Tensor, freeze_base: bool) -> Result<Tensor> {
         match self {
             Model::Palm(m) => m.logits_from(emb, freeze_base),
+            Model::Hf(m) => m.logits_from(emb, freeze_base),
         }
     }
 
@@ -69,42 +82,49 @@ impl Model {
     pub fn vars(&self) -> &VarStore {
         match self {
             Model::Palm(m) => &m.vars,
+            Model::Hf(m) => &m.vars,
         }
     }
 
     pub fn device(&self) -> &Device {
         match self {
             Model::Palm(m) => m.device(),
+            Model::Hf(m) => m.device(),
         }
     }
 
     pub fn vocab_size(&self) -> usize {
         match self {
             Model::Palm(m) => m.cfg.num_tokens,
+            Model::Hf(m) => m.spec.vocab,
         }
     }
 
     pub fn dim(&self) -> usize {
         match self {
             Model::Palm(m) => m.cfg.dim,
+            Model::Hf(m) => m.spec.dim,
         }
     }
 
     pub fn depth(&self) -> usize {
         match self {
             Model::Palm(m) => m.cfg.depth,
+            Model::Hf(m) => m.spec.depth,
         }
     }
 
     pub fn max_seq_len(&self) -> usize {
         match self {
             Model::Palm(m) => m.cfg.max_seq_len,
+            Model::Hf(m) => m.spec.max_pos,
         }
     }
 
     pub fn causal(&self) -> bool {
         match self {
             Model::Palm(m) => m.cfg.causal,
+            Model::Hf(_) => true,
         }
     }
 
@@ -112,6 +132,8 @@ impl Model {
     pub fn ignore_index(&self) -> Option<i64> {
         match self {
             Model::Palm(m) => m.cfg.cross_entropy_ignore_index,
+            // transformers' convention: labels of -100 are ignored
+            Model::Hf(_) => Some(-100),
         }
     }
 
@@ -122,24 +144,28 @@ impl Model {
     pub fn has_scope(&self, name: &str) -> bool {
         match self {
             Model::Palm(m) => m.scopes.contains_key(name),
+            Model::Hf(m) => m.scopes.contains_key(name),
         }
     }
 
     pub fn add_scope(&mut self, name: &str, spec: LoraSpec, seed: u64) -> Result<()> {
         match self {
             Model::Palm(m) => m.add_scope(name, spec, seed),
+            Model::Hf(m) => m.add_scope(name, spec, seed),
         }
     }
 
     pub fn remove_scope(&mut self, name: &str) -> Result<()> {
         match self {
             Model::Palm(m) => m.remove_scope(name).map(|_| ()),
+            Model::Hf(m) => m.remove_scope(name).map(|_| ()),
         }
     }
 
     pub fn merge_scope(&mut self, name: &str) -> Result<()> {
         match self {
             Model::Palm(m) => m.merge_scope(name),
+            Model::Hf(m) => m.merge_scope(name),
         }
     }
 
@@ -147,6 +173,7 @@ impl Model {
     pub fn set_seed(&self, seed: u64) {
         match self {
             Model::Palm(m) => m.set_seed(seed),
+            Model::Hf(m) => m.set_seed(seed),
         }
     }
 
@@ -154,6 +181,7 @@ impl Model {
     pub fn write_files(&self, dir: &Path) -> Result<()> {
         match self {
             Model::Palm(m) => crate::load::write_palm_files(m, dir),
+            Model::Hf(m) => hf::write_hf_files(m, dir),
         }
     }
 
@@ -171,6 +199,7 @@ impl Model {
                 "parameters": self.num_parameters(),
                 "lora_scopes": m.scopes.keys().collect::<Vec<_>>(),
             }),
+            Model::Hf(m) => m.describe(),
         }
     }
 }

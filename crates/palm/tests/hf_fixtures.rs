@@ -1,0 +1,505 @@
+//! Hugging Face loader against transformers' own logits: every subfolder of `PALM_HF_FIXTURES`
+//! (default `<shared>/data/models/tiny-random-hf`) holds a model directory and
+//! `reference_logits.json` (`input_ids`, `logits_last`, `logits_sum`).
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use palm::model::hf::{load_hf, HfModel};
+use palm::{Forward, Model};
+
+fn fixture_root() -> Option<PathBuf> {
+    match std::env::var("PALM_HF_FIXTURES") {
+        Ok(p) => palm::fixtures::require(PathBuf::from(p)),
+        Err(_) => palm::fixtures::require(palm::fixtures::data_path("models/tiny-random-hf")),
+    }
+}
+
+fn fixture_dirs() -> Vec<PathBuf> {
+    let Some(root) = fixture_root() else {
+        return vec![];
+    };
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("reference_logits.json").exists())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no fixtures under {}", root.display());
+    dirs
+}
+
+fn reference(dir: &std::path::Path) -> (Vec<u32>, Vec<f32>, f64) {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference_logits.json")).unwrap())
+            .unwrap();
+    let ids = r["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let last = r["logits_last"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    (ids, last, r["logits_sum"].as_f64().unwrap())
+}
+
+fn logits(m: &HfModel, ids: &[u32]) -> Tensor {
+    let t = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
+    m.forward(&t, &Forward::default())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+}
+
+#[test]
+fn hf_fixtures() {
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let m = load_hf(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (ids, want_last, want_sum) = reference(&dir);
+        let lg = logits(&m, &ids); // [T, V]
+        let t = ids.len();
+        let last: Vec<f32> = lg.get(t - 1).unwrap().to_vec1().unwrap();
+        assert_eq!(last.len(), want_last.len(), "{name}: vocab");
+        let max_err = last
+            .iter()
+            .zip(&want_last)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let sum = lg.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+        eprintln!(
+            "{name}: max |logit - ref| = {max_err:.2e}, logits_sum {sum:.5} vs {want_sum:.5}"
+        );
+        assert!(
+            max_err < 1e-4,
+            "{name}: last-position logits off by {max_err}"
+        );
+        assert!(
+            (sum - want_sum).abs() < 1e-2,
+            "{name}: logits_sum {sum} vs {want_sum}"
+        );
+    }
+}
+
+/// The dispatch in `load_model` picks the HF loader for these directories.
+#[test]
+fn load_model_dispatches_on_architectures() {
+    for dir in fixture_dirs() {
+        let m = palm::load::load_model(&dir, &Device::Cpu).unwrap();
+        assert!(matches!(m, Model::Hf(_)), "{}", dir.display());
+    }
+}
+
+fn ids_tensor(rows: &[Vec<u32>]) -> Tensor {
+    let t = rows[0].len();
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Left padding (masked keys, per-row positions) and incremental decoding with the KV cache
+/// give the logits of a plain forward on the unpadded sequence.
+#[test]
+fn hf_cache_and_left_padding_match_full_forward() {
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let m = load_hf(&dir, &Device::Cpu).unwrap();
+        let (ids, _, _) = reference(&dir);
+        let full = logits(&m, &ids); // [T, V]
+        let t = ids.len();
+
+        // 1. the same sequence after 3 pad slots, in a batch with an unpadded row
+        let mut padded = vec![0u32; 3];
+        padded.extend(&ids[..t - 3]);
+        let rows = vec![ids.clone(), padded];
+        let mut km = vec![1u8; t];
+        km.extend([0u8, 0, 0]);
+        km.extend(vec![1u8; t - 3]);
+        let km = Tensor::from_vec(km, (2, t), &Device::Cpu).unwrap();
+        let opts = Forward {
+            key_mask: Some(&km),
+            ..Default::default()
+        };
+        let out = m.forward(&ids_tensor(&rows), &opts).unwrap();
+        let row1 = out.get(1).unwrap().narrow(0, 3, t - 3).unwrap();
+        let d_pad = max_diff(&row1, &full.narrow(0, 0, t - 3).unwrap());
+        let d_row0 = max_diff(&out.get(0).unwrap(), &full);
+
+        // 2. prefill 3 tokens, then one at a time through the cache
+        let mut cache = palm::kv_cache::KvCache::new(m.spec.depth);
+        let mut steps = vec![m
+            .embeddings(
+                &ids_tensor(&[ids[..3].to_vec()]),
+                &Forward::default(),
+                Some(&mut cache),
+            )
+            .unwrap()];
+        for &id in &ids[3..] {
+            steps.push(
+                m.embeddings(
+                    &ids_tensor(&[vec![id]]),
+                    &Forward::default(),
+                    Some(&mut cache),
+                )
+                .unwrap(),
+            );
+        }
+        let emb = Tensor::cat(&steps, 1).unwrap();
+        let inc = m.logits_from(&emb, false).unwrap().squeeze(0).unwrap();
+        let d_cache = max_diff(&inc, &full);
+        eprintln!("{name}: padded {d_pad:.1e}, batch row {d_row0:.1e}, cached {d_cache:.1e}");
+        assert!(d_pad < 1e-5 && d_row0 < 1e-5 && d_cache < 1e-5, "{name}");
+    }
+}
+
+/// d loss / d LoRA B from backprop agrees with a central finite difference.
+#[test]
+fn hf_lora_gradient_matches_finite_difference() {
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut m = load_hf(&dir, &Device::Cpu).unwrap();
+        m.add_scope("actor", palm::config::LoraSpec::new(2), 7)
+            .unwrap();
+        let (ids, _, _) = reference(&dir);
+        let t = ids.len();
+        let x = ids_tensor(&[ids[..t - 1].to_vec()]);
+        let y = ids_tensor(&[ids[1..].to_vec()]);
+        let opts = Forward {
+            scope: Some("actor"),
+            freeze_base: true,
+            ..Default::default()
+        };
+        let loss = |m: &HfModel| {
+            let lg = m.forward(&x, &opts).unwrap();
+            palm::model::cross_entropy(&lg, &y, None).unwrap()
+        };
+        // B = 0 at init: give every B a value so gradients flow into A too
+        let params = m.vars.with_prefix("finetune_modules.actor.");
+        for (i, (_, v)) in params.iter().enumerate() {
+            let r = palm::rng::normal(&mut palm::rng::seeded(i as u64), v.elem_count(), 0.3);
+            v.set(&Tensor::from_vec(r, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let grads = loss(&m).backward().unwrap();
+        // freeze_base: no base weight gets a gradient
+        for (k, v) in m.vars.iter() {
+            if !k.starts_with("finetune_modules.") {
+                assert!(
+                    grads.get(v.as_tensor()).is_none(),
+                    "{name}: {k} got a gradient"
+                );
+            }
+        }
+        for pname in [
+            "finetune_modules.actor.0.0.A",
+            "finetune_modules.actor.1.3.B",
+        ] {
+            let var = m.vars.get(pname).unwrap().clone();
+            let g: Vec<f32> = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (k, &gk) = g
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+                .unwrap();
+            let base: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let eps = 3e-3f32;
+            let at = |delta: f32| {
+                let mut w = base.clone();
+                w[k] += delta;
+                var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss(&m).to_scalar::<f32>().unwrap()
+            };
+            let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+            at(0.0);
+            eprintln!("{name} {pname}[{k}]: backprop {gk:.5e}, finite difference {fd:.5e}");
+            assert!(
+                (fd - gk).abs() <= 0.01 * gk.abs() + 2e-5,
+                "{name} {pname}: {gk} vs {fd}"
+            );
+        }
+    }
+}
+
+/// Import, LoRA-train a few steps, merge, export in the Hugging Face layout, re-import: the
+/// re-imported model gives the fine-tuned logits, and the files keep the source layout.
+#[test]
+fn hf_round_trip_lora_train_merge_export() {
+    use palm::train::optim::{grads_of, OptimConfig, Optimizer};
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut model = Model::Hf(load_hf(&dir, &Device::Cpu).unwrap());
+        model
+            .add_scope("actor", palm::config::LoraSpec::new(4), 3)
+            .unwrap();
+        let (ids, _, _) = reference(&dir);
+        let t = ids.len();
+        let x = ids_tensor(&[ids[..t - 1].to_vec()]);
+        let y = ids_tensor(&[ids[1..].to_vec()]);
+        let opts = Forward {
+            scope: Some("actor"),
+            freeze_base: true,
+            ..Default::default()
+        };
+        let base_logits = model.forward(&x, &Forward::default()).unwrap();
+        let params = model.vars().with_prefix("finetune_modules.actor.");
+        let mut opt = Optimizer::new(params.clone(), OptimConfig::adamw());
+        let mut losses = vec![];
+        for _ in 0..5 {
+            let loss =
+                palm::model::cross_entropy(&model.forward(&x, &opts).unwrap(), &y, None).unwrap();
+            losses.push(loss.to_scalar::<f32>().unwrap());
+            let g = grads_of(&params, &loss.backward().unwrap()).unwrap();
+            opt.step(&g, 1e-2).unwrap();
+        }
+        assert!(
+            losses[4] < losses[0],
+            "{name}: loss did not fall: {losses:?}"
+        );
+        let tuned = model.forward(&x, &opts).unwrap();
+        assert!(
+            max_diff(&tuned, &base_logits) > 1e-3,
+            "{name}: LoRA changed nothing"
+        );
+
+        // merge: the base model now gives the tuned logits
+        model.merge_scope("actor").unwrap();
+        assert!(!model.has_scope("actor"));
+        let merged = model.forward(&x, &Forward::default()).unwrap();
+        assert!(max_diff(&merged, &tuned) < 1e-5, "{name}: merge");
+
+        // export and re-import
+        let out = tempfile::tempdir().unwrap();
+        let path = out.path().join("exported");
+        model.save(&path).unwrap();
+        let again = palm::load::load_model(&path, &Device::Cpu).unwrap();
+        let d = max_diff(&again.forward(&x, &Forward::default()).unwrap(), &merged);
+        eprintln!("{name}: losses {losses:?}, re-imported logits differ by {d:.1e}");
+        assert!(d < 1e-6, "{name}: re-import {d}");
+
+        // the same layout as the source: same keys and shapes, same config
+        let src = palm::params::read_tensors(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        let dst =
+            palm::params::read_tensors(&path.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert_eq!(
+            src.keys().collect::<Vec<_>>(),
+            dst.keys().collect::<Vec<_>>(),
+            "{name}"
+        );
+        for (k, v) in &src {
+            assert_eq!(v.dims(), dst[k].dims(), "{name}: {k}");
+        }
+        let cfg = |p: &std::path::Path| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(p.join("config.json")).unwrap()).unwrap()
+        };
+        assert_eq!(cfg(&dir), cfg(&path), "{name}: config.json");
+        assert!(path.join("generation_config.json").exists());
+    }
+}
+
+/// Unmerged scopes survive save and load (specs in config.json, weights beside the base).
+#[test]
+fn hf_unmerged_scope_round_trip() {
+    let Some(dir) = fixture_dirs().into_iter().next() else {
+        return;
+    };
+    let mut m = Model::Hf(load_hf(&dir, &Device::Cpu).unwrap());
+    m.add_scope("critic", palm::config::LoraSpec::new(3), 1)
+        .unwrap();
+    for (i, (_, v)) in m.vars().with_prefix("finetune_modules.").iter().enumerate() {
+        let r = palm::rng::normal(&mut palm::rng::seeded(i as u64), v.elem_count(), 0.1);
+        v.set(&Tensor::from_vec(r, v.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let x = ids_tensor(&[vec![1, 2, 3, 4]]);
+    let opts = Forward {
+        scope: Some("critic"),
+        ..Default::default()
+    };
+    let want = m.forward(&x, &opts).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    m.save(&out.path().join("m")).unwrap();
+    let again = palm::load::load_model(&out.path().join("m"), &Device::Cpu).unwrap();
+    assert!(again.has_scope("critic"));
+    assert!(max_diff(&again.forward(&x, &opts).unwrap(), &want) < 1e-6);
+}
+
+/// A missing tensor and an unsupported architecture are refused by name.
+#[test]
+fn hf_refuses_missing_tensors_and_unknown_architectures() {
+    let Some(dir) = fixture_dirs().into_iter().find(|d| d.ends_with("llama")) else {
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let mut tensors =
+        palm::params::read_tensors(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    tensors.remove("model.layers.1.mlp.up_proj.weight");
+    let bad = out.path().join("missing");
+    std::fs::create_dir(&bad).unwrap();
+    std::fs::copy(dir.join("config.json"), bad.join("config.json")).unwrap();
+    palm::params::write_safetensors(&bad.join("model.safetensors"), &tensors).unwrap();
+    let e = palm::load::load_model(&bad, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+
+    let arch = out.path().join("arch");
+    std::fs::create_dir(&arch).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    std::fs::write(arch.join("config.json"), cfg.to_string()).unwrap();
+    let e = palm::load::load_model(&arch, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("MistralForCausalLM") && e.contains("LlamaForCausalLM"),
+        "{e}"
+    );
+}
+
+/// Falcon's new decoder architecture (grouped-query fused qkv, separate `ln_attn`/`ln_mlp`),
+/// built from the multi-query Falcon fixture by copying its one K/V head into two groups and its
+/// norm into both norms: the same function, so the same logits. A wrong grouped layout would
+/// pair query heads with the wrong rows and change them.
+#[test]
+fn falcon_new_architecture_equals_multi_query_copy() {
+    let Some(dir) = fixture_dirs().into_iter().find(|d| d.ends_with("falcon")) else {
+        return;
+    };
+    let dev = Device::Cpu;
+    let src = load_hf(&dir, &dev).unwrap();
+    let (h, d) = (src.spec.heads, src.spec.head_dim);
+    let mut tensors = palm::params::read_tensors(&dir.join("model.safetensors"), &dev).unwrap();
+    for l in 0..src.spec.depth {
+        let p = format!("transformer.h.{l}");
+        // multi-query rows [q0..q{H-1}, k, v] -> groups [q0, q1, k, v | q2, q3, k, v]
+        let w = tensors
+            .remove(&format!("{p}.self_attention.query_key_value.weight"))
+            .unwrap();
+        let rows = |i: usize, n: usize| w.narrow(0, i * d, n * d).unwrap();
+        let (k, v) = (rows(h, 1), rows(h + 1, 1));
+        let half = h / 2;
+        let grouped = Tensor::cat(
+            &[rows(0, half), k.clone(), v.clone(), rows(half, half), k, v],
+            0,
+        )
+        .unwrap();
+        tensors.insert(
+            format!("{p}.self_attention.query_key_value.weight"),
+            grouped,
+        );
+        for suffix in ["weight", "bias"] {
+            let n = tensors
+                .remove(&format!("{p}.input_layernorm.{suffix}"))
+                .unwrap();
+            tensors.insert(format!("{p}.ln_attn.{suffix}"), n.clone());
+            tensors.insert(format!("{p}.ln_mlp.{suffix}"), n);
+        }
+    }
+    let mut cfg = src.config.clone();
+    cfg["new_decoder_architecture"] = serde_json::json!(true);
+    cfg["num_kv_heads"] = serde_json::json!(2);
+    cfg["num_ln_in_parallel_attn"] = serde_json::json!(2);
+    let spec = palm::model::hf::HfSpec::from_config(&cfg, &dir).unwrap();
+    assert_eq!(spec.kv_heads, 2);
+    let m = HfModel::from_tensors(spec, cfg, &tensors, &dir, &dev).unwrap();
+    let (ids, _, _) = reference(&dir);
+    let diff = max_diff(&logits(&m, &ids), &logits(&src, &ids));
+    assert!(diff < 1e-5, "{diff}");
+    // and the merge of a LoRA scope goes back into the grouped rows correctly
+    let mut m = Model::Hf(m);
+    m.add_scope("s", palm::config::LoraSpec::new(2), 5).unwrap();
+    for (i, (_, v)) in m.vars().with_prefix("finetune_modules.").iter().enumerate() {
+        let r = palm::rng::normal(&mut palm::rng::seeded(i as u64), v.elem_count(), 0.2);
+        v.set(&Tensor::from_vec(r, v.shape(), &dev).unwrap())
+            .unwrap();
+    }
+    let x = ids_tensor(std::slice::from_ref(&ids));
+    let opts = Forward {
+        scope: Some("s"),
+        ..Default::default()
+    };
+    let scoped = m.forward(&x, &opts).unwrap();
+    m.merge_scope("s").unwrap();
+    let merged = m.forward(&x, &Forward::default()).unwrap();
+    assert!(max_diff(&scoped, &merged) < 1e-5);
+}
+
+/// `--model path/to/model.safetensors` inside a Hugging Face directory loads that directory.
+#[test]
+fn weights_file_path_loads_its_hf_directory() {
+    for dir in fixture_dirs() {
+        let m = palm::load::load_model(&dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        assert!(matches!(m, Model::Hf(_)), "{}", dir.display());
+    }
+}
+
+/// A sharded checkpoint (`model.safetensors.index.json` + shards) loads like the single file.
+#[test]
+fn sharded_checkpoint_loads() {
+    let Some(dir) = fixture_dirs().into_iter().find(|d| d.ends_with("llama")) else {
+        return;
+    };
+    let dev = Device::Cpu;
+    let tensors = palm::params::read_tensors(&dir.join("model.safetensors"), &dev).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let sharded = out.path();
+    std::fs::copy(dir.join("config.json"), sharded.join("config.json")).unwrap();
+    let mut shards = [
+        std::collections::BTreeMap::new(),
+        std::collections::BTreeMap::new(),
+    ];
+    let mut weight_map = serde_json::Map::new();
+    for (i, (k, v)) in tensors.iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i % 2 + 1);
+        shards[i % 2].insert(k.clone(), v.clone());
+        weight_map.insert(k.clone(), serde_json::json!(file));
+    }
+    for (i, s) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        palm::params::write_safetensors(&sharded.join(file), s).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        sharded.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let a = load_hf(&dir, &dev).unwrap();
+    let b = load_hf(sharded, &dev).unwrap();
+    let (ids, _, _) = reference(&dir);
+    assert_eq!(max_diff(&logits(&a, &ids), &logits(&b, &ids)), 0.0);
+
+    // a shard that lost a tensor named by the index is refused by name
+    let mut s0 = shards[0].clone();
+    let gone = s0.keys().next().unwrap().clone();
+    s0.remove(&gone);
+    palm::params::write_safetensors(&sharded.join("model-00001-of-00002.safetensors"), &s0)
+        .unwrap();
+    let e = load_hf(sharded, &dev).unwrap_err().to_string();
+    assert!(e.contains(&gone), "{e}");
+}
