@@ -96,6 +96,7 @@ def main():
         theirs_train[s] = total / k
         if s in ours:
             theirs[s] = evaluate()
+            print(f"torch step {s}: val_loss {theirs[s]:.4f}", file=sys.stderr, flush=True)
     elapsed = time.time() - t0
 
     print(f"PyTorch original trained {steps} steps in {elapsed:.1f}s")

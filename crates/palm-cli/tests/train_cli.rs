@@ -79,13 +79,31 @@ fn resume_without_a_run_is_a_clear_error() {
 fn tiny_run_then_resume_to_more_steps() {
     let root = tempfile::tempdir().unwrap();
     let r = root.path();
-    std::fs::write(r.join("t.txt"), "to be or not to be, that is the question. ".repeat(40)).unwrap();
+    std::fs::write(
+        r.join("t.txt"),
+        "to be or not to be, that is the question. ".repeat(40),
+    )
+    .unwrap();
     let cfg = tiny_config(r);
     let run = r.join("run");
     let args = |steps: &str| {
         let mut v: Vec<String> = [
-            "train", "--quiet", "--data", "t.txt", "--seq-len", "16", "--batch-size", "2",
-            "--eval-every", "2", "--eval-batches", "2", "--save-every", "2", "--steps", steps,
+            "train",
+            "--quiet",
+            "--data",
+            "t.txt",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--eval-every",
+            "2",
+            "--eval-batches",
+            "2",
+            "--save-every",
+            "2",
+            "--steps",
+            steps,
             "--config",
         ]
         .iter()
@@ -97,7 +115,11 @@ fn tiny_run_then_resume_to_more_steps() {
         v
     };
     let out = palm_cmd().current_dir(r).args(args("4")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["steps"], 4);
     assert_eq!(s["completed"], true);
@@ -117,7 +139,11 @@ fn tiny_run_then_resume_to_more_steps() {
         .arg(&run)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["steps"], 6);
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();

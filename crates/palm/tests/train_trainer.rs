@@ -144,15 +144,29 @@ fn run_dir_has_metrics_plot_checkpoints_final_and_summary() {
         .into_iter()
         .collect();
     assert_eq!(names, vec!["step-000006", "step-000007"]);
-    for f in ["config.json", "model.safetensors", "optimizer.safetensors", "trainer.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "trainer.json",
+    ] {
         assert!(dir.join("checkpoints/step-000007").join(f).exists(), "{f}");
     }
     let m = palm::load::load_model(&dir.join("final"), &Device::Cpu).unwrap();
     assert_eq!(m.dim(), 32);
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
-    for k in ["final_train_loss", "final_val_loss", "steps", "tokens_per_sec", "parameters"] {
-        assert!(s.get(k).is_some_and(|v| !v.is_null()), "summary lacks {k}: {s}");
+    for k in [
+        "final_train_loss",
+        "final_val_loss",
+        "steps",
+        "tokens_per_sec",
+        "parameters",
+    ] {
+        assert!(
+            s.get(k).is_some_and(|v| !v.is_null()),
+            "summary lacks {k}: {s}"
+        );
     }
     assert_eq!(s["steps"], 7);
     let svg = std::fs::read_to_string(dir.join("loss.svg")).unwrap();
@@ -287,13 +301,15 @@ fn sft_run_trains_and_ends_responses_with_eos() {
         ));
     }
     std::fs::write(&p, lines).unwrap();
-    let corpus = palm::train::data::load_corpus(std::slice::from_ref(&p), &Tokenizer::Bytes, 0.1)
-        .unwrap();
+    let corpus =
+        palm::train::data::load_corpus(std::slice::from_ref(&p), &Tokenizer::Bytes, 0.1).unwrap();
     let Corpus::Sft { train, val } = &corpus else {
         panic!("expected SFT data")
     };
     assert_eq!((train.len(), val.len()), (18, 2));
-    assert!(train.iter().all(|e| *e.ids.last().unwrap() == 0 && e.loss.last() == Some(&1)));
+    assert!(train
+        .iter()
+        .all(|e| *e.ids.last().unwrap() == 0 && e.loss.last() == Some(&1)));
     let data = DataSpec {
         tokenizer: Tokenizer::Bytes,
         tokenizer_arg: "bytes".into(),

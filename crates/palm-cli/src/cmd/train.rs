@@ -198,7 +198,7 @@ fn read_data(files: &[PathBuf], tokenizer: &str, val_fraction: f64) -> Result<Da
     Ok(DataSpec {
         tokenizer: tok,
         tokenizer_arg,
-        files: files.iter().map(|p| abs(p)).collect(),
+        files: files.iter().map(|p| abs(p.as_path())).collect(),
         corpus,
     })
 }

@@ -143,7 +143,9 @@ impl DataLoader {
         seed: u64,
     ) -> Result<Self> {
         if batch_size == 0 || seq_len == 0 {
-            return Err(Error::msg("batch size and sequence length must be positive"));
+            return Err(Error::msg(
+                "batch size and sequence length must be positive",
+            ));
         }
         if let Corpus::Text { train, .. } = &corpus {
             if train.len() < seq_len + 1 {
@@ -184,7 +186,10 @@ impl DataLoader {
             return;
         }
         let n = self.units();
-        let mut r = rng::stream(self.seed ^ self.epoch.wrapping_mul(0x9e37_79b9), STREAM_EPOCH);
+        let mut r = rng::stream(
+            self.seed ^ self.epoch.wrapping_mul(0x9e37_79b9),
+            STREAM_EPOCH,
+        );
         self.perm = (0..n).collect();
         for i in (1..n).rev() {
             let j = r.random_range(0..=i);
@@ -340,7 +345,12 @@ fn text_batch(tokens: &[u32], starts: &[usize], t1: usize) -> Batch {
 
 /// Right-pads examples (cut to `t1` tokens) to the longest one; padding carries no loss.
 fn sft_batch(ex: &[&Example], t1: usize) -> Batch {
-    let l = ex.iter().map(|e| e.ids.len().min(t1)).max().unwrap_or(2).max(2);
+    let l = ex
+        .iter()
+        .map(|e| e.ids.len().min(t1))
+        .max()
+        .unwrap_or(2)
+        .max(2);
     let mut ids = vec![0u32; ex.len() * l];
     let mut loss = vec![0u8; ex.len() * l];
     for (r, e) in ex.iter().enumerate() {
@@ -372,7 +382,9 @@ pub fn read_text_file(path: &Path) -> Result<String> {
         let mut out = Vec::new();
         flate2::read::MultiGzDecoder::new(&raw[..])
             .read_to_end(&mut out)
-            .map_err(|e| Error::msg(format!("{}: not a readable gzip file: {e}", path.display())))?;
+            .map_err(|e| {
+                Error::msg(format!("{}: not a readable gzip file: {e}", path.display()))
+            })?;
         out
     } else {
         raw
@@ -526,9 +538,10 @@ pub fn load_corpus(paths: &[PathBuf], tok: &Tokenizer, val_fraction: f64) -> Res
         let mut all = Vec::new();
         for p in paths {
             let text = read_text_file(p)?;
-            all.extend(tok.encode(&text).map_err(|e| {
-                Error::msg(format!("{}: tokenizing failed: {e}", p.display()))
-            })?);
+            all.extend(
+                tok.encode(&text)
+                    .map_err(|e| Error::msg(format!("{}: tokenizing failed: {e}", p.display())))?,
+            );
         }
         let val = all.split_off(all.len() - n_val(all.len()));
         Ok(Corpus::Text { train: all, val })
@@ -600,7 +613,10 @@ mod tests {
             response: "ab".into(),
         };
         let e = encode_example(rec, &tok, 0).unwrap();
-        assert_eq!(e.ids, vec![b'Q' as u32, b':' as u32, b'a' as u32, b'b' as u32, 0]);
+        assert_eq!(
+            e.ids,
+            vec![b'Q' as u32, b':' as u32, b'a' as u32, b'b' as u32, 0]
+        );
         assert_eq!(e.loss, vec![0, 0, 1, 1, 1]);
     }
 
@@ -655,10 +671,14 @@ mod tests {
             "{\"prompt\":\"a\",\"response\":\"b\"}\n\n{\"prompt\":\"a\"}\n",
         )
         .unwrap();
-        let e = read_sft_file(&p, &Tokenizer::Bytes).unwrap_err().to_string();
+        let e = read_sft_file(&p, &Tokenizer::Bytes)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("d.jsonl:3:"), "{e}");
         std::fs::write(&p, "{\"prompt\":\"a\",\"response\":\"b\"}\n{oops\n").unwrap();
-        let e = read_sft_file(&p, &Tokenizer::Bytes).unwrap_err().to_string();
+        let e = read_sft_file(&p, &Tokenizer::Bytes)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("d.jsonl:2: invalid JSON"), "{e}");
     }
 
@@ -671,7 +691,8 @@ mod tests {
             std::fs::File::create(&p).unwrap(),
             flate2::Compression::default(),
         );
-        gz.write_all(b"{\"prompt\":\"a\",\"response\":\"b\"}\n").unwrap();
+        gz.write_all(b"{\"prompt\":\"a\",\"response\":\"b\"}\n")
+            .unwrap();
         gz.finish().unwrap();
         let ex = read_sft_file(&p, &Tokenizer::Bytes).unwrap();
         assert_eq!(ex[0].ids, vec![b'a' as u32, b'b' as u32, 0]);
@@ -694,8 +715,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t.txt");
         std::fs::write(&p, "abcdefghij".repeat(10)).unwrap();
-        let Corpus::Text { train, val } = load_corpus(&[p], &Tokenizer::Bytes, 0.1).unwrap()
-        else {
+        let Corpus::Text { train, val } = load_corpus(&[p], &Tokenizer::Bytes, 0.1).unwrap() else {
             panic!("expected text")
         };
         assert_eq!((train.len(), val.len()), (90, 10));

@@ -153,6 +153,9 @@ mod tests {
         let e = check_finite(7, "loss", f64::NAN, Some(Path::new("/r/step-000005")))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("step 7: loss is NaN") && e.contains("step-000005"), "{e}");
+        assert!(
+            e.contains("step 7: loss is NaN") && e.contains("step-000005"),
+            "{e}"
+        );
     }
 }

@@ -112,7 +112,7 @@ impl TrainConfig {
         if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 || self.seq_len == 0 {
             return bad("steps, batch size, grad accumulation and seq len must be positive".into());
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.min_lr >= 0.0) {
+        if !(self.lr > 0.0 && self.lr.is_finite()) || self.min_lr.is_nan() || self.min_lr < 0.0 {
             return bad(format!(
                 "learning rates must be positive (lr {}, min_lr {})",
                 self.lr, self.min_lr
@@ -279,7 +279,10 @@ impl Trainer {
         check_vocab(&model, &loader)?;
         let params = trained_params(&model, &cfg);
         let mut opt = Optimizer::new(params.clone(), cfg.optimizer);
-        let ost = read_tensors(&ckpt.join("optimizer.safetensors"), &candle_core::Device::Cpu)?;
+        let ost = read_tensors(
+            &ckpt.join("optimizer.safetensors"),
+            &candle_core::Device::Cpu,
+        )?;
         opt.load_state(&ost)
             .map_err(|e| Error::msg(format!("{}: {e}", ckpt.display())))?;
         let metrics = MetricsLog::open(run_dir, Some(st.step as u64))?;
@@ -377,7 +380,7 @@ impl Trainer {
     /// One optimiser step (steps 1-5 of the module docs). Returns (loss, grad norm, lr).
     pub fn train_step(&mut self) -> Result<(f64, f64, f64)> {
         let step = self.step + 1; // the step being taken, counted from 1
-        // 1. learning rate
+                                  // 1. learning rate
         let lr = lr_at(
             self.step,
             self.cfg.lr,
@@ -404,7 +407,12 @@ impl Trainer {
             accumulate(&mut acc, &grads_of(&self.params, &store)?, 1.0);
         }
         if grads_non_finite(&acc) {
-            check_finite(step, "gradient", f64::NAN, self.last_checkpoint().as_deref())?;
+            check_finite(
+                step,
+                "gradient",
+                f64::NAN,
+                self.last_checkpoint().as_deref(),
+            )?;
         }
         // 4. clipping (the norm is reported before clipping)
         let norm = if self.cfg.max_grad_norm > 0.0 {
@@ -530,7 +538,12 @@ impl Trainer {
                 || step == self.cfg.steps;
             let val_loss = if eval_due { self.evaluate()? } else { None };
             if let Some(v) = val_loss {
-                check_finite(step, "validation loss", v, self.last_checkpoint().as_deref())?;
+                check_finite(
+                    step,
+                    "validation loss",
+                    v,
+                    self.last_checkpoint().as_deref(),
+                )?;
                 self.last_val_loss = Some(v);
             }
             self.elapsed = elapsed0 + t_session.elapsed().as_secs_f64();
