@@ -73,8 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ids.extend(data[s..s + seq + 1].iter().map(|&b| b as i64));
         }
         let ids = Tensor::from_vec(ids, (batch, seq + 1), &Device::Cpu)?;
-        let Model::Palm(p) = &model;
-        let loss = p.loss(&ids, &Forward::default())?;
+        let loss = model.lm_loss(&ids, &Forward::default())?;
         let l = loss.to_scalar::<f32>()? as f64;
         if !l.is_finite() {
             return Err(format!("loss {l} at step {step}").into());
