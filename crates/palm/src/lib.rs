@@ -14,8 +14,10 @@ pub mod load;
 pub mod lora;
 pub mod model;
 pub mod params;
+pub mod rlhf;
 pub mod rng;
 pub mod sample;
+pub mod tasks;
 pub mod tokenizer;
 pub mod train;
 
