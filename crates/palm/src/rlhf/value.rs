@@ -225,7 +225,7 @@ mod tests {
         // minimising the loss toward y = 1.3 moves the value toward 1.3: the loss at the
         // target's own log-distribution is lower than at uniform logits
         let tgt = h.hl_target(1.3);
-        let good = Tensor::new(&[tgt.iter().map(|p| p.ln()).collect::<Vec<_>>()], &Device::Cpu).unwrap();
+        let good = Tensor::from_vec(tgt.iter().map(|p| p.ln()).collect::<Vec<_>>(), (1, 6), &Device::Cpu).unwrap();
         let flat = Tensor::zeros((1, 6), DType::F32, &Device::Cpu).unwrap();
         let lg: f32 = h.hl_loss(&good, &[1.3]).unwrap().to_vec1().unwrap()[0];
         let lf: f32 = h.hl_loss(&flat, &[1.3]).unwrap().to_vec1().unwrap()[0];
