@@ -118,7 +118,9 @@ impl Layout {
     /// Response token ids [B, R] (pads 0).
     pub fn targets(&self, dev: &Device) -> Result<Tensor> {
         let l = self.p + self.r;
-        Ok(Tensor::from_slice(&self.ids, (self.b, l), dev)?.narrow(1, self.p, self.r)?)
+        Ok(Tensor::from_slice(&self.ids, (self.b, l), dev)?
+            .narrow(1, self.p, self.r)?
+            .contiguous()?)
     }
 }
 

@@ -364,3 +364,31 @@ pub fn run_ppo(task: &PathsTask, sft_dir: &Path, rm: &LoraRewardModel, recipe: R
         dir: out.to_path_buf(),
     })
 }
+
+const RM_HEAD_FILE: &str = "value_head.safetensors";
+
+impl LoraRewardModel {
+    /// Saves the model (with its `reward` scope) and the head into `dir`, atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        crate::checkpoint::write_dir_atomic(dir, |tmp| {
+            self.model.write_files(tmp)?;
+            crate::params::write_safetensors(&tmp.join(RM_HEAD_FILE), &self.head.tensors())
+        })
+    }
+
+    /// Loads a reward model saved by [`LoraRewardModel::save`].
+    pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
+        let dir = crate::checkpoint::resolve_dir(dir);
+        let model = crate::load::load_model(&dir, dev)?;
+        if !model.has_scope(REWARD) {
+            return Err(Error::msg(format!(
+                "{}: not a reward model (no `{REWARD}` LoRA scope)",
+                dir.display()
+            )));
+        }
+        let head = ValueHead::new(model.dim(), ValueKind::Scalar, dev)?;
+        let hp = dir.join(RM_HEAD_FILE);
+        head.load(&crate::params::read_tensors(&hp, dev)?, &hp)?;
+        Ok(Self { model, head })
+    }
+}
