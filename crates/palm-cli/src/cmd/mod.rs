@@ -2,6 +2,8 @@
 
 pub mod generate;
 pub mod info;
+pub mod ppo;
+pub mod quickstart;
 
 use candle_core::Device;
 
