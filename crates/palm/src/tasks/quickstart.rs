@@ -145,6 +145,7 @@ pub fn gold_eval(task: &PathsTask, model: &Model, scope: Option<&str>, rounds: u
 // 1. SFT
 
 pub fn train_sft(task: &PathsTask, cfg: &QuickstartConfig, out: &Path, dev: &Device, mut progress: impl FnMut(usize, f32)) -> Result<Model> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut r = rng::stream(cfg.seed, 0x5f7);
     let data = task.sft_examples(cfg.sft_examples, &mut r);
     let model: Model = Palm::new(&cfg.model, cfg.seed, dev)?.into();
@@ -281,6 +282,7 @@ pub fn train_rm(sft_dir: &Path, train: &[Pair], held: &[Pair], cfg: &QuickstartC
     if train.is_empty() {
         return Err(Error::msg("reward model: no preference pairs (every sampled pair tied)"));
     }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut model = crate::load::load_model(sft_dir, dev)?;
     model.add_scope(REWARD, LoraSpec { r: cfg.rm_lora_r, alpha: None, targets: LoraTargets::AttentionAndFf }, cfg.seed)?;
     let head = ValueHead::new(model.dim(), ValueKind::Scalar, dev)?;
