@@ -37,7 +37,9 @@ fn tiny_cfg() -> PpoConfig {
 
 /// Score: how many of the response's tokens are id 5.
 fn count_fives(_p: &[Vec<u32>], r: &[Vec<u32>]) -> palm::Result<Vec<f32>> {
-    Ok(r.iter().map(|x| x.iter().filter(|&&t| t == 5).count() as f32).collect())
+    Ok(r.iter()
+        .map(|x| x.iter().filter(|&&t| t == 5).count() as f32)
+        .collect())
 }
 
 fn prompts() -> Vec<Vec<u32>> {
@@ -46,11 +48,19 @@ fn prompts() -> Vec<Vec<u32>> {
 
 /// Sets every actor LoRA B to small nonzero values, so the policy differs from the reference.
 fn perturb_actor(model: &Model) {
-    for (i, (name, var)) in model.vars().with_prefix("finetune_modules.actor.").iter().enumerate() {
+    for (i, (name, var)) in model
+        .vars()
+        .with_prefix("finetune_modules.actor.")
+        .iter()
+        .enumerate()
+    {
         if name.ends_with(".B") {
             let n = var.elem_count();
-            let v: Vec<f32> = (0..n).map(|j| 0.05 * (((i * 31 + j * 7) % 13) as f32 - 6.0) / 6.0).collect();
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            let v: Vec<f32> = (0..n)
+                .map(|j| 0.05 * (((i * 31 + j * 7) % 13) as f32 - 6.0) / 6.0)
+                .collect();
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
         }
     }
 }
@@ -68,11 +78,20 @@ fn ratio_is_one_before_the_first_update_with_unequal_prompts() {
         &t.model,
         &t.critic,
         &prompts(),
-        &RolloutConfig { max_new_tokens: 5, temperature: temp, eos: Some(0), seed: 11 },
+        &RolloutConfig {
+            max_new_tokens: 5,
+            temperature: temp,
+            eos: Some(0),
+            seed: 11,
+        },
     )
     .unwrap();
     let r = ro.layout.r;
-    let policy = Forward { scope: Some(ACTOR), freeze_base: true, ..Default::default() };
+    let policy = Forward {
+        scope: Some(ACTOR),
+        freeze_base: true,
+        ..Default::default()
+    };
     // the update's recomputation, on minibatches of other shapes
     for rows in [vec![0, 1, 2, 3], vec![2], vec![3, 0]] {
         let lay = ro.layout.rows(&rows);
@@ -82,7 +101,10 @@ fn ratio_is_one_before_the_first_update_with_unequal_prompts() {
             for j in 0..r {
                 if ro.layout.mask[row * r + j] > 0.0 {
                     let ratio = (logp[k * r + j] - ro.logp[row * r + j]).exp();
-                    assert!((ratio - 1.0).abs() < 1e-5, "row {row} token {j}: ratio {ratio}");
+                    assert!(
+                        (ratio - 1.0).abs() < 1e-5,
+                        "row {row} token {j}: ratio {ratio}"
+                    );
                 }
             }
         }
@@ -90,18 +112,36 @@ fn ratio_is_one_before_the_first_update_with_unequal_prompts() {
     // independent reference: each row alone, unpadded, through the plain forward
     for (row, (p, resp)) in ro.prompts.iter().zip(&ro.responses).enumerate() {
         let seq: Vec<u32> = p.iter().chain(resp).copied().collect();
-        let ids = Tensor::new(seq.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let opts = Forward { scope: Some(ACTOR), ..Default::default() };
+        let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let opts = Forward {
+            scope: Some(ACTOR),
+            ..Default::default()
+        };
         let logits = (t.model.forward(&ids, &opts).unwrap() / temp as f64).unwrap();
-        let lp: Vec<Vec<f32>> = log_softmax_last(&logits).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let lp: Vec<Vec<f32>> = log_softmax_last(&logits)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         for (j, &tok) in resp.iter().enumerate() {
             let want = lp[p.len() + j - 1][tok as usize];
             let got = ro.logp[row * r + j];
-            assert!((want - got).abs() < 1e-5, "row {row} token {j}: {got} vs {want}");
+            assert!(
+                (want - got).abs() < 1e-5,
+                "row {row} token {j}: {got} vs {want}"
+            );
         }
     }
     // the reference is the base: LoRA disabled gives the base model's numbers
-    assert!(ro.logp.iter().zip(&ro.ref_logp).any(|(a, b)| (a - b).abs() > 1e-4));
+    assert!(ro
+        .logp
+        .iter()
+        .zip(&ro.ref_logp)
+        .any(|(a, b)| (a - b).abs() > 1e-4));
 }
 
 #[test]
@@ -117,7 +157,10 @@ fn padding_contributes_nothing() {
             garbage.ids[i] = 13; // any id in the pads
         }
     }
-    let policy = Forward { scope: Some(ACTOR), ..Default::default() };
+    let policy = Forward {
+        scope: Some(ACTOR),
+        ..Default::default()
+    };
     let (a, _) = rollout::response_logprobs(&t.model, &lay, policy, 1.0).unwrap();
     let (b, _) = rollout::response_logprobs(&t.model, &garbage, policy, 1.0).unwrap();
     let (va, _) = t.critic.values(&t.model, &lay, true).unwrap();
@@ -125,7 +168,10 @@ fn padding_contributes_nothing() {
     let (a, b, va, vb) = (to_vec(&a), to_vec(&b), to_vec(&va), to_vec(&vb));
     for i in 0..a.len() {
         if lay.mask[i] > 0.0 {
-            assert!((a[i] - b[i]).abs() < 1e-6 && (va[i] - vb[i]).abs() < 1e-6, "position {i}");
+            assert!(
+                (a[i] - b[i]).abs() < 1e-6 && (va[i] - vb[i]).abs() < 1e-6,
+                "position {i}"
+            );
         }
     }
 }
@@ -142,15 +188,31 @@ fn base_params(m: &Model) -> Vec<(String, Vec<f32>)> {
 fn training_moves_the_actor_but_never_the_reference() {
     let mut t = PpoTrainer::new(tiny_model(3), tiny_cfg()).unwrap();
     let before = base_params(&t.model);
-    let actor_before: Vec<Vec<f32>> = t.model.vars().with_prefix("finetune_modules.actor.").iter().map(|(_, v)| to_vec(v.as_tensor())).collect();
+    let actor_before: Vec<Vec<f32>> = t
+        .model
+        .vars()
+        .with_prefix("finetune_modules.actor.")
+        .iter()
+        .map(|(_, v)| to_vec(v.as_tensor()))
+        .collect();
     let ps = prompts();
     for _ in 0..2 {
         let m = t.step(&ps, Some(0), &count_fives, None).unwrap();
         assert!(m["loss/policy"].as_f64().unwrap().is_finite());
         assert!(m["objective/kl"].as_f64().is_some());
     }
-    assert_eq!(before, base_params(&t.model), "the reference (base weights) changed");
-    let actor_after: Vec<Vec<f32>> = t.model.vars().with_prefix("finetune_modules.actor.").iter().map(|(_, v)| to_vec(v.as_tensor())).collect();
+    assert_eq!(
+        before,
+        base_params(&t.model),
+        "the reference (base weights) changed"
+    );
+    let actor_after: Vec<Vec<f32>> = t
+        .model
+        .vars()
+        .with_prefix("finetune_modules.actor.")
+        .iter()
+        .map(|(_, v)| to_vec(v.as_tensor()))
+        .collect();
     assert_ne!(actor_before, actor_after, "the actor did not train");
 }
 
@@ -174,9 +236,15 @@ fn resume_continues_the_same_run_exactly() {
     let mb = strip_timing(b.step(&ps, Some(0), &count_fives, None).unwrap());
     assert_eq!(ma, mb);
     let all = |m: &Model| -> Vec<(String, Vec<f32>)> {
-        m.vars().iter().map(|(k, v)| (k.clone(), to_vec(v.as_tensor()))).collect()
+        m.vars()
+            .iter()
+            .map(|(k, v)| (k.clone(), to_vec(v.as_tensor())))
+            .collect()
     };
     assert_eq!(all(&a.model), all(&b.model));
-    assert_eq!(to_vec(a.critic.head.weight.as_tensor()), to_vec(b.critic.head.weight.as_tensor()));
+    assert_eq!(
+        to_vec(a.critic.head.weight.as_tensor()),
+        to_vec(b.critic.head.weight.as_tensor())
+    );
     assert_eq!(a.kl, b.kl);
 }

@@ -89,21 +89,32 @@ pub struct Args {
 /// Reads prompts: JSONL `{"prompt": ...}` (when the first non-empty line starts with `{`) or
 /// one prompt per line. Errors name the file and line.
 pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let jsonl = text.lines().find(|l| !l.trim().is_empty()).is_some_and(|l| l.trim_start().starts_with('{'));
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let jsonl = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .is_some_and(|l| l.trim_start().starts_with('{'));
     let mut out = vec![];
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
         if jsonl {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| palm::Error::BadLine { path: path.into(), line: i + 1, msg: format!("invalid JSON: {e}") })?;
-            let p = v.get("prompt").and_then(|p| p.as_str()).ok_or_else(|| palm::Error::BadLine {
-                path: path.into(),
-                line: i + 1,
-                msg: "no string field \"prompt\"".into(),
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| palm::Error::BadLine {
+                    path: path.into(),
+                    line: i + 1,
+                    msg: format!("invalid JSON: {e}"),
+                })?;
+            let p =
+                v.get("prompt")
+                    .and_then(|p| p.as_str())
+                    .ok_or_else(|| palm::Error::BadLine {
+                        path: path.into(),
+                        line: i + 1,
+                        msg: "no string field \"prompt\"".into(),
+                    })?;
             out.push(p.to_string());
         } else {
             out.push(line.to_string());
@@ -119,7 +130,19 @@ fn apply_flags(cfg: &mut PpoConfig, a: &Args) -> Result<()> {
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
     }
-    set!(steps, batch_size, minibatch_size, epochs, max_new_tokens, temperature, actor_lr, critic_lr, kl_coef, seed, save_every);
+    set!(
+        steps,
+        batch_size,
+        minibatch_size,
+        epochs,
+        max_new_tokens,
+        temperature,
+        actor_lr,
+        critic_lr,
+        kl_coef,
+        seed,
+        save_every
+    );
     if a.kl_target.is_some() {
         cfg.kl_target = a.kl_target;
     }
@@ -145,10 +168,17 @@ pub fn run(a: Args) -> Result<()> {
             Ok(ids)
         })
         .collect::<Result<_>>()?;
-    let rm = LoraRewardModel::load(&a.reward, &dev).with_context(|| format!("loading reward model {}", a.reward.display()))?;
+    let rm = LoraRewardModel::load(&a.reward, &dev)
+        .with_context(|| format!("loading reward model {}", a.reward.display()))?;
     let mut trainer = if a.resume {
         // the saved config is the run's; only its length may change
-        if a.config.is_some() || a.recipe.is_some() || a.batch_size.is_some() || a.actor_lr.is_some() || a.kl_coef.is_some() || a.seed.is_some() {
+        if a.config.is_some()
+            || a.recipe.is_some()
+            || a.batch_size.is_some()
+            || a.actor_lr.is_some()
+            || a.kl_coef.is_some()
+            || a.seed.is_some()
+        {
             bail!("--resume continues the saved run exactly: only --steps may change");
         }
         PpoTrainer::resume(&a.out.join("checkpoint"), &dev, a.steps)
@@ -164,24 +194,42 @@ pub fn run(a: Args) -> Result<()> {
         apply_flags(&mut cfg, &a)?;
         cfg.validate()?;
         let policy = a.policy.as_ref().context("--policy is required")?;
-        let model = palm::load::load_model(policy, &dev).with_context(|| format!("loading policy {}", policy.display()))?;
+        let model = palm::load::load_model(policy, &dev)
+            .with_context(|| format!("loading policy {}", policy.display()))?;
         if model.vocab_size() != rm.model.vocab_size() {
-            bail!("the policy's vocabulary ({}) differs from the reward model's ({})", model.vocab_size(), rm.model.vocab_size());
+            bail!(
+                "the policy's vocabulary ({}) differs from the reward model's ({})",
+                model.vocab_size(),
+                rm.model.vocab_size()
+            );
         }
         PpoTrainer::new(model, cfg)?
     };
     let total = trainer.cfg.steps as u64;
     let bar = ProgressBar::new(total).with_position(trainer.step as u64);
-    bar.set_style(ProgressStyle::with_template("ppo {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")?);
-    ppo::run(&mut trainer, &prompts, tok.eos_id(), &rm, None, &a.out, |m| {
-        bar.set_message(format!(
-            "score {:.3} kl {:.3}",
-            m["objective/scores"].as_f64().unwrap_or(f64::NAN),
-            m["objective/kl"].as_f64().unwrap_or(f64::NAN)
-        ));
-        bar.inc(1);
-    })?;
+    bar.set_style(ProgressStyle::with_template(
+        "ppo {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
+    )?);
+    ppo::run(
+        &mut trainer,
+        &prompts,
+        tok.eos_id(),
+        &rm,
+        None,
+        &a.out,
+        |m| {
+            bar.set_message(format!(
+                "score {:.3} kl {:.3}",
+                m["objective/scores"].as_f64().unwrap_or(f64::NAN),
+                m["objective/kl"].as_f64().unwrap_or(f64::NAN)
+            ));
+            bar.inc(1);
+        },
+    )?;
     bar.finish();
-    println!("{}", serde_json::json!({"out": a.out, "steps": trainer.step, "policy": a.out.join("policy")}));
+    println!(
+        "{}",
+        serde_json::json!({"out": a.out, "steps": trainer.step, "policy": a.out.join("policy")})
+    );
     Ok(())
 }

@@ -50,7 +50,9 @@ pub struct Args {
 
 fn bar(len: u64, name: &str) -> Result<ProgressBar> {
     let b = ProgressBar::new(len);
-    b.set_style(ProgressStyle::with_template(&format!("{name:>6} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed}}<{{eta}}]"))?);
+    b.set_style(ProgressStyle::with_template(&format!(
+        "{name:>6} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed}}<{{eta}}]"
+    ))?);
     Ok(b)
 }
 
@@ -77,7 +79,10 @@ pub fn run(a: Args) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     palm::checkpoint::write_json_atomic(&a.out.join("config.json"), &cfg)?;
     let walk = task.walk_baseline(2000, &mut palm::rng::seeded(a.seed));
-    tracing::info!("task: {} nodes, out-degree 3; random walks score {walk:.3} (optimal = 1)", task.nodes);
+    tracing::info!(
+        "task: {} nodes, out-degree 3; random walks score {walk:.3} (optimal = 1)",
+        task.nodes
+    );
 
     // 1. SFT
     let t = Instant::now();
@@ -96,16 +101,29 @@ pub fn run(a: Args) -> Result<()> {
     let t = Instant::now();
     let (train, held) = qs::make_pairs(&task, &sft, &cfg)?;
     let pairs_s = t.elapsed().as_secs_f64();
-    tracing::info!("pairs: {} train (label noise {}), {} held out ({pairs_s:.0} s)", train.len(), cfg.label_noise, held.len());
+    tracing::info!(
+        "pairs: {} train (label noise {}), {} held out ({pairs_s:.0} s)",
+        train.len(),
+        cfg.label_noise,
+        held.len()
+    );
 
     // 3. reward model
     let t = Instant::now();
     let rm_dir = a.out.join("reward");
     let b = bar(cfg.rm_steps as u64, "reward")?;
-    let (rm, rm_acc) = qs::train_rm(&sft_dir.join("model"), &train, &held, &cfg, &rm_dir, &dev, |_, l| {
-        b.set_message(format!("loss {l:.3}"));
-        b.inc(1)
-    })?;
+    let (rm, rm_acc) = qs::train_rm(
+        &sft_dir.join("model"),
+        &train,
+        &held,
+        &cfg,
+        &rm_dir,
+        &dev,
+        |_, l| {
+            b.set_message(format!("loss {l:.3}"));
+            b.inc(1)
+        },
+    )?;
     b.finish();
     rm.save(&rm_dir.join("model"))?;
     let rm_s = t.elapsed().as_secs_f64();
@@ -124,17 +142,31 @@ pub fn run(a: Args) -> Result<()> {
             Recipe::PalmRlhfPytorch => "ppo-palm-rlhf-pytorch",
         };
         let b = bar(cfg.ppo.steps as u64, "ppo")?;
-        let rep = qs::run_ppo(&task, &sft_dir.join("model"), &rm, r, &cfg, &a.out.join(name), &dev, |m| {
-            b.set_message(format!(
-                "rm {:.2} gold {:.3} kl {:.2}",
-                m["objective/scores"].as_f64().unwrap_or(f64::NAN),
-                m["gold/score"].as_f64().unwrap_or(f64::NAN),
-                m["objective/kl"].as_f64().unwrap_or(f64::NAN)
-            ));
-            b.inc(1)
-        })?;
+        let rep = qs::run_ppo(
+            &task,
+            &sft_dir.join("model"),
+            &rm,
+            r,
+            &cfg,
+            &a.out.join(name),
+            &dev,
+            |m| {
+                b.set_message(format!(
+                    "rm {:.2} gold {:.3} kl {:.2}",
+                    m["objective/scores"].as_f64().unwrap_or(f64::NAN),
+                    m["gold/score"].as_f64().unwrap_or(f64::NAN),
+                    m["objective/kl"].as_f64().unwrap_or(f64::NAN)
+                ));
+                b.inc(1)
+            },
+        )?;
         b.finish();
-        tracing::info!("{name}: gold score {:.3}, KL {:.2} ({:.0} s)", rep.gold_score_ppo, rep.kl, rep.seconds);
+        tracing::info!(
+            "{name}: gold score {:.3}, KL {:.2} ({:.0} s)",
+            rep.gold_score_ppo,
+            rep.kl,
+            rep.seconds
+        );
         reports.push(rep);
     }
 
@@ -154,10 +186,17 @@ pub fn run(a: Args) -> Result<()> {
     });
     palm::checkpoint::write_json_atomic(&a.out.join("summary.json"), &summary)?;
     eprintln!();
-    eprintln!("palm quickstart: shortest paths, {} nodes (gold score: shortest / path length; optimal 1)", task.nodes);
+    eprintln!(
+        "palm quickstart: shortest paths, {} nodes (gold score: shortest / path length; optimal 1)",
+        task.nodes
+    );
     eprintln!("  random walks (the SFT data)    {walk:.3}");
     eprintln!("  SFT policy                     {gold_sft:.3}   ({sft_s:.0} s)");
-    eprintln!("  reward model held-out accuracy {rm_acc:.3}   ({} pairs, label noise {}, {rm_s:.0} s)", train.len(), cfg.label_noise);
+    eprintln!(
+        "  reward model held-out accuracy {rm_acc:.3}   ({} pairs, label noise {}, {rm_s:.0} s)",
+        train.len(),
+        cfg.label_noise
+    );
     for r in &reports {
         eprintln!(
             "  PPO {:<18}         {:.3}   (KL {:.2} nats, RM score {:.2}, {:.0} s)",
@@ -168,7 +207,10 @@ pub fn run(a: Args) -> Result<()> {
             r.seconds
         );
     }
-    eprintln!("  total {total:.0} s; summary in {}", a.out.join("summary.json").display());
+    eprintln!(
+        "  total {total:.0} s; summary in {}",
+        a.out.join("summary.json").display()
+    );
     println!("{summary}");
     Ok(())
 }

@@ -173,7 +173,10 @@ mod tests {
     fn close(a: &[f32], b: &[f32], tol: f32) {
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol, "index {i}: {x} vs {y} ({a:?} vs {b:?})");
+            assert!(
+                (x - y).abs() <= tol,
+                "index {i}: {x} vs {y} ({a:?} vs {b:?})"
+            );
         }
     }
 

@@ -332,8 +332,12 @@ impl PpoTrainer {
     }
 
     fn assemble(model: Model, head: ValueHead, cfg: PpoConfig) -> Result<Self> {
-        let actor_params = model.vars().with_prefix(&format!("finetune_modules.{ACTOR}."));
-        let mut critic_params = model.vars().with_prefix(&format!("finetune_modules.{CRITIC}."));
+        let actor_params = model
+            .vars()
+            .with_prefix(&format!("finetune_modules.{ACTOR}."));
+        let mut critic_params = model
+            .vars()
+            .with_prefix(&format!("finetune_modules.{CRITIC}."));
         critic_params.extend(head.params());
         let critic = Critic {
             head,
@@ -534,8 +538,7 @@ impl PpoTrainer {
         } else {
             (mask.clone(), &ro.values)
         };
-        let explained_var =
-            advantage::explained_variance(old_values, &targets.returns, &val_mask);
+        let explained_var = advantage::explained_variance(old_values, &targets.returns, &val_mask);
 
         // 6. PPO epochs over minibatches
         let t_update = std::time::Instant::now();
@@ -624,7 +627,8 @@ impl PpoTrainer {
                 freeze_base: true,
                 ..Default::default()
             };
-            let (logp, logits) = rollout::response_logprobs(&self.model, &lay, opts, cfg.temperature)?;
+            let (logp, logits) =
+                rollout::response_logprobs(&self.model, &lay, opts, cfg.temperature)?;
             let old = Tensor::from_vec(take(&ro.logp), (n, r), &dev)?;
             let adv = Tensor::from_vec(take(&tg.adv), (n, r), &dev)?;
             let (pg, clipfrac, approxkl) =
@@ -812,7 +816,8 @@ mod tests {
         let logp = t2(&[1.5f32.ln(), 0.5f32.ln(), -1.0, 50.0], 1, 4);
         let adv = t2(&[1.0, 1.0, -2.0, 100.0], 1, 4);
         let mask = t2(&[1.0, 1.0, 1.0, 0.0], 1, 4);
-        let (loss, clipfrac, approxkl) = clipped_policy_loss(&logp, &old, &adv, &mask, 0.2).unwrap();
+        let (loss, clipfrac, approxkl) =
+            clipped_policy_loss(&logp, &old, &adv, &mask, 0.2).unwrap();
         // token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(-0.5, -0.8) = -0.5;
         // token 2: ratio 1: max(2, 2) = 2 -> mean (-1.2 - 0.5 + 2) / 3 = 0.1
         assert!((scalar(&loss) - 0.1).abs() < 1e-6, "{}", scalar(&loss));
@@ -864,9 +869,9 @@ mod tests {
         let head = ValueHead::new(2, ValueKind::original_hl_gauss(), &Device::Cpu).unwrap();
         let logits = candle_core::Var::zeros((2, 6), DType::F32, &Device::Cpu).unwrap();
         let v = head.value_from_logits(logits.as_tensor()).unwrap(); // 2.5, 2.5
-        // row 0: old 2.4, target 5 -> moving within the clip: kept
-        // row 1: old 1.0, target 5 -> V - old = 1.5 > 0.4: clipped branch larger? clipped
-        //        value 1.4 is further from 5 than 2.5 -> clipped, dropped
+                                                                     // row 0: old 2.4, target 5 -> moving within the clip: kept
+                                                                     // row 1: old 1.0, target 5 -> V - old = 1.5 > 0.4: clipped branch larger? clipped
+                                                                     //        value 1.4 is further from 5 than 2.5 -> clipped, dropped
         let old = Tensor::new(&[2.4f32, 1.0], &Device::Cpu).unwrap();
         let mask = Tensor::new(&[1.0f32, 1.0], &Device::Cpu).unwrap();
         let (loss, clipfrac) =
@@ -878,7 +883,14 @@ mod tests {
         assert!(g[0].iter().any(|x| x.abs() > 1e-4));
         assert!(g[1].iter().all(|x| *x == 0.0));
         // the kept row's loss is its cross-entropy / 2
-        let ce: f32 = head.hl_loss(&Tensor::zeros((1, 6), DType::F32, &Device::Cpu).unwrap(), &[5.0]).unwrap().to_vec1().unwrap()[0];
+        let ce: f32 = head
+            .hl_loss(
+                &Tensor::zeros((1, 6), DType::F32, &Device::Cpu).unwrap(),
+                &[5.0],
+            )
+            .unwrap()
+            .to_vec1()
+            .unwrap()[0];
         assert!((scalar(&loss) - ce / 2.0).abs() < 1e-6);
     }
 }

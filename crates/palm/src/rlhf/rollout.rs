@@ -42,7 +42,9 @@ pub struct Layout {
 impl Layout {
     pub fn new(prompts: &[Vec<u32>], responses: &[Vec<u32>]) -> Result<Self> {
         if prompts.len() != responses.len() {
-            return Err(Error::msg("rollout: as many responses as prompts are needed"));
+            return Err(Error::msg(
+                "rollout: as many responses as prompts are needed",
+            ));
         }
         let b = prompts.len();
         let p = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -163,7 +165,12 @@ pub struct Critic {
 
 impl Critic {
     /// (values, head outputs): [B, R] and [B, R, K], or [B] and [B, K] when pooled.
-    pub fn values(&self, model: &Model, lay: &Layout, freeze_base: bool) -> Result<(Tensor, Tensor)> {
+    pub fn values(
+        &self,
+        model: &Model,
+        lay: &Layout,
+        freeze_base: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let opts = Forward {
             scope: Some(&self.scope),
             freeze_base,
@@ -215,7 +222,10 @@ pub struct Rollout {
 
 fn masked_vec(t: &Tensor, mask: &[f32]) -> Result<Vec<f32>> {
     let v: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Ok(v.iter().zip(mask).map(|(x, m)| if *m > 0.0 { *x } else { 0.0 }).collect())
+    Ok(v.iter()
+        .zip(mask)
+        .map(|(x, m)| if *m > 0.0 { *x } else { 0.0 })
+        .collect())
 }
 
 /// Samples responses with the actor scope and records per-token log-probs and values.

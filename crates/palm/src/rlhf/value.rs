@@ -50,16 +50,17 @@ impl ValueKind {
 pub fn erf(x: f64) -> f64 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * (-z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87
-                                    + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-        .exp();
+    let r = t
+        * (-z * z - 1.265_512_23
+            + t * (1.000_023_68
+                + t * (0.374_091_96
+                    + t * (0.096_784_18
+                        + t * (-0.186_288_06
+                            + t * (0.278_868_07
+                                + t * (-1.135_203_98
+                                    + t * (1.488_515_87
+                                        + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
+            .exp();
     if x >= 0.0 {
         1.0 - r
     } else {
@@ -124,7 +125,9 @@ impl ValueHead {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let w = self.weight.as_tensor();
         let dims = hidden.dims().to_vec();
-        let c = *dims.last().ok_or_else(|| Error::msg("value head: empty hidden shape"))?;
+        let c = *dims
+            .last()
+            .ok_or_else(|| Error::msg("value head: empty hidden shape"))?;
         let n = hidden.elem_count() / c;
         let flat = hidden.reshape((n, c))?; // [N, C]
         let out = flat.matmul(&w.t()?)?.broadcast_add(self.bias.as_tensor())?; // [N, K]
@@ -195,7 +198,12 @@ mod tests {
 
     #[test]
     fn erf_known_values() {
-        for (x, want) in [(0.0, 0.0), (0.5, 0.520_499_877_8), (1.0, 0.842_700_792_9), (-2.0, -0.995_322_265)] {
+        for (x, want) in [
+            (0.0, 0.0),
+            (0.5, 0.520_499_877_8),
+            (1.0, 0.842_700_792_9),
+            (-2.0, -0.995_322_265),
+        ] {
             assert!((erf(x) - want).abs() < 2e-7, "erf({x}) = {}", erf(x));
         }
     }
@@ -220,12 +228,21 @@ mod tests {
     fn hl_gauss_value_of_zero_logits_is_the_mean_centre() {
         let h = ValueHead::new(3, ValueKind::original_hl_gauss(), &Device::Cpu).unwrap();
         let x = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
-        let v: Vec<f32> = h.value_from_logits(&h.logits(&x).unwrap()).unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = h
+            .value_from_logits(&h.logits(&x).unwrap())
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(v, vec![2.5, 2.5]);
         // minimising the loss toward y = 1.3 moves the value toward 1.3: the loss at the
         // target's own log-distribution is lower than at uniform logits
         let tgt = h.hl_target(1.3);
-        let good = Tensor::from_vec(tgt.iter().map(|p| p.ln()).collect::<Vec<_>>(), (1, 6), &Device::Cpu).unwrap();
+        let good = Tensor::from_vec(
+            tgt.iter().map(|p| p.ln()).collect::<Vec<_>>(),
+            (1, 6),
+            &Device::Cpu,
+        )
+        .unwrap();
         let flat = Tensor::zeros((1, 6), DType::F32, &Device::Cpu).unwrap();
         let lg: f32 = h.hl_loss(&good, &[1.3]).unwrap().to_vec1().unwrap()[0];
         let lf: f32 = h.hl_loss(&flat, &[1.3]).unwrap().to_vec1().unwrap()[0];
@@ -233,6 +250,9 @@ mod tests {
         let vg: f32 = h.value_from_logits(&good).unwrap().to_vec1().unwrap()[0];
         // softmax(log p) = p, so the value is the target's expected centre
         let want: f32 = tgt.iter().zip(h.centres()).map(|(p, c)| p * c).sum();
-        assert!((vg - want).abs() < 1e-5 && (vg - 1.3).abs() < 0.15, "{vg} {want}");
+        assert!(
+            (vg - want).abs() < 1e-5 && (vg - 1.3).abs() < 0.15,
+            "{vg} {want}"
+        );
     }
 }

@@ -93,7 +93,11 @@ impl PathsTask {
     /// Every (start, goal) pair with start != goal.
     pub fn queries(&self) -> Vec<Query> {
         (0..self.nodes)
-            .flat_map(|s| (0..self.nodes).filter(move |&g| g != s).map(move |g| (s, g)))
+            .flat_map(|s| {
+                (0..self.nodes)
+                    .filter(move |&g| g != s)
+                    .map(move |g| (s, g))
+            })
             .collect()
     }
 
@@ -144,7 +148,10 @@ impl PathsTask {
         if path[0] != q.0 || path[path.len() - 1] != q.1 {
             return 0.0;
         }
-        if path.windows(2).any(|w| self.adj[w[0]].binary_search(&w[1]).is_err()) {
+        if path
+            .windows(2)
+            .any(|w| self.adj[w[0]].binary_search(&w[1]).is_err())
+        {
             return 0.0;
         }
         self.dist[q.0][q.1] as f32 / (path.len() - 1) as f32
@@ -312,7 +319,10 @@ mod tests {
         assert!(scores.iter().all(|&s| s > 0.0));
         let mean = scores.iter().sum::<f32>() / 500.0;
         let optimal = scores.iter().filter(|&&s| s == 1.0).count();
-        assert!(mean < 0.75 && optimal < 400, "mean {mean}, optimal {optimal}");
+        assert!(
+            mean < 0.75 && optimal < 400,
+            "mean {mean}, optimal {optimal}"
+        );
     }
 
     #[test]

@@ -88,7 +88,11 @@ impl Default for QuickstartConfig {
 }
 
 /// Right-padded (prompt ++ response) rows: ids [B, L], key mask [B, L], lengths.
-fn right_padded(prompts: &[Vec<u32>], responses: &[Vec<u32>], dev: &Device) -> Result<(Tensor, Tensor, Vec<usize>)> {
+fn right_padded(
+    prompts: &[Vec<u32>],
+    responses: &[Vec<u32>],
+    dev: &Device,
+) -> Result<(Tensor, Tensor, Vec<usize>)> {
     let seqs: Vec<Vec<u32>> = prompts
         .iter()
         .zip(responses)
@@ -112,7 +116,13 @@ fn right_padded(prompts: &[Vec<u32>], responses: &[Vec<u32>], dev: &Device) -> R
 }
 
 /// Samples one response per prompt (temperature 1, the PPO rollout distribution).
-pub fn sample_responses(model: &Model, scope: Option<&str>, prompts: &[Vec<u32>], max_new: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
+pub fn sample_responses(
+    model: &Model,
+    scope: Option<&str>,
+    prompts: &[Vec<u32>],
+    max_new: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
     Ok(generate(
         model,
         &GenerateRequest {
@@ -130,13 +140,23 @@ pub fn sample_responses(model: &Model, scope: Option<&str>, prompts: &[Vec<u32>]
 }
 
 /// Mean gold score over `rounds` samples for every query of the task.
-pub fn gold_eval(task: &PathsTask, model: &Model, scope: Option<&str>, rounds: usize, seed: u64) -> Result<f32> {
+pub fn gold_eval(
+    task: &PathsTask,
+    model: &Model,
+    scope: Option<&str>,
+    rounds: usize,
+    seed: u64,
+) -> Result<f32> {
     let qs = task.queries();
     let prompts: Vec<Vec<u32>> = qs.iter().map(|&q| task.prompt_ids(q)).collect();
     let mut total = 0.0;
     for k in 0..rounds {
         let resp = sample_responses(model, scope, &prompts, task.max_nodes + 1, seed + k as u64)?;
-        total += qs.iter().zip(&resp).map(|(&q, r)| task.score(q, r)).sum::<f32>();
+        total += qs
+            .iter()
+            .zip(&resp)
+            .map(|(&q, r)| task.score(q, r))
+            .sum::<f32>();
     }
     Ok(total / (rounds * qs.len()) as f32)
 }
@@ -144,16 +164,28 @@ pub fn gold_eval(task: &PathsTask, model: &Model, scope: Option<&str>, rounds: u
 // ---------------------------------------------------------------------------------------------
 // 1. SFT
 
-pub fn train_sft(task: &PathsTask, cfg: &QuickstartConfig, out: &Path, dev: &Device, mut progress: impl FnMut(usize, f32)) -> Result<Model> {
+pub fn train_sft(
+    task: &PathsTask,
+    cfg: &QuickstartConfig,
+    out: &Path,
+    dev: &Device,
+    mut progress: impl FnMut(usize, f32),
+) -> Result<Model> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut r = rng::stream(cfg.seed, 0x5f7);
     let data = task.sft_examples(cfg.sft_examples, &mut r);
     let model: Model = Palm::new(&cfg.model, cfg.seed, dev)?.into();
-    let params: Vec<_> = model.vars().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let params: Vec<_> = model
+        .vars()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let mut opt = Optimizer::new(params, OptimConfig::adamw());
     let mut log = MetricsLog::open(out, None)?;
     for step in 0..cfg.sft_steps {
-        let batch: Vec<&(Vec<u32>, Vec<u32>)> = (0..cfg.sft_batch).map(|_| &data[r.random_range(0..data.len())]).collect();
+        let batch: Vec<&(Vec<u32>, Vec<u32>)> = (0..cfg.sft_batch)
+            .map(|_| &data[r.random_range(0..data.len())])
+            .collect();
         let ps: Vec<Vec<u32>> = batch.iter().map(|x| x.0.clone()).collect();
         let rs: Vec<Vec<u32>> = batch.iter().map(|x| x.1.clone()).collect();
         let (ids, _, lens) = right_padded(&ps, &rs, dev)?;
@@ -170,17 +202,30 @@ pub fn train_sft(task: &PathsTask, cfg: &QuickstartConfig, out: &Path, dev: &Dev
         let loss = cross_entropy(&logits, &ids.narrow(1, 1, l - 1)?, Some(&mask))?;
         let lv = loss.to_scalar::<f32>()?;
         if !lv.is_finite() {
-            return Err(Error::msg(format!("sft step {step}: loss is {lv}; stopping")));
+            return Err(Error::msg(format!(
+                "sft step {step}: loss is {lv}; stopping"
+            )));
         }
         let g = loss.backward()?;
         let mut grads = optim::grads_of(&opt.params, &g)?;
         optim::clip_grad_norm(&mut grads, 1.0);
-        let lr = optim::lr_at(step, cfg.sft_lr, cfg.sft_lr * 0.1, cfg.sft_steps / 20, cfg.sft_steps);
+        let lr = optim::lr_at(
+            step,
+            cfg.sft_lr,
+            cfg.sft_lr * 0.1,
+            cfg.sft_steps / 20,
+            cfg.sft_steps,
+        );
         opt.step(&grads, lr)?;
         log.log(json!({"step": step + 1, "loss": lv, "lr": lr}))?;
         progress(step + 1, lv);
     }
-    log.plot(&out.join("loss.svg"), "SFT loss (response tokens)", "step", &["loss"])?;
+    log.plot(
+        &out.join("loss.svg"),
+        "SFT loss (response tokens)",
+        "step",
+        &["loss"],
+    )?;
     model.save(&out.join("model"))?;
     Ok(model)
 }
@@ -210,7 +255,11 @@ impl LoraRewardModel {
         };
         let h = self.model.embeddings(&ids, &opts, None)?; // [B, L, C]
         let c = h.dim(2)?;
-        let last: Vec<u32> = lens.iter().enumerate().map(|(i, n)| (i * l + n - 1) as u32).collect();
+        let last: Vec<u32> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i * l + n - 1) as u32)
+            .collect();
         let idx = Tensor::from_vec(last, b, dev)?;
         let h_last = h.reshape((b * l, c))?.index_select(&idx, 0)?; // [B, C]
         self.head.value_from_logits(&self.head.logits(&h_last)?)
@@ -221,7 +270,11 @@ impl Scorer for LoraRewardModel {
     fn score(&self, prompts: &[Vec<u32>], responses: &[Vec<u32>]) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(prompts.len());
         for (p, r) in prompts.chunks(64).zip(responses.chunks(64)) {
-            out.extend(self.scores_t(p, r)?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+            out.extend(
+                self.scores_t(p, r)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?,
+            );
         }
         Ok(out)
     }
@@ -237,21 +290,45 @@ pub struct Pair {
 
 /// Samples pairs from `model` and labels them with the gold scorer (ties dropped). Returns
 /// (train pairs with label noise, held-out pairs with clean labels).
-pub fn make_pairs(task: &PathsTask, model: &Model, cfg: &QuickstartConfig) -> Result<(Vec<Pair>, Vec<Pair>)> {
+pub fn make_pairs(
+    task: &PathsTask,
+    model: &Model,
+    cfg: &QuickstartConfig,
+) -> Result<(Vec<Pair>, Vec<Pair>)> {
     let mut r = rng::stream(cfg.seed, 0xba1);
     let qs = task.queries();
     let prompts: Vec<Vec<u32>> = qs.iter().map(|&q| task.prompt_ids(q)).collect();
     let mut pairs = vec![];
     for round in 0..cfg.pair_rounds {
-        let a = sample_responses(model, None, &prompts, task.max_nodes + 1, cfg.seed + 1000 + 2 * round as u64)?;
-        let b = sample_responses(model, None, &prompts, task.max_nodes + 1, cfg.seed + 1001 + 2 * round as u64)?;
+        let a = sample_responses(
+            model,
+            None,
+            &prompts,
+            task.max_nodes + 1,
+            cfg.seed + 1000 + 2 * round as u64,
+        )?;
+        let b = sample_responses(
+            model,
+            None,
+            &prompts,
+            task.max_nodes + 1,
+            cfg.seed + 1001 + 2 * round as u64,
+        )?;
         for (i, &q) in qs.iter().enumerate() {
             let (sa, sb) = (task.score(q, &a[i]), task.score(q, &b[i]));
             if sa == sb {
                 continue;
             }
-            let (c, rj) = if sa > sb { (&a[i], &b[i]) } else { (&b[i], &a[i]) };
-            pairs.push(Pair { prompt: prompts[i].clone(), chosen: c.clone(), rejected: rj.clone() });
+            let (c, rj) = if sa > sb {
+                (&a[i], &b[i])
+            } else {
+                (&b[i], &a[i])
+            };
+            pairs.push(Pair {
+                prompt: prompts[i].clone(),
+                chosen: c.clone(),
+                rejected: rj.clone(),
+            });
         }
     }
     // shuffle, split, then add noise to the training labels only
@@ -278,37 +355,85 @@ pub fn pair_accuracy(rm: &LoraRewardModel, pairs: &[Pair]) -> Result<f32> {
     Ok(sc.iter().zip(&sr).filter(|(a, b)| a > b).count() as f32 / pairs.len() as f32)
 }
 
-pub fn train_rm(sft_dir: &Path, train: &[Pair], held: &[Pair], cfg: &QuickstartConfig, out: &Path, dev: &Device, mut progress: impl FnMut(usize, f32)) -> Result<(LoraRewardModel, f32)> {
+pub fn train_rm(
+    sft_dir: &Path,
+    train: &[Pair],
+    held: &[Pair],
+    cfg: &QuickstartConfig,
+    out: &Path,
+    dev: &Device,
+    mut progress: impl FnMut(usize, f32),
+) -> Result<(LoraRewardModel, f32)> {
     if train.is_empty() {
-        return Err(Error::msg("reward model: no preference pairs (every sampled pair tied)"));
+        return Err(Error::msg(
+            "reward model: no preference pairs (every sampled pair tied)",
+        ));
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut model = crate::load::load_model(sft_dir, dev)?;
-    model.add_scope(REWARD, LoraSpec { r: cfg.rm_lora_r, alpha: None, targets: LoraTargets::AttentionAndFf }, cfg.seed)?;
+    model.add_scope(
+        REWARD,
+        LoraSpec {
+            r: cfg.rm_lora_r,
+            alpha: None,
+            targets: LoraTargets::AttentionAndFf,
+        },
+        cfg.seed,
+    )?;
     let head = ValueHead::new(model.dim(), ValueKind::Scalar, dev)?;
-    let mut params = model.vars().with_prefix(&format!("finetune_modules.{REWARD}."));
+    let mut params = model
+        .vars()
+        .with_prefix(&format!("finetune_modules.{REWARD}."));
     params.extend(head.params());
     let rm = LoraRewardModel { model, head };
-    let mut opt = Optimizer::new(params, OptimConfig { weight_decay: 0.0, ..OptimConfig::adamw() });
+    let mut opt = Optimizer::new(
+        params,
+        OptimConfig {
+            weight_decay: 0.0,
+            ..OptimConfig::adamw()
+        },
+    );
     let mut r = rng::stream(cfg.seed, 0x4e3);
     let mut log = MetricsLog::open(out, None)?;
     for step in 0..cfg.rm_steps {
-        let batch: Vec<&Pair> = (0..cfg.rm_batch).map(|_| &train[r.random_range(0..train.len())]).collect();
-        let ps: Vec<Vec<u32>> = batch.iter().flat_map(|p| [p.prompt.clone(), p.prompt.clone()]).collect();
-        let rs: Vec<Vec<u32>> = batch.iter().flat_map(|p| [p.chosen.clone(), p.rejected.clone()]).collect();
+        let batch: Vec<&Pair> = (0..cfg.rm_batch)
+            .map(|_| &train[r.random_range(0..train.len())])
+            .collect();
+        let ps: Vec<Vec<u32>> = batch
+            .iter()
+            .flat_map(|p| [p.prompt.clone(), p.prompt.clone()])
+            .collect();
+        let rs: Vec<Vec<u32>> = batch
+            .iter()
+            .flat_map(|p| [p.chosen.clone(), p.rejected.clone()])
+            .collect();
         let s = rm.scores_t(&ps, &rs)?.reshape((batch.len(), 2))?; // [B, 2]: chosen, rejected
         let d = (s.narrow(1, 0, 1)? - s.narrow(1, 1, 1)?)?; // [B, 1]
-        // -log sigmoid(d) = log(1 + exp(-d))
+                                                            // -log sigmoid(d) = log(1 + exp(-d))
         let loss = (d.neg()?.exp()? + 1.0)?.log()?.mean_all()?;
         let lv = loss.to_scalar::<f32>()?;
         if !lv.is_finite() {
-            return Err(Error::msg(format!("reward model step {step}: loss is {lv}; stopping")));
+            return Err(Error::msg(format!(
+                "reward model step {step}: loss is {lv}; stopping"
+            )));
         }
-        let acc = d.flatten_all()?.to_vec1::<f32>()?.iter().filter(|&&x| x > 0.0).count() as f32 / batch.len() as f32;
+        let acc = d
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .filter(|&&x| x > 0.0)
+            .count() as f32
+            / batch.len() as f32;
         let g = loss.backward()?;
         let mut grads = optim::grads_of(&opt.params, &g)?;
         optim::clip_grad_norm(&mut grads, 1.0);
-        let lr = optim::lr_at(step, cfg.rm_lr, cfg.rm_lr * 0.1, cfg.rm_steps / 20, cfg.rm_steps);
+        let lr = optim::lr_at(
+            step,
+            cfg.rm_lr,
+            cfg.rm_lr * 0.1,
+            cfg.rm_steps / 20,
+            cfg.rm_steps,
+        );
         opt.step(&grads, lr)?;
         let mut rec = json!({"step": step + 1, "loss": lv, "train_accuracy": acc});
         if (step + 1) % 50 == 0 || step + 1 == cfg.rm_steps {
@@ -317,7 +442,12 @@ pub fn train_rm(sft_dir: &Path, train: &[Pair], held: &[Pair], cfg: &QuickstartC
         log.log(rec)?;
         progress(step + 1, lv);
     }
-    log.plot(&out.join("loss.svg"), "Reward model (Bradley-Terry)", "step", &["loss", "train_accuracy", "heldout_accuracy"])?;
+    log.plot(
+        &out.join("loss.svg"),
+        "Reward model (Bradley-Terry)",
+        "step",
+        &["loss", "train_accuracy", "heldout_accuracy"],
+    )?;
     let acc = pair_accuracy(&rm, held)?;
     Ok((rm, acc))
 }
@@ -335,10 +465,22 @@ pub struct PpoReport {
     pub dir: PathBuf,
 }
 
-pub fn run_ppo(task: &PathsTask, sft_dir: &Path, rm: &LoraRewardModel, recipe: Recipe, cfg: &QuickstartConfig, out: &Path, dev: &Device, mut on_step: impl FnMut(&serde_json::Value)) -> Result<PpoReport> {
+pub fn run_ppo(
+    task: &PathsTask,
+    sft_dir: &Path,
+    rm: &LoraRewardModel,
+    recipe: Recipe,
+    cfg: &QuickstartConfig,
+    out: &Path,
+    dev: &Device,
+    mut on_step: impl FnMut(&serde_json::Value),
+) -> Result<PpoReport> {
     let t0 = Instant::now();
     let model = crate::load::load_model(sft_dir, dev)?;
-    let mut pcfg = PpoConfig { recipe, ..cfg.ppo.clone() };
+    let mut pcfg = PpoConfig {
+        recipe,
+        ..cfg.ppo.clone()
+    };
     if recipe == Recipe::PalmRlhfPytorch {
         let orig = PpoConfig::for_recipe(recipe);
         pcfg.clip_range = orig.clip_range;
@@ -352,11 +494,25 @@ pub fn run_ppo(task: &PathsTask, sft_dir: &Path, rm: &LoraRewardModel, recipe: R
     let mut trainer = PpoTrainer::new(model, pcfg)?;
     let prompts: Vec<Vec<u32>> = task.queries().iter().map(|&q| task.prompt_ids(q)).collect();
     let mut last = serde_json::Value::Null;
-    ppo::run(&mut trainer, &prompts, Some(BYTE_EOS), rm, Some(task), out, |m| {
-        last = m.clone();
-        on_step(m)
-    })?;
-    let gold = gold_eval(task, &trainer.model, Some(crate::rlhf::rollout::ACTOR), 4, cfg.seed + 77)?;
+    ppo::run(
+        &mut trainer,
+        &prompts,
+        Some(BYTE_EOS),
+        rm,
+        Some(task),
+        out,
+        |m| {
+            last = m.clone();
+            on_step(m)
+        },
+    )?;
+    let gold = gold_eval(
+        task,
+        &trainer.model,
+        Some(crate::rlhf::rollout::ACTOR),
+        4,
+        cfg.seed + 77,
+    )?;
     Ok(PpoReport {
         recipe,
         gold_score_ppo: gold,
