@@ -172,7 +172,7 @@ impl PpoConfig {
         if self.max_new_tokens == 0 {
             return bad("ppo: max_new_tokens must be at least 1".into());
         }
-        if !(self.temperature > 0.0) {
+        if self.temperature.is_nan() || self.temperature <= 0.0 {
             return bad("ppo: temperature must be positive (rollouts sample)".into());
         }
         if self.lora_r == 0 || self.critic_lora_r == 0 {
@@ -766,7 +766,7 @@ pub fn run(
         log.log(m.clone())?;
         on_step(&m);
         let every = trainer.cfg.save_every;
-        if every > 0 && trainer.step % every == 0 && trainer.step < trainer.cfg.steps {
+        if every > 0 && trainer.step.is_multiple_of(every) && trainer.step < trainer.cfg.steps {
             trainer.save(&dir.checkpoint())?;
             plot(&log, out)?;
         }

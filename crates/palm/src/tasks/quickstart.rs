@@ -355,6 +355,7 @@ pub fn pair_accuracy(rm: &LoraRewardModel, pairs: &[Pair]) -> Result<f32> {
     Ok(sc.iter().zip(&sr).filter(|(a, b)| a > b).count() as f32 / pairs.len() as f32)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn train_rm(
     sft_dir: &Path,
     train: &[Pair],
@@ -465,6 +466,7 @@ pub struct PpoReport {
     pub dir: PathBuf,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn run_ppo(
     task: &PathsTask,
     sft_dir: &Path,
