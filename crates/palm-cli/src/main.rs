@@ -27,7 +27,7 @@ enum Command {
     /// Generate text from a prompt, streamed to stdout.
     Generate(cmd::generate::Args),
     /// PPO against a reward model (LoRA actor and critic, frozen reference).
-    Ppo(cmd::ppo::Args),
+    Ppo(Box<cmd::ppo::Args>),
     /// The whole RLHF pipeline on a built-in task, in minutes on a CPU.
     Quickstart(cmd::quickstart::Args),
 }
@@ -45,7 +45,7 @@ fn main() {
     let result = match cli.command {
         Command::Info(a) => cmd::info::run(a),
         Command::Generate(a) => cmd::generate::run(a),
-        Command::Ppo(a) => cmd::ppo::run(a),
+        Command::Ppo(a) => cmd::ppo::run(*a),
         Command::Quickstart(a) => cmd::quickstart::run(a),
     };
     if let Err(e) = result {

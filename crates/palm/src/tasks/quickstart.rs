@@ -65,7 +65,7 @@ impl Default for QuickstartConfig {
             sft_steps: 600,
             sft_batch: 32,
             sft_lr: 3e-3,
-            pair_rounds: 6,
+            pair_rounds: 12,
             label_noise: 0.1,
             heldout_fraction: 0.2,
             rm_steps: 300,
@@ -78,9 +78,9 @@ impl Default for QuickstartConfig {
                 minibatch_size: 16,
                 epochs: 4,
                 max_new_tokens: 11,
-                actor_lr: 2e-3,
+                actor_lr: 1e-3,
                 critic_lr: 2e-3,
-                kl_coef: 0.02,
+                kl_coef: 0.3,
                 ..PpoConfig::default()
             },
         }
