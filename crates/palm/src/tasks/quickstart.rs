@@ -73,7 +73,7 @@ impl Default for QuickstartConfig {
             rm_lr: 2e-3,
             rm_lora_r: 8,
             ppo: PpoConfig {
-                steps: 40,
+                steps: 100,
                 batch_size: 64,
                 minibatch_size: 16,
                 epochs: 4,
