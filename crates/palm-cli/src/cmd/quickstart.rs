@@ -200,7 +200,10 @@ pub fn run(a: Args) -> Result<()> {
     for r in &reports {
         eprintln!(
             "  PPO {:<18}         {:.3}   (KL {:.2} nats, RM score {:.2}, {:.0} s)",
-            format!("{:?}", r.recipe).to_lowercase(),
+            match r.recipe {
+                Recipe::Standard => "standard",
+                Recipe::PalmRlhfPytorch => "palm-rlhf-pytorch",
+            },
             r.gold_score_ppo,
             r.kl,
             r.rm_score_final,
