@@ -32,6 +32,10 @@ enum Command {
     Train(cmd::train::Args),
     /// Reward model: train on preference pairs, evaluate, score.
     Reward(cmd::reward::Args),
+    /// PPO against a reward model (LoRA actor and critic, frozen reference).
+    Ppo(Box<cmd::ppo::Args>),
+    /// The whole RLHF pipeline on a built-in task, in minutes on a CPU.
+    Quickstart(cmd::quickstart::Args),
 }
 
 fn main() {
@@ -50,6 +54,8 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Reward(a) => cmd::reward::run(a),
+        Command::Ppo(a) => cmd::ppo::run(*a),
+        Command::Quickstart(a) => cmd::quickstart::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

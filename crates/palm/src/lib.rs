@@ -18,6 +18,7 @@ pub mod params;
 pub mod rlhf;
 pub mod rng;
 pub mod sample;
+pub mod tasks;
 pub mod tokenizer;
 pub mod tokenizer_llama2c;
 pub mod train;

@@ -5,6 +5,8 @@ pub mod generate;
 pub mod info;
 pub mod train;
 pub mod reward;
+pub mod ppo;
+pub mod quickstart;
 
 use candle_core::Device;
 

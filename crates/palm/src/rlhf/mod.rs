@@ -1,5 +1,12 @@
-//! RLHF: the reward model, its preference data and its trainer.
+//! RLHF: the reward model, its preference data and trainer; the scorer abstraction, rollouts,
+//! advantages, KL control, value heads and PPO.
 
+pub mod advantage;
+pub mod kl;
+pub mod ppo;
 pub mod preference_data;
 pub mod reward;
 pub mod reward_train;
+pub mod rollout;
+pub mod scorer;
+pub mod value;

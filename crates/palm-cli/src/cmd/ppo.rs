@@ -1,0 +1,235 @@
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use palm::rlhf::kl::KlEstimator;
+use palm::rlhf::ppo::{self, PpoConfig, PpoTrainer, Recipe};
+use palm::tasks::quickstart::LoraRewardModel;
+use palm::tokenizer::Tokenizer;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecipeArg {
+    /// Token-level KL reward, GAE, whitened advantages, scalar critic (InstructGPT/TRL).
+    Standard,
+    /// The original's: sequence-level normalize(R - V), pooled 6-bin HL-Gauss critic.
+    PalmRlhfPytorch,
+}
+
+impl From<RecipeArg> for Recipe {
+    fn from(r: RecipeArg) -> Self {
+        match r {
+            RecipeArg::Standard => Recipe::Standard,
+            RecipeArg::PalmRlhfPytorch => Recipe::PalmRlhfPytorch,
+        }
+    }
+}
+
+/// PPO against a reward model: the policy trains a LoRA scope `actor`, the critic a scope
+/// `critic` plus a value head; the reference is the same base with LoRA off.
+///
+/// Writes RUN_DIR/metrics.jsonl, reward.svg, kl.svg, gold_vs_reward.svg, checkpoint/ (the whole
+/// PPO state, for --resume) and policy/ (the actor merged into a plain model).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The policy to start from (checkpoint directory), usually an SFT model.
+    #[arg(long, required_unless_present = "resume")]
+    pub policy: Option<PathBuf>,
+    /// The reward model directory (as written by `palm quickstart`: DIR/reward/model).
+    #[arg(long)]
+    pub reward: PathBuf,
+    /// Prompts: JSONL with a "prompt" field per line, or plain text with one prompt per line.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Run directory (metrics, plots, checkpoint, final policy).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run saved in OUT/checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// A PpoConfig JSON file; flags below override its fields.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub recipe: Option<RecipeArg>,
+    /// `bytes` or a tokenizer.json.
+    #[arg(long, default_value = "bytes")]
+    pub tokenizer: String,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    #[arg(long)]
+    pub minibatch_size: Option<usize>,
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    /// Rollout temperature (pure temperature sampling; also used for the log-probs).
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub actor_lr: Option<f64>,
+    #[arg(long)]
+    pub critic_lr: Option<f64>,
+    /// KL coefficient beta (initial value when --kl-target is given).
+    #[arg(long)]
+    pub kl_coef: Option<f64>,
+    /// Target KL per response for the adaptive controller.
+    #[arg(long)]
+    pub kl_target: Option<f64>,
+    /// k1, k2 or k3.
+    #[arg(long)]
+    pub kl_estimator: Option<String>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub save_every: Option<usize>,
+}
+
+/// Reads prompts: JSONL `{"prompt": ...}` (when the first non-empty line starts with `{`) or
+/// one prompt per line. Errors name the file and line.
+pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let jsonl = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .is_some_and(|l| l.trim_start().starts_with('{'));
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        if jsonl {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| palm::Error::BadLine {
+                    path: path.into(),
+                    line: i + 1,
+                    msg: format!("invalid JSON: {e}"),
+                })?;
+            let p =
+                v.get("prompt")
+                    .and_then(|p| p.as_str())
+                    .ok_or_else(|| palm::Error::BadLine {
+                        path: path.into(),
+                        line: i + 1,
+                        msg: "no string field \"prompt\"".into(),
+                    })?;
+            out.push(p.to_string());
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+fn apply_flags(cfg: &mut PpoConfig, a: &Args) -> Result<()> {
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
+    }
+    set!(
+        steps,
+        batch_size,
+        minibatch_size,
+        epochs,
+        max_new_tokens,
+        temperature,
+        actor_lr,
+        critic_lr,
+        kl_coef,
+        seed,
+        save_every
+    );
+    if a.kl_target.is_some() {
+        cfg.kl_target = a.kl_target;
+    }
+    if let Some(k) = &a.kl_estimator {
+        cfg.kl_estimator = k.parse::<KlEstimator>()?;
+    }
+    Ok(())
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let dev = super::device();
+    let tok = Tokenizer::from_arg(&a.tokenizer)?;
+    // validate every input before writing anything
+    let texts = read_prompts(&a.prompts)?;
+    let prompts: Vec<Vec<u32>> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let ids = tok.encode(t)?;
+            if ids.is_empty() {
+                bail!("{}: prompt {} is empty", a.prompts.display(), i + 1);
+            }
+            Ok(ids)
+        })
+        .collect::<Result<_>>()?;
+    let rm = LoraRewardModel::load(&a.reward, &dev)
+        .with_context(|| format!("loading reward model {}", a.reward.display()))?;
+    let mut trainer = if a.resume {
+        // the saved config is the run's; only its length may change
+        if a.config.is_some()
+            || a.recipe.is_some()
+            || a.batch_size.is_some()
+            || a.actor_lr.is_some()
+            || a.kl_coef.is_some()
+            || a.seed.is_some()
+        {
+            bail!("--resume continues the saved run exactly: only --steps may change");
+        }
+        PpoTrainer::resume(&a.out.join("checkpoint"), &dev, a.steps)
+            .with_context(|| format!("resuming from {}", a.out.join("checkpoint").display()))?
+    } else {
+        let mut cfg = match &a.config {
+            Some(p) => palm::checkpoint::read_json::<PpoConfig>(p)?,
+            None => PpoConfig::for_recipe(a.recipe.map(Into::into).unwrap_or_default()),
+        };
+        if let Some(r) = a.recipe {
+            cfg.recipe = r.into();
+        }
+        apply_flags(&mut cfg, &a)?;
+        cfg.validate()?;
+        let policy = a.policy.as_ref().context("--policy is required")?;
+        let model = palm::load::load_model(policy, &dev)
+            .with_context(|| format!("loading policy {}", policy.display()))?;
+        if model.vocab_size() != rm.model.vocab_size() {
+            bail!(
+                "the policy's vocabulary ({}) differs from the reward model's ({})",
+                model.vocab_size(),
+                rm.model.vocab_size()
+            );
+        }
+        PpoTrainer::new(model, cfg)?
+    };
+    let total = trainer.cfg.steps as u64;
+    let bar = ProgressBar::new(total).with_position(trainer.step as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "ppo {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
+    )?);
+    ppo::run(
+        &mut trainer,
+        &prompts,
+        tok.eos_id(),
+        &rm,
+        None,
+        &a.out,
+        |m| {
+            bar.set_message(format!(
+                "score {:.3} kl {:.3}",
+                m["objective/scores"].as_f64().unwrap_or(f64::NAN),
+                m["objective/kl"].as_f64().unwrap_or(f64::NAN)
+            ));
+            bar.inc(1);
+        },
+    )?;
+    bar.finish();
+    println!(
+        "{}",
+        serde_json::json!({"out": a.out, "steps": trainer.step, "policy": a.out.join("policy")})
+    );
+    Ok(())
+}
