@@ -3,8 +3,8 @@
 pub mod bench;
 pub mod generate;
 pub mod info;
-pub mod train;
 pub mod reward;
+pub mod train;
 
 use candle_core::Device;
 

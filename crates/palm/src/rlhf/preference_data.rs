@@ -285,6 +285,34 @@ pub fn encode_pairs(
         .collect()
 }
 
+/// A rated (prompt, response) as token ids, after truncation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedRating {
+    pub seq: EncodedSeq,
+    pub score: f32,
+}
+
+/// Tokenizes and truncates rated responses.
+pub fn encode_ratings(
+    ratings: &[Rating],
+    tok: &Tokenizer,
+    max_len: usize,
+    stats: &mut TruncationStats,
+) -> Result<Vec<EncodedRating>> {
+    let eos = tok.eos_id();
+    ratings
+        .iter()
+        .map(|r| {
+            let prompt = tok.encode(&r.prompt)?;
+            let resp = tok.encode(&r.response)?;
+            Ok(EncodedRating {
+                seq: truncate(&prompt, &resp, eos, max_len, stats),
+                score: r.score as f32,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
