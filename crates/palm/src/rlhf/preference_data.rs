@@ -192,8 +192,8 @@ pub fn read_files(paths: &[PathBuf]) -> Result<PreferenceData> {
     Ok(out)
 }
 
-/// Keeps `n` pairs drawn without replacement, in an order fixed by `seed`.
-pub fn subsample(pairs: &mut Vec<PreferencePair>, n: usize, seed: u64) {
+/// Keeps `n` pairs (or ratings) drawn without replacement, in an order fixed by `seed`.
+pub fn subsample<T>(pairs: &mut Vec<T>, n: usize, seed: u64) {
     use rand::seq::SliceRandom;
     let mut r = crate::rng::stream(seed, 0x11a1);
     pairs.shuffle(&mut r);
