@@ -240,7 +240,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     let eval_data = read_data(&a.eval)?;
     let ratings = !train_data.ratings.is_empty();
     let kind = if ratings { "ratings" } else { "pairs" };
-    if ratings != !eval_data.ratings.is_empty() && !a.eval.is_empty() {
+    if ratings == eval_data.ratings.is_empty() && !a.eval.is_empty() {
         bail!(
             "--data holds {} but --eval holds {}: use the same kind",
             if ratings {
@@ -279,7 +279,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
                     .map(|r| r.score)
                     .fold(f64::NEG_INFINITY, f64::max)
             });
-            if k < 2 || !(hi > lo) {
+            if k < 2 || hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
                 bail!("--bins {k} over [{lo}, {hi}]: needs at least 2 bins and --score-min < --score-max");
             }
             let values = (0..k)
