@@ -1,4 +1,4 @@
-//! `palm reward train|eval|score`: the reward model on preference pairs.
+//! `palm reward train|eval|score`: the reward model on preference pairs or rated responses.
 
 use std::path::{Path, PathBuf};
 
@@ -6,10 +6,13 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use palm::config::LoraSpec;
 use palm::rlhf::preference_data::{
-    encode_pairs, read_files, EncodedPair, PreferenceData, TruncationStats,
+    encode_pairs, encode_ratings, read_files, EncodedPair, PreferenceData, TruncationStats,
 };
 use palm::rlhf::reward::{HeadKind, Pooling, RewardConfig, RewardModel, REWARD_SCOPE};
-use palm::rlhf::reward_train::{checkpoint_dir, evaluate, train, RewardTrainConfig, FINAL_DIR};
+use palm::rlhf::reward_train::{
+    checkpoint_dir, evaluate, evaluate_ratings, train_examples, Examples, RewardTrainConfig,
+    FINAL_DIR,
+};
 use palm::tokenizer::Tokenizer;
 
 use super::generate::resolve_tokenizer;
@@ -22,9 +25,10 @@ pub struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum RewardCommand {
-    /// Train a reward model on preference pairs (Bradley-Terry loss).
+    /// Train a reward model on preference pairs (Bradley-Terry loss) or ratings (MSE, or
+    /// cross-entropy over bins with --bins).
     Train(TrainArgs),
-    /// Pairwise accuracy of a reward model on preference pairs (one JSON object on stdout).
+    /// Pairwise accuracy on preference pairs, or mse/mae on ratings (one JSON object on stdout).
     Eval(EvalArgs),
     /// The reward of one (prompt, response) (a number on stdout).
     Score(ScoreArgs),
@@ -43,7 +47,8 @@ pub struct TrainArgs {
     /// Base model (the trunk): checkpoint directory, or a weights file with config.json beside it.
     #[arg(long)]
     pub model: PathBuf,
-    /// Preference files (JSONL or .jsonl.gz): {"prompt","chosen","rejected"} or HH {"chosen","rejected"}.
+    /// Preference files (JSONL or .jsonl.gz): {"prompt","chosen","rejected"} or HH {"chosen","rejected"};
+    /// or rating files {"prompt","response","score"} (all records of one kind).
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
     /// Run directory: metrics.jsonl, metrics.svg, checkpoint/, reward_model/, summary.json.
@@ -77,10 +82,21 @@ pub struct TrainArgs {
     /// Bradley-Terry margin: the loss wants r_chosen - r_rejected above it.
     #[arg(long, default_value_t = 0.0)]
     pub margin: f64,
+    /// Ratings only: a binned head of K bins evenly valued over [--score-min, --score-max],
+    /// trained with cross-entropy against the nearest bin; its reward is the expected bin value.
+    /// Without it, ratings train a scalar head with MSE.
+    #[arg(long)]
+    pub bins: Option<usize>,
+    /// Lowest bin value (default: the lowest training score).
+    #[arg(long, requires = "bins")]
+    pub score_min: Option<f64>,
+    /// Highest bin value (default: the highest training score).
+    #[arg(long, requires = "bins")]
+    pub score_max: Option<f64>,
     /// Do not add the (trainable) prompt/response segment embeddings.
     #[arg(long)]
     pub no_segment_embeds: bool,
-    /// Use at most this many training pairs (after shuffling with the seed).
+    /// Use at most this many training pairs or ratings (after shuffling with the seed).
     #[arg(long)]
     pub limit: Option<usize>,
     /// Evaluate every N steps (0: at the end only).
@@ -157,12 +173,17 @@ fn check_vocab(tok: &Tokenizer, vocab: usize) -> Result<()> {
     Ok(())
 }
 
-fn read_pairs(files: &[PathBuf]) -> Result<PreferenceData> {
+/// Reads preference or rating files: all records must be of one kind.
+fn read_data(files: &[PathBuf]) -> Result<PreferenceData> {
     let data = read_files(files)?;
-    if !data.ratings.is_empty() {
+    if !data.ratings.is_empty()
+        && data.pairs.len() + data.skipped_ties + data.skipped_prompt_mismatch > 0
+    {
         bail!(
-            "{} rating records ({{\"prompt\",\"response\",\"score\"}}) found: `palm reward` trains and evaluates on preference pairs",
-            data.ratings.len()
+            "{:?} mix {} rating records ({{\"prompt\",\"response\",\"score\"}}) with {} preference pairs: use files of one kind",
+            files,
+            data.ratings.len(),
+            data.pairs.len() + data.skipped_ties + data.skipped_prompt_mismatch
         );
     }
     if data.skipped_ties + data.skipped_prompt_mismatch > 0 {
@@ -215,21 +236,71 @@ fn run_train(a: TrainArgs) -> Result<()> {
             base.max_seq_len()
         );
     }
-    let train_data = read_pairs(&a.data)?;
-    let eval_data = read_pairs(&a.eval)?;
+    let train_data = read_data(&a.data)?;
+    let eval_data = read_data(&a.eval)?;
+    let ratings = !train_data.ratings.is_empty();
+    let kind = if ratings { "ratings" } else { "pairs" };
+    if ratings == eval_data.ratings.is_empty() && !a.eval.is_empty() {
+        bail!(
+            "--data holds {} but --eval holds {}: use the same kind",
+            if ratings {
+                "ratings"
+            } else {
+                "preference pairs"
+            },
+            if ratings {
+                "preference pairs"
+            } else {
+                "ratings"
+            }
+        );
+    }
+    if !ratings && a.bins.is_some() {
+        bail!("--bins is for rating data ({{\"prompt\",\"response\",\"score\"}}), not preference pairs");
+    }
     let mut pairs = train_data.pairs;
-    if pairs.is_empty() {
-        bail!("no preference pairs in {:?}", a.data);
+    let mut rated = train_data.ratings;
+    if pairs.is_empty() && rated.is_empty() {
+        bail!("no preference pairs or ratings in {:?}", a.data);
     }
     if let Some(n) = a.limit {
         palm::rlhf::preference_data::subsample(&mut pairs, n, a.seed);
+        palm::rlhf::preference_data::subsample(&mut rated, n, a.seed);
     }
+    let head = match a.bins {
+        None => HeadKind::Scalar,
+        Some(k) => {
+            let lo = a
+                .score_min
+                .unwrap_or_else(|| rated.iter().map(|r| r.score).fold(f64::INFINITY, f64::min));
+            let hi = a.score_max.unwrap_or_else(|| {
+                rated
+                    .iter()
+                    .map(|r| r.score)
+                    .fold(f64::NEG_INFINITY, f64::max)
+            });
+            if k < 2 || hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
+                bail!("--bins {k} over [{lo}, {hi}]: needs at least 2 bins and --score-min < --score-max");
+            }
+            let values = (0..k)
+                .map(|i| (lo + (hi - lo) * i as f64 / (k - 1) as f64) as f32)
+                .collect();
+            HeadKind::Binned { bins: k, values }
+        }
+    };
     let mut st = TruncationStats::default();
     let train_enc = encode_pairs(&pairs, &tok, max_len, &mut st)?;
+    let train_rat = encode_ratings(&rated, &tok, max_len, &mut st)?;
     report_truncation("train", &st);
     let mut est = TruncationStats::default();
     let eval_enc = encode_pairs(&eval_data.pairs, &tok, max_len, &mut est)?;
+    let eval_rat = encode_ratings(&eval_data.ratings, &tok, max_len, &mut est)?;
     report_truncation("eval", &est);
+    let (train_ex, eval_ex) = if ratings {
+        (Examples::Ratings(&train_rat), Examples::Ratings(&eval_rat))
+    } else {
+        (Examples::Pairs(&train_enc), Examples::Pairs(&eval_enc))
+    };
 
     // 2. the model: fresh on the base, or the checkpoint
     let rm = if a.resume {
@@ -240,7 +311,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
                 PoolingArg::Last => Pooling::LastToken,
                 PoolingArg::Mean => Pooling::MaskedMean,
             },
-            head: HeadKind::Scalar,
+            head,
             scope: if a.full {
                 None
             } else {
@@ -259,9 +330,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
         .map(|(_, v)| v.elem_count())
         .sum();
     tracing::info!(
-        "{} train pairs, {} eval pairs; {} trainable parameters of {}",
-        train_enc.len(),
-        eval_enc.len(),
+        "{} train {kind}, {} eval {kind}; {} trainable parameters of {}",
+        train_ex.len(),
+        eval_ex.len(),
         trainable,
         rm.trunk.num_parameters()
     );
@@ -279,16 +350,16 @@ fn run_train(a: TrainArgs) -> Result<()> {
         save_every: a.save_every,
         ..Default::default()
     };
-    let total = (train_enc.len().div_ceil(a.batch_size) * a.epochs) as u64;
+    let total = (train_ex.len().div_ceil(a.batch_size) * a.epochs) as u64;
     let bar = ProgressBar::new(total);
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
     )?);
     let mut ema: Option<(f64, f64)> = None;
-    let summary = train(
+    let summary = train_examples(
         &rm,
-        &train_enc,
-        &eval_enc,
+        train_ex,
+        eval_ex,
         &cfg,
         &a.out,
         a.resume,
@@ -300,18 +371,25 @@ fn run_train(a: TrainArgs) -> Result<()> {
             };
             ema = Some((l, acc));
             bar.set_position(i.step);
-            bar.set_message(format!("loss {l:.4} acc {acc:.3}"));
+            if ratings {
+                bar.set_message(format!("loss {l:.4} mse {:.3}", i.margin));
+            } else {
+                bar.set_message(format!("loss {l:.4} acc {acc:.3}"));
+            }
         },
     )?;
     bar.finish_and_clear();
+    let (what, value, n) = if ratings {
+        ("mse", summary.eval_mse, summary.eval_ratings.unwrap_or(0))
+    } else {
+        ("accuracy", summary.eval_accuracy, summary.eval_pairs)
+    };
     tracing::info!(
-        "done in {:.0}s: eval accuracy {} on {} pairs; model in {}",
+        "done in {:.0}s: eval {what} {} on {n} {kind}; model in {}",
         summary.seconds,
-        summary
-            .eval_accuracy
+        value
             .map(|x| format!("{x:.4}"))
             .unwrap_or_else(|| "-".into()),
-        summary.eval_pairs,
         a.out.join(FINAL_DIR).display()
     );
     println!("{}", serde_json::to_string(&summary)?);
@@ -338,11 +416,27 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     let rm = load_reward_model(&a.model)?;
     let tok = resolve_tokenizer(a.tokenizer.as_deref(), &a.model)?;
     check_vocab(&tok, rm.trunk.vocab_size())?;
-    let data = read_pairs(&a.data)?;
-    if data.pairs.is_empty() {
-        bail!("no preference pairs in {:?}", a.data);
-    }
+    let data = read_data(&a.data)?;
     let max_len = a.max_len.unwrap_or(rm.max_len());
+    if !data.ratings.is_empty() {
+        let mut st = TruncationStats::default();
+        let enc = encode_ratings(&data.ratings, &tok, max_len, &mut st)?;
+        report_truncation("eval", &st);
+        let e = evaluate_ratings(&rm, &enc, a.batch_size)?;
+        let out = serde_json::json!({
+            "mse": e.mse,
+            "mae": e.mae,
+            "records": e.records,
+            "ordering_accuracy": e.ordering_accuracy,
+            "ordered_pairs": e.ordered_pairs,
+            "truncation": st,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    if data.pairs.is_empty() {
+        bail!("no preference pairs or ratings in {:?}", a.data);
+    }
     let mut st = TruncationStats::default();
     let enc: Vec<EncodedPair> = encode_pairs(&data.pairs, &tok, max_len, &mut st)?;
     report_truncation("eval", &st);

@@ -192,8 +192,8 @@ pub fn read_files(paths: &[PathBuf]) -> Result<PreferenceData> {
     Ok(out)
 }
 
-/// Keeps `n` pairs drawn without replacement, in an order fixed by `seed`.
-pub fn subsample(pairs: &mut Vec<PreferencePair>, n: usize, seed: u64) {
+/// Keeps `n` pairs (or ratings) drawn without replacement, in an order fixed by `seed`.
+pub fn subsample<T>(pairs: &mut Vec<T>, n: usize, seed: u64) {
     use rand::seq::SliceRandom;
     let mut r = crate::rng::stream(seed, 0x11a1);
     pairs.shuffle(&mut r);
@@ -280,6 +280,34 @@ pub fn encode_pairs(
             Ok(EncodedPair {
                 chosen: truncate(&prompt, &c, eos, max_len, stats),
                 rejected: truncate(&prompt, &r, eos, max_len, stats),
+            })
+        })
+        .collect()
+}
+
+/// A rated (prompt, response) as token ids, after truncation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EncodedRating {
+    pub seq: EncodedSeq,
+    pub score: f32,
+}
+
+/// Tokenizes and truncates rated responses.
+pub fn encode_ratings(
+    ratings: &[Rating],
+    tok: &Tokenizer,
+    max_len: usize,
+    stats: &mut TruncationStats,
+) -> Result<Vec<EncodedRating>> {
+    let eos = tok.eos_id();
+    ratings
+        .iter()
+        .map(|r| {
+            let prompt = tok.encode(&r.prompt)?;
+            let resp = tok.encode(&r.response)?;
+            Ok(EncodedRating {
+                seq: truncate(&prompt, &resp, eos, max_len, stats),
+                score: r.score as f32,
             })
         })
         .collect()
