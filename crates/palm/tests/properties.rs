@@ -561,9 +561,16 @@ fn torch_pickle_checkpoint_loads() {
     // scripts/make_pt_fixture.py together with the original's logits.
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     let m = palm::load::load_model(&dir.join("tiny_palm.pt"), &Device::Cpu).unwrap();
-    assert!(m.has_scope("actor"), "LoRA scope inferred from the state_dict");
-    let io = palm::params::read_tensors(&dir.join("tiny_palm_io.safetensors"), &Device::Cpu).unwrap();
-    let opts = Forward { scope: Some("actor"), ..Default::default() };
+    assert!(
+        m.has_scope("actor"),
+        "LoRA scope inferred from the state_dict"
+    );
+    let io =
+        palm::params::read_tensors(&dir.join("tiny_palm_io.safetensors"), &Device::Cpu).unwrap();
+    let opts = Forward {
+        scope: Some("actor"),
+        ..Default::default()
+    };
     let logits = m.forward(&io["ids"], &opts).unwrap();
     let d = max_diff(&logits, &io["logits_scoped"]);
     assert!(d < 5e-6, "logits differ from the original's by {d}");

@@ -3,10 +3,10 @@
 pub mod bench;
 pub mod generate;
 pub mod info;
-pub mod train;
-pub mod reward;
 pub mod ppo;
 pub mod quickstart;
+pub mod reward;
+pub mod train;
 
 use candle_core::Device;
 

@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use palm::rlhf::kl::KlEstimator;
 use palm::rlhf::ppo::{self, PpoConfig, PpoTrainer, Recipe};
+use palm::rlhf::scorer::{RewardModelScorer, Scorer, VaderScorer};
 use palm::tasks::quickstart::LoraRewardModel;
 use palm::tokenizer::Tokenizer;
 
@@ -34,9 +35,11 @@ pub struct Args {
     /// The policy to start from (checkpoint directory), usually an SFT model.
     #[arg(long, required_unless_present = "resume")]
     pub policy: Option<PathBuf>,
-    /// The reward model directory (as written by `palm quickstart`: DIR/reward/model).
+    /// The reward: a `palm reward train` output (run dir or model dir), a `palm quickstart`
+    /// reward model (DIR/reward/model), or `vader` / `vader:DIR` (the VADER sentiment compound
+    /// of the decoded response; default lexicon: the shared data's judges/vader).
     #[arg(long)]
-    pub reward: PathBuf,
+    pub reward: String,
     /// Prompts: JSONL with a "prompt" field per line, or plain text with one prompt per line.
     #[arg(long)]
     pub prompts: PathBuf,
@@ -51,9 +54,10 @@ pub struct Args {
     pub config: Option<PathBuf>,
     #[arg(long, value_enum)]
     pub recipe: Option<RecipeArg>,
-    /// `bytes` or a tokenizer.json.
-    #[arg(long, default_value = "bytes")]
-    pub tokenizer: String,
+    /// `bytes`, a tokenizer.json or a llama2.c .bin (default: the policy's own, as in
+    /// `palm generate`; bytes when none is found or on --resume without --policy).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
     #[arg(long)]
     pub steps: Option<usize>,
     #[arg(long)]
@@ -152,24 +156,75 @@ fn apply_flags(cfg: &mut PpoConfig, a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// What `--reward` names, loaded: the scorer and the vocabulary it expects (None: text-based).
+fn load_reward(
+    arg: &str,
+    tok: &Tokenizer,
+    dev: &candle_core::Device,
+) -> Result<(Box<dyn Scorer>, Option<usize>)> {
+    if arg == "vader" || arg.starts_with("vader:") {
+        let dir = match arg.strip_prefix("vader:") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => palm::fixtures::data_path("judges/vader"),
+        };
+        let vader = palm::judges::Vader::from_dir(&dir)
+            .with_context(|| format!("loading the VADER lexicon from {}", dir.display()))?;
+        let s = VaderScorer {
+            vader,
+            tokenizer: tok.clone(),
+        };
+        return Ok((Box::new(s), None));
+    }
+    let path = PathBuf::from(arg);
+    if !path.exists() {
+        bail!(
+            "--reward {arg}: no such file or directory (expected a `palm reward train` run or model \
+             directory, a `palm quickstart` reward model, or `vader` / `vader:DIR`)"
+        );
+    }
+    let final_dir = path.join(palm::rlhf::reward_train::FINAL_DIR);
+    if path.join("reward.json").exists() || final_dir.join("reward.json").exists() {
+        let model = super::reward::load_reward_model(&path)?;
+        let vocab = model.trunk.vocab_size();
+        let s = RewardModelScorer {
+            model,
+            eos: tok.eos_id(),
+            batch_size: 32,
+        };
+        return Ok((Box::new(s), Some(vocab)));
+    }
+    let rm = LoraRewardModel::load(&path, dev).with_context(|| {
+        format!(
+            "--reward {}: neither a `palm reward train` output (no reward.json) nor a \
+             `palm quickstart` reward model",
+            path.display()
+        )
+    })?;
+    let vocab = rm.model.vocab_size();
+    Ok((Box::new(rm), Some(vocab)))
+}
+
 pub fn run(a: Args) -> Result<()> {
     let dev = super::device();
-    let tok = Tokenizer::from_arg(&a.tokenizer)?;
+    let tok = match (&a.policy, &a.tokenizer) {
+        (Some(p), t) => super::generate::resolve_tokenizer(t.as_deref(), p)?,
+        (None, Some(t)) => Tokenizer::from_arg(t)?,
+        (None, None) => Tokenizer::Bytes,
+    };
     // validate every input before writing anything
     let texts = read_prompts(&a.prompts)?;
     let prompts: Vec<Vec<u32>> = texts
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let ids = tok.encode(t)?;
+            let ids = tok.encode_prompt(t)?;
             if ids.is_empty() {
                 bail!("{}: prompt {} is empty", a.prompts.display(), i + 1);
             }
             Ok(ids)
         })
         .collect::<Result<_>>()?;
-    let rm = LoraRewardModel::load(&a.reward, &dev)
-        .with_context(|| format!("loading reward model {}", a.reward.display()))?;
+    let (scorer, rm_vocab) = load_reward(&a.reward, &tok, &dev)?;
     let mut trainer = if a.resume {
         // the saved config is the run's; only its length may change
         if a.config.is_some()
@@ -196,11 +251,10 @@ pub fn run(a: Args) -> Result<()> {
         let policy = a.policy.as_ref().context("--policy is required")?;
         let model = palm::load::load_model(policy, &dev)
             .with_context(|| format!("loading policy {}", policy.display()))?;
-        if model.vocab_size() != rm.model.vocab_size() {
+        if let Some(v) = rm_vocab.filter(|&v| v != model.vocab_size()) {
             bail!(
-                "the policy's vocabulary ({}) differs from the reward model's ({})",
+                "the policy's vocabulary ({}) differs from the reward model's ({v})",
                 model.vocab_size(),
-                rm.model.vocab_size()
             );
         }
         PpoTrainer::new(model, cfg)?
@@ -214,7 +268,7 @@ pub fn run(a: Args) -> Result<()> {
         &mut trainer,
         &prompts,
         tok.eos_id(),
-        &rm,
+        scorer.as_ref(),
         None,
         &a.out,
         |m| {
