@@ -88,6 +88,61 @@ pub struct Args {
     pub seed: Option<u64>,
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Before and after training, sample N responses per prompt (seed 0, the run's temperature and
+    /// max_new_tokens) with the starting policy and with RUN/policy, score them with the reward,
+    /// and report the means (`score_before`, `score_after` on stdout; samples in
+    /// RUN/eval_{before,after}.jsonl).
+    #[arg(long, default_value_t = 0)]
+    pub eval_samples: usize,
+}
+
+/// Samples `n` responses per prompt with `model` (fixed seed 0) and scores them: the mean
+/// score, and (prompt, response, score) records.
+fn evaluate(
+    model: &palm::Model,
+    prompts: &[Vec<u32>],
+    n: usize,
+    cfg: &PpoConfig,
+    eos: Option<u32>,
+    tok: &Tokenizer,
+    scorer: &dyn Scorer,
+) -> Result<(f64, Vec<serde_json::Value>)> {
+    let rep: Vec<Vec<u32>> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), n))
+        .collect();
+    let req = palm::sample::GenerateRequest {
+        prompts: rep.clone(),
+        max_new_tokens: cfg.max_new_tokens,
+        eos,
+        sampling: palm::sample::Sampling {
+            temperature: cfg.temperature,
+            ..Default::default()
+        },
+        seed: 0,
+        scope: None,
+        disable_lora: false,
+    };
+    let g = palm::sample::generate(model, &req, |_, _| {})?;
+    let scores = scorer.score(&rep, &g.completions)?;
+    let mean = scores.iter().map(|&x| x as f64).sum::<f64>() / scores.len().max(1) as f64;
+    let recs = rep
+        .iter()
+        .zip(&g.completions)
+        .zip(&scores)
+        .map(|((p, r), s)| {
+            Ok(serde_json::json!({
+                "prompt": tok.decode(p)?, "response": tok.decode(r)?, "score": s
+            }))
+        })
+        .collect::<Result<_>>()?;
+    Ok((mean, recs))
+}
+
+fn write_jsonl(path: &Path, recs: &[serde_json::Value]) -> Result<()> {
+    let body: String = recs.iter().map(|r| format!("{r}\n")).collect();
+    palm::checkpoint::write_atomic(path, body.as_bytes())?;
+    Ok(())
 }
 
 /// Reads prompts: JSONL `{"prompt": ...}` (when the first non-empty line starts with `{`) or
@@ -225,6 +280,7 @@ pub fn run(a: Args) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let (scorer, rm_vocab) = load_reward(&a.reward, &tok, &dev)?;
+    let mut score_before = None;
     let mut trainer = if a.resume {
         // the saved config is the run's; only its length may change
         if a.config.is_some()
@@ -257,6 +313,22 @@ pub fn run(a: Args) -> Result<()> {
                 model.vocab_size(),
             );
         }
+        if a.eval_samples > 0 {
+            let (m, recs) = evaluate(
+                &model,
+                &prompts,
+                a.eval_samples,
+                &cfg,
+                tok.eos_id(),
+                &tok,
+                scorer.as_ref(),
+            )?;
+            std::fs::create_dir_all(&a.out)
+                .with_context(|| format!("creating {}", a.out.display()))?;
+            write_jsonl(&a.out.join("eval_before.jsonl"), &recs)?;
+            score_before = Some(m);
+            tracing::info!("eval before: mean score {m:.4} over {} samples", recs.len());
+        }
         PpoTrainer::new(model, cfg)?
     };
     let total = trainer.cfg.steps as u64;
@@ -281,9 +353,26 @@ pub fn run(a: Args) -> Result<()> {
         },
     )?;
     bar.finish();
+    let mut score_after = None;
+    if a.eval_samples > 0 {
+        let policy = palm::load::load_model(&a.out.join("policy"), &dev)?;
+        let (m, recs) = evaluate(
+            &policy,
+            &prompts,
+            a.eval_samples,
+            &trainer.cfg,
+            tok.eos_id(),
+            &tok,
+            scorer.as_ref(),
+        )?;
+        write_jsonl(&a.out.join("eval_after.jsonl"), &recs)?;
+        score_after = Some(m);
+        tracing::info!("eval after: mean score {m:.4} over {} samples", recs.len());
+    }
     println!(
         "{}",
-        serde_json::json!({"out": a.out, "steps": trainer.step, "policy": a.out.join("policy")})
+        serde_json::json!({"out": a.out, "steps": trainer.step, "policy": a.out.join("policy"),
+            "score_before": score_before, "score_after": score_after})
     );
     Ok(())
 }
