@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use palm::rlhf::kl::KlEstimator;
 use palm::rlhf::ppo::{self, PpoConfig, PpoTrainer, Recipe};
+use palm::rlhf::scorer::{RewardModelScorer, Scorer, VaderScorer};
 use palm::tasks::quickstart::LoraRewardModel;
 use palm::tokenizer::Tokenizer;
 
@@ -34,9 +35,11 @@ pub struct Args {
     /// The policy to start from (checkpoint directory), usually an SFT model.
     #[arg(long, required_unless_present = "resume")]
     pub policy: Option<PathBuf>,
-    /// The reward model directory (as written by `palm quickstart`: DIR/reward/model).
+    /// The reward: a `palm reward train` output (run dir or model dir), a `palm quickstart`
+    /// reward model (DIR/reward/model), or `vader` / `vader:DIR` (the VADER sentiment compound
+    /// of the decoded response; default lexicon: the shared data's judges/vader).
     #[arg(long)]
-    pub reward: PathBuf,
+    pub reward: String,
     /// Prompts: JSONL with a "prompt" field per line, or plain text with one prompt per line.
     #[arg(long)]
     pub prompts: PathBuf,
@@ -51,9 +54,10 @@ pub struct Args {
     pub config: Option<PathBuf>,
     #[arg(long, value_enum)]
     pub recipe: Option<RecipeArg>,
-    /// `bytes` or a tokenizer.json.
-    #[arg(long, default_value = "bytes")]
-    pub tokenizer: String,
+    /// `bytes`, a tokenizer.json or a llama2.c .bin (default: the policy's own, as in
+    /// `palm generate`; bytes when none is found or on --resume without --policy).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
     #[arg(long)]
     pub steps: Option<usize>,
     #[arg(long)]
@@ -84,6 +88,61 @@ pub struct Args {
     pub seed: Option<u64>,
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Before and after training, sample N responses per prompt (seed 0, the run's temperature and
+    /// max_new_tokens) with the starting policy and with RUN/policy, score them with the reward,
+    /// and report the means (`score_before`, `score_after` on stdout; samples in
+    /// RUN/eval_{before,after}.jsonl).
+    #[arg(long, default_value_t = 0)]
+    pub eval_samples: usize,
+}
+
+/// Samples `n` responses per prompt with `model` (fixed seed 0) and scores them: the mean
+/// score, and (prompt, response, score) records.
+fn evaluate(
+    model: &palm::Model,
+    prompts: &[Vec<u32>],
+    n: usize,
+    cfg: &PpoConfig,
+    eos: Option<u32>,
+    tok: &Tokenizer,
+    scorer: &dyn Scorer,
+) -> Result<(f64, Vec<serde_json::Value>)> {
+    let rep: Vec<Vec<u32>> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), n))
+        .collect();
+    let req = palm::sample::GenerateRequest {
+        prompts: rep.clone(),
+        max_new_tokens: cfg.max_new_tokens,
+        eos,
+        sampling: palm::sample::Sampling {
+            temperature: cfg.temperature,
+            ..Default::default()
+        },
+        seed: 0,
+        scope: None,
+        disable_lora: false,
+    };
+    let g = palm::sample::generate(model, &req, |_, _| {})?;
+    let scores = scorer.score(&rep, &g.completions)?;
+    let mean = scores.iter().map(|&x| x as f64).sum::<f64>() / scores.len().max(1) as f64;
+    let recs = rep
+        .iter()
+        .zip(&g.completions)
+        .zip(&scores)
+        .map(|((p, r), s)| {
+            Ok(serde_json::json!({
+                "prompt": tok.decode(p)?, "response": tok.decode(r)?, "score": s
+            }))
+        })
+        .collect::<Result<_>>()?;
+    Ok((mean, recs))
+}
+
+fn write_jsonl(path: &Path, recs: &[serde_json::Value]) -> Result<()> {
+    let body: String = recs.iter().map(|r| format!("{r}\n")).collect();
+    palm::checkpoint::write_atomic(path, body.as_bytes())?;
+    Ok(())
 }
 
 /// Reads prompts: JSONL `{"prompt": ...}` (when the first non-empty line starts with `{`) or
@@ -152,24 +211,76 @@ fn apply_flags(cfg: &mut PpoConfig, a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// What `--reward` names, loaded: the scorer and the vocabulary it expects (None: text-based).
+fn load_reward(
+    arg: &str,
+    tok: &Tokenizer,
+    dev: &candle_core::Device,
+) -> Result<(Box<dyn Scorer>, Option<usize>)> {
+    if arg == "vader" || arg.starts_with("vader:") {
+        let dir = match arg.strip_prefix("vader:") {
+            Some(d) if !d.is_empty() => PathBuf::from(d),
+            _ => palm::fixtures::data_path("judges/vader"),
+        };
+        let vader = palm::judges::Vader::from_dir(&dir)
+            .with_context(|| format!("loading the VADER lexicon from {}", dir.display()))?;
+        let s = VaderScorer {
+            vader,
+            tokenizer: tok.clone(),
+        };
+        return Ok((Box::new(s), None));
+    }
+    let path = PathBuf::from(arg);
+    if !path.exists() {
+        bail!(
+            "--reward {arg}: no such file or directory (expected a `palm reward train` run or model \
+             directory, a `palm quickstart` reward model, or `vader` / `vader:DIR`)"
+        );
+    }
+    let final_dir = path.join(palm::rlhf::reward_train::FINAL_DIR);
+    if path.join("reward.json").exists() || final_dir.join("reward.json").exists() {
+        let model = super::reward::load_reward_model(&path)?;
+        let vocab = model.trunk.vocab_size();
+        let s = RewardModelScorer {
+            model,
+            eos: tok.eos_id(),
+            batch_size: 32,
+        };
+        return Ok((Box::new(s), Some(vocab)));
+    }
+    let rm = LoraRewardModel::load(&path, dev).with_context(|| {
+        format!(
+            "--reward {}: neither a `palm reward train` output (no reward.json) nor a \
+             `palm quickstart` reward model",
+            path.display()
+        )
+    })?;
+    let vocab = rm.model.vocab_size();
+    Ok((Box::new(rm), Some(vocab)))
+}
+
 pub fn run(a: Args) -> Result<()> {
     let dev = super::device();
-    let tok = Tokenizer::from_arg(&a.tokenizer)?;
+    let tok = match (&a.policy, &a.tokenizer) {
+        (Some(p), t) => super::generate::resolve_tokenizer(t.as_deref(), p)?,
+        (None, Some(t)) => Tokenizer::from_arg(t)?,
+        (None, None) => Tokenizer::Bytes,
+    };
     // validate every input before writing anything
     let texts = read_prompts(&a.prompts)?;
     let prompts: Vec<Vec<u32>> = texts
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let ids = tok.encode(t)?;
+            let ids = tok.encode_prompt(t)?;
             if ids.is_empty() {
                 bail!("{}: prompt {} is empty", a.prompts.display(), i + 1);
             }
             Ok(ids)
         })
         .collect::<Result<_>>()?;
-    let rm = LoraRewardModel::load(&a.reward, &dev)
-        .with_context(|| format!("loading reward model {}", a.reward.display()))?;
+    let (scorer, rm_vocab) = load_reward(&a.reward, &tok, &dev)?;
+    let mut score_before = None;
     let mut trainer = if a.resume {
         // the saved config is the run's; only its length may change
         if a.config.is_some()
@@ -196,12 +307,27 @@ pub fn run(a: Args) -> Result<()> {
         let policy = a.policy.as_ref().context("--policy is required")?;
         let model = palm::load::load_model(policy, &dev)
             .with_context(|| format!("loading policy {}", policy.display()))?;
-        if model.vocab_size() != rm.model.vocab_size() {
+        if let Some(v) = rm_vocab.filter(|&v| v != model.vocab_size()) {
             bail!(
-                "the policy's vocabulary ({}) differs from the reward model's ({})",
+                "the policy's vocabulary ({}) differs from the reward model's ({v})",
                 model.vocab_size(),
-                rm.model.vocab_size()
             );
+        }
+        if a.eval_samples > 0 {
+            let (m, recs) = evaluate(
+                &model,
+                &prompts,
+                a.eval_samples,
+                &cfg,
+                tok.eos_id(),
+                &tok,
+                scorer.as_ref(),
+            )?;
+            std::fs::create_dir_all(&a.out)
+                .with_context(|| format!("creating {}", a.out.display()))?;
+            write_jsonl(&a.out.join("eval_before.jsonl"), &recs)?;
+            score_before = Some(m);
+            tracing::info!("eval before: mean score {m:.4} over {} samples", recs.len());
         }
         PpoTrainer::new(model, cfg)?
     };
@@ -214,7 +340,7 @@ pub fn run(a: Args) -> Result<()> {
         &mut trainer,
         &prompts,
         tok.eos_id(),
-        &rm,
+        scorer.as_ref(),
         None,
         &a.out,
         |m| {
@@ -227,9 +353,26 @@ pub fn run(a: Args) -> Result<()> {
         },
     )?;
     bar.finish();
+    let mut score_after = None;
+    if a.eval_samples > 0 {
+        let policy = palm::load::load_model(&a.out.join("policy"), &dev)?;
+        let (m, recs) = evaluate(
+            &policy,
+            &prompts,
+            a.eval_samples,
+            &trainer.cfg,
+            tok.eos_id(),
+            &tok,
+            scorer.as_ref(),
+        )?;
+        write_jsonl(&a.out.join("eval_after.jsonl"), &recs)?;
+        score_after = Some(m);
+        tracing::info!("eval after: mean score {m:.4} over {} samples", recs.len());
+    }
     println!(
         "{}",
-        serde_json::json!({"out": a.out, "steps": trainer.step, "policy": a.out.join("policy")})
+        serde_json::json!({"out": a.out, "steps": trainer.step, "policy": a.out.join("policy"),
+            "score_before": score_before, "score_after": score_after})
     );
     Ok(())
 }

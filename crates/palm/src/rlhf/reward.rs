@@ -504,6 +504,37 @@ impl RewardModel {
         let seqs: Vec<(&[u32], &[u32])> = enc.iter().map(|e| e.as_pair()).collect();
         self.score(&seqs, batch_size)
     }
+    /// [`RewardModel::score_responses`] for (prompt, response) pairs with different prompts,
+    /// batched: one score per pair.
+    pub fn score_pairs(
+        &self,
+        prompts: &[Vec<u32>],
+        responses: &[Vec<u32>],
+        eos: Option<u32>,
+        batch_size: usize,
+    ) -> Result<Vec<f32>> {
+        if prompts.len() != responses.len() {
+            return Err(Error::msg(format!(
+                "score_pairs: {} prompts but {} responses",
+                prompts.len(),
+                responses.len()
+            )));
+        }
+        let mut stats = crate::rlhf::preference_data::TruncationStats::default();
+        let enc: Vec<_> = prompts
+            .iter()
+            .zip(responses)
+            .map(|(p, r)| {
+                let r = match (r.last(), eos) {
+                    (Some(&l), Some(e)) if l == e => &r[..r.len() - 1],
+                    _ => &r[..],
+                };
+                crate::rlhf::preference_data::truncate(p, r, eos, self.max_len(), &mut stats)
+            })
+            .collect();
+        let seqs: Vec<(&[u32], &[u32])> = enc.iter().map(|e| e.as_pair()).collect();
+        self.score(&seqs, batch_size)
+    }
 }
 
 /// sum(x * mask, T) / max(sum(mask, T), 1e-3): x [B, T, C], mask [B, T] -> [B, C].

@@ -1,0 +1,123 @@
+//! `palm ppo` against a `palm reward train` model on a tiny policy: 2 steps, then `--resume` 1
+//! step; bad prompts files are refused before anything is written.
+
+use std::path::Path;
+
+use assert_cmd::Command;
+use candle_core::Device;
+use palm::model::{Model, Palm};
+use palm::PalmConfig;
+
+fn tiny_base(dir: &Path) -> std::path::PathBuf {
+    let cfg = PalmConfig {
+        heads: 2,
+        dim_head: 8,
+        max_seq_len: 64,
+        ..PalmConfig::new(256, 16, 1)
+    };
+    let p = dir.join("base");
+    Model::Palm(Palm::new(&cfg, 0, &Device::Cpu).unwrap())
+        .save(&p)
+        .unwrap();
+    p
+}
+
+fn palm() -> Command {
+    Command::cargo_bin("palm").unwrap()
+}
+
+fn ppo(dir: &Path, prompts: &str, out: &str, extra: &[&str]) -> Command {
+    let mut c = palm();
+    c.current_dir(dir)
+        .args(["ppo", "--reward", "rm", "--prompts", prompts, "--out", out])
+        .args(extra);
+    c
+}
+
+#[test]
+fn ppo_with_a_trained_reward_model_then_resume() {
+    let d = tempfile::tempdir().unwrap();
+    let base = tiny_base(d.path());
+    let mut pairs = String::new();
+    for i in 0..8 {
+        pairs.push_str(&format!(
+            "{{\"prompt\":\"Q{i}:\",\"chosen\":\" good\",\"rejected\":\" bad\"}}\n"
+        ));
+    }
+    std::fs::write(d.path().join("pairs.jsonl"), pairs).unwrap();
+    palm()
+        .current_dir(d.path())
+        .args(["reward", "train", "--model"])
+        .arg(&base)
+        .args(["--data", "pairs.jsonl", "--out", "rm", "--epochs", "1"])
+        .args(["--batch-size", "4", "--max-len", "32"])
+        .assert()
+        .success();
+    std::fs::write(d.path().join("prompts.txt"), "Q1:\nQ22:\nQ333:\n").unwrap();
+    let small = [
+        "--batch-size",
+        "3",
+        "--minibatch-size",
+        "3",
+        "--epochs",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--seed",
+        "3",
+    ];
+    let mut args = vec!["--policy", "base", "--steps", "2"];
+    args.extend(small);
+    ppo(d.path(), "prompts.txt", "run", &args)
+        .assert()
+        .success();
+    let lines = |p: &Path| std::fs::read_to_string(p).unwrap().lines().count();
+    let metrics = d.path().join("run/metrics.jsonl");
+    assert_eq!(lines(&metrics), 2);
+    ppo(
+        d.path(),
+        "prompts.txt",
+        "run",
+        &["--resume", "--steps", "3"],
+    )
+    .assert()
+    .success();
+    assert_eq!(lines(&metrics), 3);
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&metrics)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["step"], 3);
+    assert!(last["objective/scores"].as_f64().unwrap().is_finite());
+    assert!(d.path().join("run/policy").exists());
+}
+
+#[test]
+fn bad_prompts_file_and_unknown_reward_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_base(d.path());
+    std::fs::write(
+        d.path().join("bad.jsonl"),
+        "{\"prompt\": \"ok\"}\n{\"text\": \"no prompt\"}\n",
+    )
+    .unwrap();
+    let err = |c: &mut Command| {
+        String::from_utf8_lossy(&c.assert().failure().get_output().stderr).into_owned()
+    };
+    let e = err(&mut ppo(
+        d.path(),
+        "bad.jsonl",
+        "run",
+        &["--policy", "base"],
+    ));
+    insta::assert_snapshot!("ppo_bad_prompts", e.trim());
+    assert!(!d.path().join("run").exists(), "nothing written");
+    std::fs::write(d.path().join("p.txt"), "hi\n").unwrap();
+    let e = err(&mut ppo(d.path(), "p.txt", "run", &["--policy", "base"]));
+    assert!(e.contains("--reward rm: no such file"), "{e}");
+    assert!(!d.path().join("run").exists(), "nothing written");
+}
