@@ -68,15 +68,7 @@ impl Model {
     /// Next-token loss as the original's `return_loss=True`: forward on ids[:, :-1], mean
     /// cross-entropy against ids[:, 1:] over labels != `ignore_index()`.
     pub fn lm_loss(&self, ids: &Tensor, opts: &Forward) -> Result<Tensor> {
-        let t = ids.dim(1)?;
-        let inp = ids.narrow(1, 0, t - 1)?;
-        let labels = ids.narrow(1, 1, t - 1)?;
-        let logits = self.forward(&inp, opts)?;
-        let mask = match self.ignore_index() {
-            Some(ig) => Some(labels.to_dtype(candle_core::DType::I64)?.ne(ig)?),
-            None => None,
-        };
-        cross_entropy(&logits, &labels, mask.as_ref())
+        palm::next_token_loss(ids, self.ignore_index(), |inp| self.forward(inp, opts))
     }
 
     pub fn vars(&self) -> &VarStore {

@@ -634,16 +634,28 @@ impl Palm {
     /// The original's `return_loss=True`: forward on ids[:, :-1], cross-entropy against
     /// ids[:, 1:], mean over labels != `cross_entropy_ignore_index`.
     pub fn loss(&self, ids: &Tensor, opts: &Forward) -> Result<Tensor> {
-        let t = ids.dim(1)?;
-        let inp = ids.narrow(1, 0, t - 1)?;
-        let labels = ids.narrow(1, 1, t - 1)?;
-        let logits = self.forward(&inp, opts)?;
-        let mask = match self.cfg.cross_entropy_ignore_index {
-            Some(ig) => Some(labels.to_dtype(DType::I64)?.ne(ig)?),
-            None => None,
-        };
-        cross_entropy(&logits, &labels, mask.as_ref())
+        next_token_loss(ids, self.cfg.cross_entropy_ignore_index, |inp| {
+            self.forward(inp, opts)
+        })
     }
+}
+
+/// Next-token loss: `forward` runs on ids[:, :-1], the mean cross-entropy is taken against
+/// ids[:, 1:] over labels != `ignore_index`.
+pub fn next_token_loss(
+    ids: &Tensor,
+    ignore_index: Option<i64>,
+    forward: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let t = ids.dim(1)?;
+    let inp = ids.narrow(1, 0, t - 1)?;
+    let labels = ids.narrow(1, 1, t - 1)?;
+    let logits = forward(&inp)?;
+    let mask = match ignore_index {
+        Some(ig) => Some(labels.to_dtype(DType::I64)?.ne(ig)?),
+        None => None,
+    };
+    cross_entropy(&logits, &labels, mask.as_ref())
 }
 
 /// Mean cross-entropy of `logits` [B, T, V] against `labels` [B, T], over positions where
