@@ -27,10 +27,12 @@ for w in $WORKLOADS; do
   for r in $(seq "$ROUNDS"); do
     if [ "$kind" != generate ]; then
       o=$($PALM bench "$kind" --config "$cfg" --runs "$RUNS")
+      echo "ours    $w round $r: $o" >&2
       OURS[$w]+="$(echo "$o" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])') "
       ORSS[$w]=$(echo "$o" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["peak_rss_mb"]))')
     fi
     t=$($PY "$kind" --config "$cfg" --runs "$RUNS")
+    echo "pytorch $w round $r: $t" >&2
     THEIRS[$w]+="$(echo "$t" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])') "
     TRSS[$w]=$(echo "$t" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["peak_rss_mb"]))')
   done
