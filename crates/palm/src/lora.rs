@@ -39,7 +39,7 @@ pub struct LoraScope {
 }
 
 /// Stable per-scope seed offset so two scopes never share init values.
-fn scope_tag(name: &str) -> u64 {
+pub(crate) fn scope_tag(name: &str) -> u64 {
     name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     })

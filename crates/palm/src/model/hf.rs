@@ -20,24 +20,16 @@ use serde_json::Value;
 pub use super::hf_config::{
     Act, Arch, BlockKind, HfSpec, NormKind, PosKind, QkvLayout, RotaryStyle,
 };
-use super::palm::{softmax_last, Forward};
+use super::palm::{dropout, frozen, softmax_last, Forward};
 use crate::config::{LoraSpec, LoraTargets};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
-use crate::lora::{Lora, LoraLayer};
+use crate::lora::{scope_tag, Lora, LoraLayer};
 use crate::params::VarStore;
 use crate::rng::{self, PalmRng};
 
 /// Masked scores take this value (not -inf), so a fully masked row (left padding) is not NaN.
 const MASK_VALUE: f32 = -f32::MAX;
-
-fn frozen(t: &Tensor, freeze: bool) -> Tensor {
-    if freeze {
-        t.detach()
-    } else {
-        t.clone()
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Linear: weight [out, in] (or [in, out] for GPT-2's Conv1D), optional bias [out].
@@ -199,24 +191,6 @@ pub fn apply_rotary(
         let pass = x.narrow(D::Minus1, dims, d - dims)?;
         Ok(Tensor::cat(&[&rotated, &pass], D::Minus1)?)
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Dropout with the model's seeded RNG (inverted).
-
-fn dropout(x: &Tensor, p: f64, rng: &Mutex<PalmRng>) -> Result<Tensor> {
-    use rand::Rng;
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    let keep = 1.0 / (1.0 - p) as f32;
-    let mask: Vec<f32> = {
-        let mut r = rng.lock().map_err(|_| Error::msg("dropout RNG poisoned"))?;
-        (0..x.elem_count())
-            .map(|_| if r.random::<f64>() < p { 0.0 } else { keep })
-            .collect()
-    };
-    Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -568,13 +542,6 @@ impl TensorSource<'_> {
             eps: spec.norm_eps,
         })
     }
-}
-
-/// Stable per-scope seed offset so two scopes never share init values.
-fn scope_tag(name: &str) -> u64 {
-    name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100000001b3)
-    })
 }
 
 impl HfModel {

@@ -67,7 +67,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> candle_core::Result<T
     xn.broadcast_mul(&(gamma + 1.0)?)
 }
 
-fn frozen(t: &Tensor, freeze: bool) -> Tensor {
+pub(crate) fn frozen(t: &Tensor, freeze: bool) -> Tensor {
     if freeze {
         t.detach()
     } else {
@@ -172,7 +172,7 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<T
 // ---------------------------------------------------------------------------------------------
 // Dropout with our own seeded RNG (inverted: kept values are scaled by 1/(1-p)).
 
-fn dropout(x: &Tensor, p: f64, rng: &Mutex<PalmRng>) -> Result<Tensor> {
+pub(crate) fn dropout(x: &Tensor, p: f64, rng: &Mutex<PalmRng>) -> Result<Tensor> {
     use rand::Rng;
     if p <= 0.0 {
         return Ok(x.clone());
