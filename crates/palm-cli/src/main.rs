@@ -5,6 +5,12 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 
+/// mimalloc keeps freed memory for reuse: candle allocates every op's output afresh, and with
+/// glibc's malloc each large buffer was a new mmap (page faults and zeroing: a third of a training
+/// step in the profile).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "palm",

@@ -1,19 +1,85 @@
 //! Per-layer key/value cache for incremental decoding. Multi-query attention keeps one K/V head,
-//! so the cache is [B, S, D] per layer for keys and for values: H times smaller than multi-head.
+//! so PaLM's cache is [B, S, D] per layer for keys and for values: H times smaller than
+//! multi-head (the Hugging Face decoders keep [B, KV, S, D]).
+//!
+//! Each layer's keys and values live in one preallocated buffer per tensor, written in place
+//! (`slice_set`) as positions arrive; readers get a `narrow` view of the filled part. Growing by
+//! `Tensor::cat` every step instead copied the whole cache per token and, because the cached
+//! tensors carried their autograd history, kept every step's activations alive (1.9 GB peak for
+//! 16 x 256 tokens of the small model). The cache is for inference: what it stores is detached.
 
-use candle_core::Tensor;
+use candle_core::{Result, Tensor};
+
+/// One layer's keys and values: buffers with room for `capacity` positions along `seq_dim`.
+#[derive(Debug, Clone, Default)]
+pub struct LayerKv {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    /// Positions filled.
+    len: usize,
+    /// The sequence dimension of the buffers (1 for [B, S, D], 2 for [B, KV, S, D]).
+    seq_dim: usize,
+}
+
+impl LayerKv {
+    /// Appends `k`, `v` (same shape, `t` new positions along `seq_dim`) and returns views of all
+    /// cached positions so far (earlier ones first). `reserve` is the total length the caller
+    /// expects; buffers double when it is exceeded.
+    pub fn append(
+        &mut self,
+        k: &Tensor,
+        v: &Tensor,
+        seq_dim: usize,
+        reserve: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let t = k.dim(seq_dim)?;
+        let need = self.len + t;
+        let cap = self.k.as_ref().map(|b| b.dim(seq_dim)).transpose()?;
+        if cap.is_none_or(|c| c < need) {
+            let new_cap = need.max(reserve).max(cap.unwrap_or(0) * 2);
+            let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
+                let mut dims = like.dims().to_vec();
+                dims[seq_dim] = new_cap;
+                let buf = Tensor::zeros(dims, like.dtype(), like.device())?;
+                if let Some(old) = old {
+                    buf.slice_set(&old.narrow(seq_dim, 0, self.len)?.contiguous()?, seq_dim, 0)?;
+                }
+                Ok(buf)
+            };
+            self.k = Some(grow(&self.k, k)?);
+            self.v = Some(grow(&self.v, v)?);
+            self.seq_dim = seq_dim;
+        }
+        let (kb, vb) = match (&self.k, &self.v) {
+            (Some(kb), Some(vb)) => (kb, vb),
+            _ => candle_core::bail!("kv cache buffers missing after allocation"),
+        };
+        kb.slice_set(&k.detach().contiguous()?, seq_dim, self.len)?;
+        vb.slice_set(&v.detach().contiguous()?, seq_dim, self.len)?;
+        self.len = need;
+        Ok((kb.narrow(seq_dim, 0, need)?, vb.narrow(seq_dim, 0, need)?))
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<(Option<Tensor>, Option<Tensor>)>,
+    layers: Vec<LayerKv>,
     len: usize,
+    /// Expected total length (prompt + new tokens), so buffers are allocated once.
+    reserve: usize,
 }
 
 impl KvCache {
     pub fn new(depth: usize) -> Self {
+        Self::with_capacity(depth, 0)
+    }
+
+    /// A cache that allocates room for `positions` positions on first use.
+    pub fn with_capacity(depth: usize, positions: usize) -> Self {
         Self {
-            layers: vec![(None, None); depth],
+            layers: vec![LayerKv::default(); depth],
             len: 0,
+            reserve: positions,
         }
     }
 
@@ -26,8 +92,9 @@ impl KvCache {
         self.len == 0
     }
 
-    pub(crate) fn layer_mut(&mut self, l: usize) -> &mut (Option<Tensor>, Option<Tensor>) {
-        &mut self.layers[l]
+    /// Layer `l`'s cache and the total length to reserve.
+    pub(crate) fn layer_mut(&mut self, l: usize) -> (&mut LayerKv, usize) {
+        (&mut self.layers[l], self.reserve)
     }
 
     pub(crate) fn advance(&mut self, t: usize) {
@@ -35,15 +102,47 @@ impl KvCache {
     }
 
     /// Keeps only the batch rows in `rows` (e.g. to drop finished sequences).
-    pub fn select_rows(&mut self, rows: &Tensor) -> candle_core::Result<()> {
-        for (k, v) in self.layers.iter_mut() {
-            if let Some(t) = k {
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for l in self.layers.iter_mut() {
+            if let Some(t) = &mut l.k {
                 *t = t.index_select(rows, 0)?;
             }
-            if let Some(t) = v {
+            if let Some(t) = &mut l.v {
                 *t = t.index_select(rows, 0)?;
             }
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn append_equals_concatenation_and_grows() -> Result<()> {
+        let dev = Device::Cpu;
+        // reserve 3 positions, then append 2 + 1 + 2 (the last one forces a doubling)
+        let mut l = LayerKv::default();
+        let mut all_k: Option<Tensor> = None;
+        for (i, t) in [2usize, 1, 2].into_iter().enumerate() {
+            let k = Tensor::arange(0f32, (2 * t * 3) as f32, &dev)?.reshape((2, t, 3))?;
+            let k = (k + 100.0 * i as f64)?;
+            let v = (&k * -1.0)?;
+            let (ka, va) = l.append(&k, &v, 1, 3)?;
+            all_k = Some(match all_k {
+                None => k.clone(),
+                Some(p) => Tensor::cat(&[&p, &k], 1)?,
+            });
+            let want = match &all_k {
+                Some(t) => t.clone(),
+                None => candle_core::bail!("nothing appended"),
+            };
+            assert_eq!(ka.to_vec3::<f32>()?, want.to_vec3::<f32>()?);
+            assert_eq!(va.to_vec3::<f32>()?, (want * -1.0)?.to_vec3::<f32>()?);
+        }
+        assert_eq!(l.len, 5);
         Ok(())
     }
 }

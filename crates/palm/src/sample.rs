@@ -212,7 +212,7 @@ pub fn generate(
     };
 
     let mut rng = rng::stream(req.seed, 0x5a3e);
-    let mut cache = KvCache::new(model.depth());
+    let mut cache = KvCache::with_capacity(model.depth(), max_len + req.max_new_tokens);
     let mut completions = vec![Vec::new(); b];
     let mut done = vec![false; b];
     let mut input = Tensor::from_vec(ids, (b, max_len), &dev)?;

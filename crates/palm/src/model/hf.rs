@@ -23,7 +23,7 @@ pub use super::hf_config::{
 use super::palm::{dropout, frozen, softmax_last, Forward};
 use crate::config::{LoraSpec, LoraTargets};
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, LayerKv};
 use crate::lora::{scope_tag, Lora, LoraLayer};
 use crate::params::VarStore;
 use crate::rng::{self, PalmRng};
@@ -281,7 +281,7 @@ impl Attention {
         &self,
         x: &Tensor,
         ctx: &LayerCtx,
-        cache: Option<&mut (Option<Tensor>, Option<Tensor>)>,
+        cache: Option<(&mut LayerKv, usize)>,
     ) -> Result<Tensor> {
         let spec = ctx.spec;
         let fz = ctx.opts.freeze_base;
@@ -313,18 +313,7 @@ impl Attention {
 
         // 4. KV cache: earlier positions first, [B, KV, S, D]
         let (k, v) = match cache {
-            Some(slot) => {
-                let k = match &slot.0 {
-                    Some(prev) => Tensor::cat(&[prev, &k], 2)?,
-                    None => k,
-                };
-                let v = match &slot.1 {
-                    Some(prev) => Tensor::cat(&[prev, &v], 2)?,
-                    None => v,
-                };
-                *slot = (Some(k.clone()), Some(v.clone()));
-                (k, v)
-            }
+            Some((slot, reserve)) => slot.append(&k, &v, 2, reserve)?,
             None => (k, v),
         };
         let s = k.dim(2)?;
@@ -407,7 +396,7 @@ impl Layer {
         &self,
         x: &Tensor,
         ctx: &LayerCtx,
-        cache: Option<&mut (Option<Tensor>, Option<Tensor>)>,
+        cache: Option<(&mut LayerKv, usize)>,
     ) -> Result<Tensor> {
         let fz = ctx.opts.freeze_base;
         let p = if ctx.opts.train {

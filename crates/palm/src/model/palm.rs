@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::config::{LoraSpec, PalmConfig};
 use crate::error::{Error, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, LayerKv};
 use crate::lora::{Lora, LoraLayer, LoraScope};
 use crate::params::VarStore;
 use crate::rng::{self, PalmRng};
@@ -244,7 +244,7 @@ impl Block {
         &self,
         x: &Tensor,
         ctx: &BlockCtx,
-        cache: Option<&mut (Option<Tensor>, Option<Tensor>)>,
+        cache: Option<(&mut LayerKv, usize)>,
     ) -> Result<Tensor> {
         let cfg = ctx.cfg;
         let fz = ctx.opts.freeze_base;
@@ -292,18 +292,7 @@ impl Block {
 
         // 5. KV cache: keys/values of earlier positions come first, [B, S, D]
         let (k, v) = match cache {
-            Some(slot) => {
-                let k = match &slot.0 {
-                    Some(prev) => Tensor::cat(&[prev, &k], 1)?,
-                    None => k,
-                };
-                let v = match &slot.1 {
-                    Some(prev) => Tensor::cat(&[prev, &v], 1)?,
-                    None => v,
-                };
-                *slot = (Some(k.clone()), Some(v.clone()));
-                (k, v)
-            }
+            Some((slot, reserve)) => slot.append(&k, &v, 1, reserve)?,
             None => (k, v),
         };
         let s = k.dim(1)?;
