@@ -212,43 +212,69 @@ pub fn generate(
     };
 
     let mut rng = rng::stream(req.seed, 0x5a3e);
-    let mut cache = KvCache::with_capacity(model.depth(), max_len + req.max_new_tokens);
+    let capacity = max_len + req.max_new_tokens;
+    let base_opts = Forward {
+        scope: req.scope.as_deref(),
+        disable_lora: req.disable_lora,
+        ..Default::default()
+    };
+    // PaLM on the CPU decodes on plain buffers (`model::palm_decode`); other models run the
+    // graph with a KV cache. Both give the same logits (tested in `palm_decode`).
+    let mut fast = model.fast_decoder(&base_opts, b, capacity)?;
+    let mut cache = KvCache::with_capacity(model.depth(), capacity);
     let mut completions = vec![Vec::new(); b];
     let mut done = vec![false; b];
-    let mut input = Tensor::from_vec(ids, (b, max_len), &dev)?;
+    // new positions of this step: ids [B, T] and their key mask
+    let mut step_ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+    let mut step_mask: Vec<u8> = mask_rows.iter().flatten().copied().collect();
+    let mut t = max_len;
     for _step in 0..req.max_new_tokens {
-        let km = mask_tensor(&mask_rows, &mut mask)?;
-        let opts = Forward {
-            scope: req.scope.as_deref(),
-            disable_lora: req.disable_lora,
-            key_mask: Some(&km),
-            ..Default::default()
+        let logits: Vec<f32> = match fast.as_mut() {
+            Some(dec) => dec.step(&step_ids, &step_mask, t)?,
+            None => {
+                let km = mask_tensor(&mask_rows, &mut mask)?;
+                let opts = Forward {
+                    key_mask: Some(&km),
+                    ..base_opts
+                };
+                let input = Tensor::from_vec(
+                    step_ids.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                    (b, t),
+                    &dev,
+                )?;
+                let emb = model.embeddings(&input, &opts, Some(&mut cache))?;
+                let last = emb.narrow(1, t - 1, 1)?.squeeze(1)?; // [B, C]
+                model
+                    .logits_from(&last, false)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?
+            }
         };
-        let emb = model.embeddings(&input, &opts, Some(&mut cache))?;
-        let t = emb.dim(1)?;
-        let last = emb.narrow(1, t - 1, 1)?.squeeze(1)?; // [B, C]
-        let logits = model.logits_from(&last, false)?.to_dtype(DType::F32)?;
-        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
-        let mut next = Vec::with_capacity(b);
+        let vsz = logits.len() / b;
+        step_ids.clear();
+        step_mask.clear();
         for row in 0..b {
             if done[row] {
-                next.push(0i64);
+                step_ids.push(0);
+                step_mask.push(0);
                 mask_rows[row].push(0);
                 continue;
             }
-            let tok = sample_token(&logits[row], &req.sampling, &mut rng);
+            let tok = sample_token(&logits[row * vsz..(row + 1) * vsz], &req.sampling, &mut rng);
             completions[row].push(tok);
             on_token(row, tok);
             if Some(tok) == req.eos {
                 done[row] = true;
             }
-            next.push(tok as i64);
+            step_ids.push(tok);
+            step_mask.push(1);
             mask_rows[row].push(1);
         }
         if done.iter().all(|&d| d) {
             break;
         }
-        input = Tensor::from_vec(next, (b, 1), &dev)?;
+        t = 1;
     }
     Ok(Generation {
         completions,

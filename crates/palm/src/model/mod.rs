@@ -4,6 +4,7 @@
 pub mod hf;
 pub mod hf_config;
 pub mod palm;
+pub mod palm_decode;
 
 use std::path::Path;
 
@@ -48,6 +49,20 @@ impl Model {
         match self {
             Model::Palm(m) => m.embeddings(ids, opts, cache),
             Model::Hf(m) => m.embeddings(ids, opts, cache),
+        }
+    }
+
+    /// The fast CPU decoder for `batch` rows of up to `capacity` positions, where it applies
+    /// (a causal PaLM in f32 on the CPU); `None` means: use the graph path with a [`KvCache`].
+    pub fn fast_decoder(
+        &self,
+        opts: &Forward,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Option<palm_decode::PalmDecoder>> {
+        match self {
+            Model::Palm(m) => palm_decode::PalmDecoder::new(m, opts, batch, capacity),
+            Model::Hf(_) => Ok(None),
         }
     }
 

@@ -1,0 +1,636 @@
+//! Fast incremental decoding for PaLM on the CPU (no autograd): the forward of a few new
+//! positions per row, written on plain f32 buffers in the manner of llama2.c, with a
+//! preallocated per-layer K/V cache. Used by `sample::generate` for PaLM models on the CPU in
+//! f32; everything else (training, scoring, Hugging Face models) runs the candle graph in
+//! `palm.rs`, which is the reference this file is tested against.
+//!
+//! Why: a batch-16 decoding step of the small model is ~150 candle ops of a few microseconds of
+//! arithmetic each; their per-op overhead (allocation, dispatch, threads) dominated. Here a step
+//! is four GEMMs per layer plus cache-local loops.
+//!
+//! Dimensions: B rows, T new positions per row, S cached + new positions, C model dim, H query
+//! heads, D head dim (one K/V head: multi-query), F feed-forward inner dim, V vocab.
+//! LoRA scopes are merged into the weights once when the decoder is built.
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use super::palm::{Forward, Palm};
+use crate::error::{Error, Result};
+
+/// One block's weights, row-major as in the checkpoint (with any LoRA delta added).
+struct Layer {
+    gain: Vec<f32>,            // [C]  (gamma + 1)
+    w_fused: Vec<f32>,         // [C, H*D + 2D + 2F]  (transposed: [in, out], as GEMM reads it)
+    w_out: Vec<f32>,           // [H*D, C]
+    w_ff_out: Vec<f32>,        // [F, C]
+    q_scale: Option<Vec<f32>>, // [D]
+    k_scale: Option<Vec<f32>>, // [D]
+    k_cache: Vec<f32>,         // [B, S_max, D]
+    v_cache: Vec<f32>,         // [B, S_max, D]
+}
+
+/// A PaLM decoder for `batch` rows and up to `capacity` positions each.
+pub struct PalmDecoder {
+    c: usize,
+    h: usize,
+    d: usize,
+    f: usize,
+    v: usize,
+    batch: usize,
+    capacity: usize,
+    /// Positions cached so far.
+    len: usize,
+    layers: Vec<Layer>,
+    emb: Vec<f32>,        // [V, C], the token embedding
+    emb_t: Vec<f32>,      // [C, V], the tied output projection, transposed
+    final_gain: Vec<f32>, // [C]
+    /// Key mask of every cached position, [B, S_max] (1 = real token).
+    key_mask: Vec<u8>,
+    inv_freq: Vec<f32>, // [D/2]
+    xpos_x: Vec<f32>,   // [D/2]
+    xpos_base: f32,
+    use_xpos: bool,
+}
+
+fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.detach().flatten_all()?.to_vec1::<f32>()?)
+}
+
+/// W [out, in] -> W^T [in, out], row-major.
+fn to_vec_t(t: &Tensor) -> Result<Vec<f32>> {
+    to_vec(&t.detach().t()?.contiguous()?)
+}
+
+impl PalmDecoder {
+    /// A decoder for `model` with the scope of `opts`, or `None` where this path does not apply
+    /// (not the CPU, not f32, a non-causal model, extra embeddings).
+    pub fn new(
+        model: &Palm,
+        opts: &Forward,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Option<Self>> {
+        let cfg = &model.cfg;
+        if !matches!(model.device(), Device::Cpu)
+            || model.token_emb.dtype() != DType::F32
+            || !cfg.causal
+            || opts.extra_embed.is_some()
+        {
+            return Ok(None);
+        }
+        let lora = match (opts.scope, opts.disable_lora) {
+            (Some(name), false) => Some(
+                model
+                    .scopes
+                    .get(name)
+                    .ok_or_else(|| Error::Config(format!("LoRA scope `{name}` not found")))?,
+            ),
+            _ => None,
+        };
+        let (hd, d) = (cfg.attn_inner_dim(), cfg.dim_head);
+        let mut layers = Vec::with_capacity(cfg.depth);
+        for (l, block) in model.layers.iter().enumerate() {
+            let mut fused = block.fused_attn_ff_proj.detach();
+            let mut w_out = block.attn_out.detach();
+            let mut w_ff_out = block.ff_out.detach();
+            if let Some(scope) = lora {
+                // W [out, in] += (A B * alpha/r)^T, exactly what `merge_scope` folds in
+                let lo = &scope.layers[l];
+                let dqkv = Tensor::cat(&[lo.q.delta()?, lo.k.delta()?, lo.v.delta()?], 1)?.t()?;
+                let rest = fused.narrow(0, hd + 2 * d, fused.dim(0)? - hd - 2 * d)?;
+                let rest = match &lo.ff_in {
+                    Some(ffi) => (rest + ffi.delta()?.t()?)?,
+                    None => rest,
+                };
+                fused = Tensor::cat(&[(fused.narrow(0, 0, hd + 2 * d)? + dqkv)?, rest], 0)?;
+                w_out = (w_out + lo.o.delta()?.t()?)?;
+                if let Some(ffo) = &lo.ff_out {
+                    w_ff_out = (w_ff_out + ffo.delta()?.t()?)?;
+                }
+            }
+            layers.push(Layer {
+                gain: to_vec(&(block.norm.gamma.detach() + 1.0)?)?,
+                w_fused: to_vec_t(&fused)?,
+                w_out: to_vec_t(&w_out)?,
+                w_ff_out: to_vec_t(&w_ff_out)?,
+                q_scale: block.q_scale.as_ref().map(to_vec).transpose()?,
+                k_scale: block.k_scale.as_ref().map(to_vec).transpose()?,
+                k_cache: vec![0.0; batch * capacity * d],
+                v_cache: vec![0.0; batch * capacity * d],
+            });
+        }
+        let half = d / 2;
+        Ok(Some(Self {
+            c: cfg.dim,
+            h: cfg.heads,
+            d,
+            f: cfg.ff_inner_dim(),
+            v: cfg.num_tokens,
+            batch,
+            capacity,
+            len: 0,
+            layers,
+            emb: to_vec(&model.token_emb)?,
+            emb_t: to_vec_t(&model.token_emb)?,
+            final_gain: to_vec(&(model.norm.gamma.detach() + 1.0)?)?,
+            key_mask: vec![0; batch * capacity],
+            // the same f32 arithmetic as `palm::rotary_freqs_and_scale`
+            inv_freq: (0..half)
+                .map(|i| 1.0f32 / 10000f32.powf((2 * i) as f32 / d as f32))
+                .collect(),
+            xpos_x: (0..half)
+                .map(|i| ((2 * i) as f32 + 0.4 * d as f32) / (1.4 * d as f32))
+                .collect(),
+            xpos_base: cfg.rotary_xpos_scale_base as f32,
+            use_xpos: cfg.causal,
+        }))
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Runs `t` new positions for every row: `ids` and `mask` are [B, T] row-major (mask 1 =
+    /// real token, 0 = padding). Returns the logits of each row's last new position, [B, V].
+    pub fn step(&mut self, ids: &[u32], mask: &[u8], t: usize) -> Result<Vec<f32>> {
+        let (b, c, h, d, f) = (self.batch, self.c, self.h, self.d, self.f);
+        let hd = h * d;
+        let fused = hd + 2 * d + 2 * f;
+        if ids.len() != b * t || mask.len() != b * t || t == 0 {
+            return Err(Error::msg(format!(
+                "decoder step: {} ids and {} mask entries for {b} rows of {t} positions",
+                ids.len(),
+                mask.len()
+            )));
+        }
+        if self.len + t > self.capacity {
+            return Err(Error::msg(format!(
+                "decoder step: {} positions exceed the capacity of {}",
+                self.len + t,
+                self.capacity
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.v) {
+            return Err(Error::msg(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.v
+            )));
+        }
+        let (s0, s) = (self.len, self.len + t);
+        for row in 0..b {
+            let dst = &mut self.key_mask[row * self.capacity + s0..row * self.capacity + s];
+            dst.copy_from_slice(&mask[row * t..(row + 1) * t]);
+        }
+        let n = b * t;
+
+        // token embeddings x [B*T, C]
+        let mut x = vec![0f32; n * c];
+        for (i, &id) in ids.iter().enumerate() {
+            x[i * c..(i + 1) * c]
+                .copy_from_slice(&self.emb[id as usize * c..(id as usize + 1) * c]);
+        }
+        let (cos_q, sin_q, cos_k, sin_k) = self.rotary(s0, t);
+        let mut xn = vec![0f32; n * c];
+        let mut p = vec![0f32; n * fused];
+        let mut o = vec![0f32; n * hd];
+        let mut g = vec![0f32; n * f];
+        let scale = (d as f32).powf(-0.5);
+        for layer in self.layers.iter_mut() {
+            // 1. pre-norm and fused projection: p [B*T, H*D + 2D + 2F]
+            layer_norm_rows(&x, &layer.gain, c, &mut xn);
+            matmul_wt(&xn, &layer.w_fused, n, c, fused, &mut p, false);
+
+            // 2. per position: optional qk-norm, rotary + xPos, append k and v to the cache
+            for r in 0..b {
+                for ti in 0..t {
+                    let row = &mut p[(r * t + ti) * fused..(r * t + ti + 1) * fused];
+                    let (q_part, rest) = row.split_at_mut(hd);
+                    let (k_part, rest) = rest.split_at_mut(d);
+                    let v_part = &rest[..d];
+                    let tab = ti * d;
+                    for hh in 0..h {
+                        let qh = &mut q_part[hh * d..(hh + 1) * d];
+                        if let Some(qs) = &layer.q_scale {
+                            l2norm_scale(qh, qs);
+                        }
+                        rotate(qh, &cos_q[tab..tab + d], &sin_q[tab..tab + d]);
+                    }
+                    if let Some(ks) = &layer.k_scale {
+                        l2norm_scale(k_part, ks);
+                    }
+                    rotate(k_part, &cos_k[tab..tab + d], &sin_k[tab..tab + d]);
+                    let at = (r * self.capacity + s0 + ti) * d;
+                    layer.k_cache[at..at + d].copy_from_slice(k_part);
+                    layer.v_cache[at..at + d].copy_from_slice(v_part);
+                }
+            }
+
+            // 3. attention of the H heads of each new position over the row's S keys: o [B*T, H*D]
+            // 4. SwiGLU: g = silu(gate) * value, value first, gate second
+            let geo = Geometry {
+                fused,
+                h,
+                d,
+                f,
+                t,
+                s0,
+                capacity: self.capacity,
+                scale,
+            };
+            let (kc, vc, km) = (&layer.k_cache, &layer.v_cache, &self.key_mask);
+            o.par_chunks_mut(t * hd)
+                .zip(g.par_chunks_mut(t * f))
+                .zip(p.par_chunks(t * fused))
+                .enumerate()
+                .for_each(|(r, ((o_r, g_r), p_r))| {
+                    attention_and_swiglu(&geo, r, p_r, kc, vc, km, o_r, g_r)
+                });
+
+            // 5. parallel residual: x += o Wo^T + g Wff^T (accumulated in place)
+            matmul_wt(&o, &layer.w_out, n, hd, c, &mut x, true);
+            matmul_wt(&g, &layer.w_ff_out, n, f, c, &mut x, true);
+        }
+        self.len = s;
+
+        // final norm and tied logits of each row's last new position: [B, V]
+        let mut last = vec![0f32; b * c];
+        for r in 0..b {
+            let i = r * t + t - 1;
+            last[r * c..(r + 1) * c].copy_from_slice(&x[i * c..(i + 1) * c]);
+        }
+        let mut last_n = vec![0f32; b * c];
+        layer_norm_rows(&last, &self.final_gain, c, &mut last_n);
+        let mut logits = vec![0f32; b * self.v];
+        matmul_wt(&last_n, &self.emb_t, b, c, self.v, &mut logits, false);
+        Ok(logits)
+    }
+
+    /// Rotary tables with xPos for positions `s0..s0+t` (centre 0, as the cached path), [T, D].
+    fn rotary(&self, s0: usize, t: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (d, half) = (self.d, self.d / 2);
+        let mut out = (
+            vec![0f32; t * d],
+            vec![0f32; t * d],
+            vec![0f32; t * d],
+            vec![0f32; t * d],
+        );
+        for ti in 0..t {
+            let pos = s0 + ti;
+            let power = pos as i64 as f32 / self.xpos_base;
+            for i in 0..d {
+                let j = i % half;
+                let fr = pos as f32 * self.inv_freq[j];
+                let sc = if self.use_xpos {
+                    self.xpos_x[j].powf(power)
+                } else {
+                    1.0
+                };
+                let (cs, sn) = (fr.cos(), fr.sin());
+                out.0[ti * d + i] = cs * sc;
+                out.1[ti * d + i] = sn * sc;
+                out.2[ti * d + i] = cs / sc;
+                out.3[ti * d + i] = sn / sc;
+            }
+        }
+        out
+    }
+}
+
+/// Sizes of one decoding step.
+struct Geometry {
+    fused: usize,
+    h: usize,
+    d: usize,
+    f: usize,
+    t: usize,
+    s0: usize,
+    capacity: usize,
+    scale: f32,
+}
+
+/// Row `r`: attention of its T new positions (H heads each) over its cached keys, into `o_r`
+/// [T, H*D], and SwiGLU of its feed-forward inputs into `g_r` [T, F]. Compiled for AVX2+FMA
+/// where the CPU has it (chosen at run time), else baseline x86-64.
+#[allow(clippy::too_many_arguments)]
+fn attention_and_swiglu(
+    geo: &Geometry,
+    r: usize,
+    p_r: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    key_mask: &[u8],
+    o_r: &mut [f32],
+    g_r: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports the features the function is compiled with.
+            unsafe { attention_and_swiglu_avx2(geo, r, p_r, k_cache, v_cache, key_mask, o_r, g_r) };
+            return;
+        }
+    }
+    attention_and_swiglu_body(geo, r, p_r, k_cache, v_cache, key_mask, o_r, g_r)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_and_swiglu_avx2(
+    geo: &Geometry,
+    r: usize,
+    p_r: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    key_mask: &[u8],
+    o_r: &mut [f32],
+    g_r: &mut [f32],
+) {
+    attention_and_swiglu_body(geo, r, p_r, k_cache, v_cache, key_mask, o_r, g_r)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attention_and_swiglu_body(
+    geo: &Geometry,
+    r: usize,
+    p_r: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    key_mask: &[u8],
+    o_r: &mut [f32],
+    g_r: &mut [f32],
+) {
+    let (h, d, f, t) = (geo.h, geo.d, geo.f, geo.t);
+    let hd = h * d;
+    let s = geo.s0 + t;
+    let base = r * geo.capacity;
+    let keys = &k_cache[base * d..(base + s) * d];
+    let vals = &v_cache[base * d..(base + s) * d];
+    let km = &key_mask[base..base + s];
+    let mut scores = vec![0f32; s];
+    for ti in 0..t {
+        let row = &p_r[ti * geo.fused..(ti + 1) * geo.fused];
+        for hh in 0..h {
+            let out = &mut o_r[ti * hd + hh * d..ti * hd + (hh + 1) * d];
+            let q = &row[hh * d..(hh + 1) * d];
+            attend(
+                q,
+                keys,
+                vals,
+                km,
+                geo.s0 + ti,
+                geo.scale,
+                d,
+                &mut scores,
+                out,
+            );
+        }
+        let (a, gate) = row[hd + 2 * d..].split_at(f);
+        for ((gi, &ai), &zi) in g_r[ti * f..(ti + 1) * f].iter_mut().zip(a).zip(gate) {
+            *gi = zi / (1.0 + (-zi).exp()) * ai;
+        }
+    }
+}
+
+/// y = x*cos + rotate_half(x)*sin, rotate_half([u1, u2]) = [-u2, u1], in place.
+fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    for i in 0..half {
+        let (a, b) = (x[i], x[i + half]);
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+/// x / max(|x|, 1e-12) * scale (the original's qk "RMSNorm").
+fn l2norm_scale(x: &mut [f32], scale: &[f32]) {
+    let norm = x.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+    for (v, s) in x.iter_mut().zip(scale) {
+        *v = *v / norm * s;
+    }
+}
+
+/// One query row against keys 0..S of a row: softmax(scale * q.k + bias) v, where the bias is
+/// -FLT_MAX for padding keys and keys after `pos`. A row with no visible key is uniform over all
+/// S keys, as the additive -FLT_MAX bias makes it in the graph path.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend(
+    q: &[f32],
+    keys: &[f32],
+    vals: &[f32],
+    key_mask: &[u8],
+    pos: usize,
+    scale: f32,
+    d: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let s = key_mask.len();
+    let visible = |j: usize| j <= pos && key_mask[j] != 0;
+    out.iter_mut().for_each(|v| *v = 0.0);
+    if !(0..s).any(visible) {
+        for j in 0..s {
+            for (o, v) in out.iter_mut().zip(&vals[j * d..(j + 1) * d]) {
+                *o += v;
+            }
+        }
+        out.iter_mut().for_each(|v| *v /= s as f32);
+        return;
+    }
+    let scores = &mut scores[..pos + 1];
+    let mut max = f32::NEG_INFINITY;
+    for (j, sc) in scores.iter_mut().enumerate() {
+        *sc = f32::NEG_INFINITY;
+        if visible(j) {
+            *sc = dot(q, &keys[j * d..(j + 1) * d]) * scale;
+            max = max.max(*sc);
+        }
+    }
+    let mut sum = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = if sc.is_finite() {
+            (*sc - max).exp()
+        } else {
+            0.0
+        };
+        sum += *sc;
+    }
+    for (j, &w) in scores.iter().enumerate() {
+        if w != 0.0 {
+            let w = w / sum;
+            for (o, v) in out.iter_mut().zip(&vals[j * d..(j + 1) * d]) {
+                *o += w * v;
+            }
+        }
+    }
+}
+
+/// Dot product with 16 independent partial sums (so the compiler vectorises it).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// LayerNorm of each row of `x` [N, C] (biased variance, eps 1e-5) times `gain` [C], into `out`.
+fn layer_norm_rows(x: &[f32], gain: &[f32], c: usize, out: &mut [f32]) {
+    for (xr, yr) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+        let mean = xr.iter().sum::<f32>() / c as f32;
+        let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / c as f32;
+        let rstd = 1.0 / (var + 1e-5).sqrt();
+        for ((y, &v), &g) in yr.iter_mut().zip(xr).zip(gain) {
+            *y = (v - mean) * rstd * g;
+        }
+    }
+}
+
+/// y [N, O] (+)= x [N, K] W^T, given W^T [K, O] row-major, with the `gemm` crate.
+fn matmul_wt(x: &[f32], w: &[f32], n: usize, k: usize, o: usize, y: &mut [f32], accumulate: bool) {
+    debug_assert!(x.len() >= n * k && w.len() >= o * k && y.len() >= n * o);
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && n * k * o >= 1 << 16 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the slices hold at least n*k, o*k and n*o elements (checked above in debug builds,
+    // and by construction in `step`); the strides address exactly those elements.
+    unsafe {
+        gemm::gemm(
+            n,
+            o,
+            k,
+            y.as_mut_ptr(),
+            1,
+            o as isize,
+            accumulate,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            1,
+            o as isize,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{LoraSpec, LoraTargets, PalmConfig};
+    use crate::kv_cache::KvCache;
+
+    /// The decoder's logits equal the graph path's (with a KV cache), prompt and then
+    /// token by token, with left padding, a LoRA scope with non-zero B, and qk-norm.
+    #[test]
+    fn decoder_equals_graph_path() -> Result<()> {
+        for qk in [false, true] {
+            let dev = Device::Cpu;
+            let cfg = PalmConfig {
+                heads: 2,
+                dim_head: 8,
+                qk_rmsnorm: qk,
+                ..PalmConfig::new(50, 32, 2)
+            };
+            let mut m = Palm::new(&cfg, 3, &dev)?;
+            m.add_scope(
+                "actor",
+                LoraSpec {
+                    targets: LoraTargets::AttentionAndFf,
+                    ..LoraSpec::new(4)
+                },
+                5,
+            )?;
+            for name in m.scopes["actor"].param_names() {
+                if name.ends_with(".B") {
+                    let var = m.vars.get(&name).ok_or_else(|| Error::msg("no var"))?;
+                    let r = crate::rng::normal(&mut crate::rng::seeded(9), var.elem_count(), 0.3);
+                    var.set(&Tensor::from_vec(r, var.shape(), &dev)?)?;
+                }
+            }
+            for (scope, disable) in [(Some("actor"), false), (Some("actor"), true), (None, false)] {
+                let opts = Forward {
+                    scope,
+                    disable_lora: disable,
+                    ..Default::default()
+                };
+                // two rows: lengths 5 and 3 (left-padded by 2), then 4 steps
+                let ids: Vec<u32> = vec![3, 9, 1, 4, 7, 0, 0, 12, 5, 8];
+                let mut mask: Vec<u8> = vec![1, 1, 1, 1, 1, 0, 0, 1, 1, 1];
+                let mut dec = PalmDecoder::new(&m, &opts, 2, 16)?
+                    .ok_or_else(|| Error::msg("decoder should apply"))?;
+                let mut cache = KvCache::with_capacity(cfg.depth, 16);
+                let mut input = ids.clone();
+                let mut t = 5;
+                for step in 0..5 {
+                    let got = dec.step(&input, &mask[mask.len() - 2 * t..], t)?;
+                    // graph path
+                    let all_mask: Vec<u8> = {
+                        let s = dec.len();
+                        let mut v = vec![];
+                        for r in 0..2 {
+                            v.extend_from_slice(&dec.key_mask[r * 16..r * 16 + s]);
+                        }
+                        v
+                    };
+                    let km = Tensor::from_vec(all_mask, (2, dec.len()), &dev)?;
+                    let o = Forward {
+                        key_mask: Some(&km),
+                        ..opts
+                    };
+                    let inp = Tensor::from_vec(
+                        input.iter().map(|&i| i as i64).collect::<Vec<_>>(),
+                        (2, t),
+                        &dev,
+                    )?;
+                    let emb = m.embeddings(&inp, &o, Some(&mut cache))?;
+                    let want = m
+                        .logits_from(&emb.narrow(1, t - 1, 1)?.squeeze(1)?, false)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        err < 2e-5,
+                        "qk {qk} scope {scope:?}/{disable} step {step}: {err}"
+                    );
+                    // next: row 0 takes token 2+step, row 1 pads on the odd steps
+                    input = vec![2 + step as u32, 10 + step as u32];
+                    mask = vec![1, (step % 2) as u8];
+                    t = 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
