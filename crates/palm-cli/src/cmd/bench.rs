@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
+use palm::rlhf::ppo::{PpoConfig, PpoTrainer};
 use palm::sample::{generate, GenerateRequest, Sampling};
 use palm::train::optim::{clip_grad_norm, grads_of, OptimConfig, Optimizer};
 use palm::{Forward, Model, Palm, PalmConfig};
@@ -19,6 +20,11 @@ pub enum Workload {
     Decode,
     /// Reward-model style scoring: one forward over full sequences, no gradient.
     Reward,
+    /// One PPO iteration (LoRA actor and critic, frozen reference): rollout of `--batch-size`
+    /// prompts (default 16) with `--new-tokens` (default 64 here) and one epoch of updates.
+    /// Tokens are prompt + response tokens of the batch; the JSON adds the rollout and update
+    /// tokens/s of the last run.
+    Ppo,
 }
 
 #[derive(clap::Args, Debug)]
@@ -33,9 +39,9 @@ pub struct Args {
     /// Sequence length for train/reward (default: 128 at small, 256 at base).
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// New tokens per sequence for sample/decode.
-    #[arg(long, default_value_t = 256)]
-    pub new_tokens: usize,
+    /// New tokens per sequence for sample/decode (default 256) and ppo (default 64).
+    #[arg(long)]
+    pub new_tokens: Option<usize>,
     /// Timed runs (after one warm-up run).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
@@ -95,6 +101,11 @@ pub fn run(a: Args) -> Result<()> {
             .collect();
         Ok(Tensor::from_vec(v, (b, t), &dev)?)
     };
+    let new_tokens = a.new_tokens.unwrap_or(match a.workload {
+        Workload::Ppo => 64,
+        _ => 256,
+    });
+    let ppo_speed = std::cell::RefCell::new(serde_json::Value::Null);
     let (tokens_per_run, flops_per_run, mut step): (usize, f64, Box<dyn FnMut() -> Result<()>>) =
         match a.workload {
             Workload::Train => {
@@ -135,18 +146,18 @@ pub fn run(a: Args) -> Result<()> {
                     .collect();
                 let req = GenerateRequest {
                     prompts,
-                    max_new_tokens: a.new_tokens,
+                    max_new_tokens: new_tokens,
                     eos: None,
                     sampling: Sampling::default(),
                     seed: a.seed,
                     scope: None,
                     disable_lora: false,
                 };
-                let flops = forward_flops_per_token(&cfg, 16 + a.new_tokens / 2)
-                    * (b * (16 + a.new_tokens)) as f64;
+                let flops = forward_flops_per_token(&cfg, 16 + new_tokens / 2)
+                    * (b * (16 + new_tokens)) as f64;
                 let model = &model;
                 (
-                    b * a.new_tokens,
+                    b * new_tokens,
                     flops,
                     Box::new(move || {
                         generate(model, &req, |_, _| {})?;
@@ -165,6 +176,51 @@ pub fn run(a: Args) -> Result<()> {
                     Box::new(move || {
                         let emb = model.embeddings(&ids, &Forward::default(), None)?;
                         let _ = emb.mean(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                        Ok(())
+                    }),
+                )
+            }
+            Workload::Ppo => {
+                let b = a.batch_size.unwrap_or(16);
+                let cfg_ppo = PpoConfig {
+                    seed: a.seed,
+                    steps: usize::MAX,
+                    batch_size: b,
+                    minibatch_size: (b / 2).max(1),
+                    epochs: 1,
+                    max_new_tokens: new_tokens,
+                    ..PpoConfig::default()
+                };
+                let prompts: Vec<Vec<u32>> = (0..b)
+                    .map(|i| {
+                        (0..16)
+                            .map(|j| ((i * 31 + j * 7) % 255 + 1) as u32)
+                            .collect()
+                    })
+                    .collect();
+                let mut trainer =
+                    PpoTrainer::new(Model::from(Palm::new(&cfg, a.seed, &dev)?), cfg_ppo)?;
+                // reward: the share of bytes below 128 (any cheap deterministic score will do)
+                let scorer = |_: &[Vec<u32>], r: &[Vec<u32>]| -> palm::Result<Vec<f32>> {
+                    Ok(r.iter()
+                        .map(|x| {
+                            x.iter().filter(|&&t| t < 128).count() as f32 / x.len().max(1) as f32
+                        })
+                        .collect())
+                };
+                let tokens = b * (16 + new_tokens);
+                // rollout forward passes (policy, reference, critic) + one epoch of updates
+                let flops = 6.0 * forward_flops_per_token(&cfg, 16 + new_tokens) * tokens as f64;
+                let speed = &ppo_speed;
+                (
+                    tokens,
+                    flops,
+                    Box::new(move || {
+                        let m = trainer.step(&prompts, None, &scorer, None)?;
+                        *speed.borrow_mut() = serde_json::json!({
+                            "rollout_tokens_per_s": m["speed/rollout_tokens_per_s"],
+                            "update_tokens_per_s": m["speed/update_tokens_per_s"],
+                        });
                         Ok(())
                     }),
                 )
@@ -190,6 +246,10 @@ pub fn run(a: Args) -> Result<()> {
         "peak_rss_mb": peak_rss_mb(),
         "all_seconds": times,
     });
+    let mut out = out;
+    if let (Some(o), serde_json::Value::Object(extra)) = (out.as_object_mut(), ppo_speed.take()) {
+        o.extend(extra);
+    }
     println!("{out}");
     Ok(())
 }
