@@ -204,7 +204,20 @@ pub struct Block {
 
 /// y = x W^T for x [.., in] and W [out, in].
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_matmul(&w.t()?)
+    rows_matmul(x, &w.t()?)
+}
+
+/// x [.., in] @ w [in, out] -> [.., out], as one 2-D GEMM over all leading positions. (A
+/// broadcast matmul would give w a batch dimension: its gradient became B GEMMs into a
+/// [B, in, out] buffer that was then summed, instead of one GEMM over B*T rows.)
+pub(crate) fn rows_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let (k, n) = w.dims2()?;
+    let rows = x.elem_count() / k.max(1);
+    let y = x.reshape((rows, k))?.matmul(w)?; // [N, in] @ [in, out] -> [N, out]
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(n);
+    y.reshape(out_dims) // [.., out]
 }
 
 /// L2-normalise over the last dim with the original's eps (F.normalize): x / max(|x|, 1e-12).
@@ -715,7 +728,7 @@ fn build_mask(
 impl Lora {
     /// x @ A @ B * scale, x [.., in].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok((x.broadcast_matmul(&self.a)?.broadcast_matmul(&self.b)? * self.scale)?)
+        Ok((rows_matmul(&rows_matmul(x, &self.a)?, &self.b)? * self.scale)?)
     }
     /// The weight update A @ B * scale, [in, out] (detached).
     pub fn delta(&self) -> Result<Tensor> {
