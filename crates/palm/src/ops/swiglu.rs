@@ -130,6 +130,20 @@ mod tests {
     }
 
     #[test]
+    fn backward_of_a_broadcast_gradient() {
+        // sum_all's gradient reaches the op as a zero-stride broadcast of ones
+        let ff = Var::from_tensor(&randn(&[3, 8], 8)).unwrap();
+        let gf = swiglu(&ff).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = composed(&ff)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(max_diff(gf.get(&ff).unwrap(), gc.get(&ff).unwrap()) < 1e-5);
+    }
+
+    #[test]
     fn finite_differences() {
         let v = randn(&[2, 10], 5)
             .flatten_all()

@@ -3,7 +3,7 @@
 //!
 //! Gradients are taken out of candle's `GradStore` as flat f32 vectors, one per parameter, in the
 //! optimiser's parameter order; clipping runs on those vectors. The update writes each
-//! parameter's storage in place (a candle `InplaceOp1`), parallel over parameters and chunks.
+//! parameter's storage in place (a candle `InplaceOp1`), parallel over chunks of each parameter.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -170,23 +170,15 @@ impl Optimizer {
                 lr: lr as f32,
             },
         };
-        // (parameter, gradient, m, v) of every parameter with a gradient; v is empty for Lion
-        let mut no_v: Vec<Vec<f32>> = vec![vec![]; self.params.len()];
-        let vs = if self.v.is_empty() {
-            &mut no_v
-        } else {
-            &mut self.v
-        };
-        let work: Vec<_> = self
-            .params
-            .iter()
-            .zip(grads)
-            .zip(self.m.iter_mut().zip(vs.iter_mut()))
-            .filter_map(|(((name, var), g), (m, v))| Some((name, var, g.as_ref()?, m, v)))
-            .collect();
-        work.into_par_iter()
-            .map(|(name, var, g, m, v)| update_param(name, var, g, m, v, rule))
-            .collect::<Result<Vec<()>>>()?;
+        // one parameter at a time (each update is parallel over chunks); v is empty for Lion
+        for (i, ((name, var), g)) in self.params.iter().zip(grads).enumerate() {
+            let Some(g) = g else { continue };
+            let v: &mut [f32] = match self.v.get_mut(i) {
+                Some(v) => v,
+                None => &mut [],
+            };
+            update_param(name, var, g, &mut self.m[i], v, rule)?;
+        }
         Ok(())
     }
 
