@@ -18,6 +18,7 @@ use crate::config::{LoraSpec, PalmConfig};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::lora::{Lora, LoraLayer, LoraScope};
+use crate::ops;
 use crate::params::VarStore;
 use crate::rng::{self, PalmRng};
 
@@ -54,8 +55,16 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor, freeze: bool) -> Result<Tensor> {
         let gamma = frozen(&self.gamma, freeze);
+        if fused_ok(x) && fused_ok(&gamma) {
+            return Ok(ops::layer_norm::layer_norm(x, &gamma, 1e-5)?);
+        }
         Ok(layer_norm(x, &gamma, 1e-5)?)
     }
+}
+
+/// True when the fused CPU kernels in [`crate::ops`] apply (f32 on the CPU).
+fn fused_ok(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// Composed (differentiable) layer norm over the last dim, biased variance, gain `gamma + 1`.
@@ -65,6 +74,23 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> candle_core::Result<T
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
     xn.broadcast_mul(&(gamma + 1.0)?)
+}
+
+/// SwiGLU of ff [.., 2F] -> [.., F]: the first half is the value, the second half the gate.
+/// Fused on the CPU in f32, composed otherwise.
+pub fn swiglu(ff: &Tensor) -> candle_core::Result<Tensor> {
+    if fused_ok(ff) {
+        return ops::swiglu::swiglu(ff);
+    }
+    swiglu_composed(ff)
+}
+
+/// Composed (differentiable) SwiGLU: ff[.., :F] * silu(ff[.., F:]).
+pub fn swiglu_composed(ff: &Tensor) -> candle_core::Result<Tensor> {
+    let f = ff.dim(D::Minus1)? / 2;
+    let a = ff.narrow(D::Minus1, 0, f)?;
+    let gate = ff.narrow(D::Minus1, f, f)?;
+    gate.silu()? * a
 }
 
 pub(crate) fn frozen(t: &Tensor, freeze: bool) -> Tensor {
@@ -337,9 +363,7 @@ impl Block {
         }
 
         // 8. SwiGLU: the first half is the value, the second half the gate
-        let a = ff.narrow(D::Minus1, 0, f)?;
-        let gate = ff.narrow(D::Minus1, f, f)?;
-        let g = (gate.silu()? * a)?;
+        let g = swiglu(&ff)?; // [B, T, F]
         let g = if ctx.opts.train {
             dropout(&g, cfg.ff_dropout, ctx.rng)?
         } else {
@@ -653,6 +677,16 @@ pub fn next_token_loss(
     let inp = ids.narrow(1, 0, t - 1)?;
     let labels = ids.narrow(1, 1, t - 1)?;
     let logits = forward(&inp)?;
+    if fused_ok(&logits) {
+        let (b, t, v) = logits.dims3()?;
+        let logits = logits.reshape((b * t, v))?;
+        let labels = labels.flatten_all()?.to_dtype(DType::I64)?;
+        return Ok(ops::cross_entropy::cross_entropy(
+            &logits,
+            &labels,
+            ignore_index,
+        )?);
+    }
     let mask = match ignore_index {
         Some(ig) => Some(labels.to_dtype(DType::I64)?.ne(ig)?),
         None => None,
@@ -661,8 +695,42 @@ pub fn next_token_loss(
 }
 
 /// Mean cross-entropy of `logits` [B, T, V] against `labels` [B, T], over positions where
-/// `mask` [B, T] is nonzero (all positions when `None`).
+/// `mask` [B, T] is nonzero (all positions when `None`), weighted by the mask.
+/// Fused ([`ops::cross_entropy`]) for f32 CPU logits with no mask or a 0/1 mask.
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    if fused_ok(logits) {
+        let (b, t, v) = logits.dims3()?;
+        let flat = logits.reshape((b * t, v))?;
+        let labels = labels.flatten_all()?.to_dtype(DType::I64)?;
+        let Some(m) = mask else {
+            return Ok(ops::cross_entropy::cross_entropy(&flat, &labels, None)?);
+        };
+        // a 0/1 mask is an ignore index: masked rows get label i64::MIN
+        let mv = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if mv.len() == b * t && mv.iter().all(|&w| w == 0.0 || w == 1.0) {
+            let y = labels.to_vec1::<i64>()?;
+            let y: Vec<i64> = y
+                .iter()
+                .zip(&mv)
+                .map(|(&y, &w)| if w == 0.0 { i64::MIN } else { y })
+                .collect();
+            let y = Tensor::from_vec(y, b * t, logits.device())?;
+            return Ok(ops::cross_entropy::cross_entropy(
+                &flat,
+                &y,
+                Some(i64::MIN),
+            )?);
+        }
+    }
+    cross_entropy_composed(logits, labels, mask)
+}
+
+/// Composed (differentiable) [`cross_entropy`]: log-softmax, gather, masked mean.
+pub fn cross_entropy_composed(
+    logits: &Tensor,
+    labels: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let labels = labels.to_dtype(DType::I64)?;
     // masked labels may be out of range (e.g. -100): gather a valid index, then zero them

@@ -2,11 +2,14 @@
 //! Lion (the original's `train.py`), global-norm gradient clipping, gradient accumulation.
 //!
 //! Gradients are taken out of candle's `GradStore` as flat f32 vectors, one per parameter, in the
-//! optimiser's parameter order; clipping and the update run on those vectors.
+//! optimiser's parameter order; clipping runs on those vectors. The update writes each
+//! parameter's storage in place (a candle `InplaceOp1`), parallel over chunks of each parameter.
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 
-use candle_core::{backprop::GradStore, Tensor, Var};
+use candle_core::{backprop::GradStore, CpuStorage, DType, InplaceOp1, Layout, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -150,48 +153,31 @@ impl Optimizer {
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = self.cfg.betas;
-        let wd = self.cfg.weight_decay;
-        for (i, (_, var)) in self.params.iter().enumerate() {
-            let Some(g) = &grads[i] else { continue };
-            let shape = var.shape().clone();
-            let mut p: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
-            let m = &mut self.m[i];
-            match self.cfg.kind {
-                OptimizerKind::AdamW => {
-                    let v = &mut self.v[i];
-                    let decay = (1.0 - lr * wd) as f32;
-                    let bc1 = 1.0 - b1.powi(t);
-                    let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
-                    let step_size = (lr / bc1) as f32;
-                    let (b1f, b2f, eps) = (b1 as f32, b2 as f32, self.cfg.eps as f32);
-                    let bc2_sqrt = bc2_sqrt as f32;
-                    for j in 0..p.len() {
-                        p[j] *= decay;
-                        m[j] += (1.0 - b1f) * (g[j] - m[j]);
-                        v[j] = b2f * v[j] + (1.0 - b2f) * g[j] * g[j];
-                        let denom = v[j].sqrt() / bc2_sqrt + eps;
-                        p[j] -= step_size * m[j] / denom;
-                    }
-                }
-                OptimizerKind::Lion => {
-                    let decay = (1.0 - lr * wd) as f32;
-                    let (b1f, b2f, lrf) = (b1 as f32, b2 as f32, lr as f32);
-                    for j in 0..p.len() {
-                        p[j] *= decay;
-                        let c = b1f * m[j] + (1.0 - b1f) * g[j];
-                        let u = if c > 0.0 {
-                            1.0
-                        } else if c < 0.0 {
-                            -1.0
-                        } else {
-                            0.0
-                        };
-                        p[j] -= lrf * u;
-                        m[j] = b2f * m[j] + (1.0 - b2f) * g[j];
-                    }
-                }
-            }
-            var.set(&Tensor::from_vec(p, shape, var.device())?)?;
+        let decay = (1.0 - lr * self.cfg.weight_decay) as f32;
+        let rule = match self.cfg.kind {
+            OptimizerKind::AdamW => Rule::AdamW {
+                decay,
+                b1: b1 as f32,
+                b2: b2 as f32,
+                eps: self.cfg.eps as f32,
+                step_size: (lr / (1.0 - b1.powi(t))) as f32,
+                bc2_sqrt: (1.0 - b2.powi(t)).sqrt() as f32,
+            },
+            OptimizerKind::Lion => Rule::Lion {
+                decay,
+                b1: b1 as f32,
+                b2: b2 as f32,
+                lr: lr as f32,
+            },
+        };
+        // one parameter at a time (each update is parallel over chunks); v is empty for Lion
+        for (i, ((name, var), g)) in self.params.iter().zip(grads).enumerate() {
+            let Some(g) = g else { continue };
+            let v: &mut [f32] = match self.v.get_mut(i) {
+                Some(v) => v,
+                None => &mut [],
+            };
+            update_param(name, var, g, &mut self.m[i], v, rule)?;
         }
         Ok(())
     }
@@ -237,6 +223,140 @@ impl Optimizer {
         self.step = need("step")?.to_vec1::<i64>()?[0] as u64;
         Ok(())
     }
+}
+
+/// One optimiser rule with this step's constants.
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    /// torch's AdamW: p *= 1 - lr*wd; m, v moving averages; p -= step_size * m / (sqrt(v)/bc2_sqrt + eps)
+    AdamW {
+        decay: f32,
+        b1: f32,
+        b2: f32,
+        eps: f32,
+        step_size: f32,
+        bc2_sqrt: f32,
+    },
+    /// Lion: p *= 1 - lr*wd; p -= lr * sign(b1 m + (1-b1) g); m = b2 m + (1-b2) g
+    Lion {
+        decay: f32,
+        b1: f32,
+        b2: f32,
+        lr: f32,
+    },
+}
+
+/// Elements per rayon task in the update.
+const CHUNK: usize = 1 << 14;
+
+/// Applies `rule` to p [n] with gradient g [n] and state m [n], v [n] (v empty for Lion).
+fn apply_rule(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], rule: Rule) {
+    match rule {
+        Rule::AdamW {
+            decay,
+            b1,
+            b2,
+            eps,
+            step_size,
+            bc2_sqrt,
+        } => p
+            .par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .for_each(|(((p, g), m), v)| {
+                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                    *p *= decay;
+                    *m += (1.0 - b1) * (g - *m);
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    let denom = v.sqrt() / bc2_sqrt + eps;
+                    *p -= step_size * *m / denom;
+                }
+            }),
+        Rule::Lion { decay, b1, b2, lr } => p
+            .par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .for_each(|((p, g), m)| {
+                for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
+                    *p *= decay;
+                    let c = b1 * *m + (1.0 - b1) * g;
+                    let u = if c > 0.0 {
+                        1.0
+                    } else if c < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    };
+                    *p -= lr * u;
+                    *m = b2 * *m + (1.0 - b2) * g;
+                }
+            }),
+    }
+}
+
+/// The update of one parameter as an in-place op on its storage (the gradient and state are
+/// borrowed for the call).
+struct InPlaceStep<'a> {
+    g: &'a [f32],
+    m: Mutex<&'a mut [f32]>,
+    v: Mutex<&'a mut [f32]>,
+    rule: Rule,
+}
+
+impl InplaceOp1 for InPlaceStep<'_> {
+    fn name(&self) -> &'static str {
+        "optimizer_step"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("optimizer_step: f32 parameters only")
+        };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("optimizer_step: the parameter is not contiguous")
+        };
+        let poisoned = |_| candle_core::Error::Msg("optimizer_step: state lock poisoned".into());
+        let mut m = self.m.lock().map_err(poisoned)?;
+        let mut v = self.v.lock().map_err(poisoned)?;
+        apply_rule(&mut data[a..b], self.g, &mut m, &mut v, self.rule);
+        Ok(())
+    }
+}
+
+/// Updates `var` with gradient `g`: in place for contiguous f32 CPU parameters, through a host
+/// copy and `Var::set` otherwise.
+fn update_param(
+    name: &str,
+    var: &Var,
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    rule: Rule,
+) -> Result<()> {
+    let n = var.elem_count();
+    let need_v = matches!(rule, Rule::AdamW { .. });
+    if g.len() != n || m.len() != n || (need_v && v.len() != n) {
+        return Err(Error::msg(format!(
+            "parameter `{name}` has {n} elements but its gradient or optimiser state has another size"
+        )));
+    }
+    let t = var.as_tensor();
+    if t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() {
+        let op = InPlaceStep {
+            g,
+            m: Mutex::new(m),
+            v: Mutex::new(v),
+            rule,
+        };
+        t.inplace_op1(&op)?;
+    } else {
+        let mut p: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        apply_rule(&mut p, g, m, v, rule);
+        let p = Tensor::from_vec(p, var.shape(), var.device())?.to_dtype(var.dtype())?;
+        var.set(&p)?;
+    }
+    Ok(())
 }
 
 /// Linear warmup from 0 to `max_lr` over `warmup` steps, then cosine decay to `min_lr` at `total`.
@@ -290,6 +410,74 @@ mod tests {
         opt.step(&vec![Some(vec![2.0, -0.1, 0.0])], 0.1).unwrap();
         let p: Vec<f32> = var.as_tensor().to_vec1().unwrap();
         assert_eq!(p, vec![0.9, 1.1, 1.0]);
+    }
+
+    /// The update as it was before the in-place version: a Vec round trip per parameter.
+    fn reference_adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], t: i32, lr: f64) {
+        let (b1, b2, eps, wd) = (0.9f64, 0.95f64, 1e-8f64, 0.1f64);
+        let decay = (1.0 - lr * wd) as f32;
+        let step_size = (lr / (1.0 - b1.powi(t))) as f32;
+        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt() as f32;
+        let (b1f, b2f, eps) = (b1 as f32, b2 as f32, eps as f32);
+        for j in 0..p.len() {
+            p[j] *= decay;
+            m[j] += (1.0 - b1f) * (g[j] - m[j]);
+            v[j] = b2f * v[j] + (1.0 - b2f) * g[j] * g[j];
+            let denom = v[j].sqrt() / bc2_sqrt + eps;
+            p[j] -= step_size * m[j] / denom;
+        }
+    }
+
+    #[test]
+    fn in_place_adamw_equals_vec_formula_over_5_steps() {
+        let dev = candle_core::Device::Cpu;
+        let mut r = crate::rng::stream(3, 1);
+        // one large parameter (several rayon chunks), one small, one without gradients
+        let shapes: [&[usize]; 3] = [&[70_001], &[3, 5], &[4]];
+        let init: Vec<Vec<f32>> = shapes
+            .iter()
+            .map(|s| crate::rng::normal(&mut r, s.iter().product(), 1.0))
+            .collect();
+        let vars: Vec<(String, Var)> = shapes
+            .iter()
+            .zip(&init)
+            .enumerate()
+            .map(|(i, (s, p))| {
+                let t = Tensor::from_slice(p, *s, &dev).unwrap();
+                (format!("p{i}"), Var::from_tensor(&t).unwrap())
+            })
+            .collect();
+        let mut opt = Optimizer::new(vars.clone(), OptimConfig::adamw());
+        let mut p = init.clone();
+        let mut m: Vec<Vec<f32>> = p.iter().map(|x| vec![0.0; x.len()]).collect();
+        let mut v = m.clone();
+        for t in 1..=5 {
+            let lr = 1e-2 / t as f64;
+            let grads: Grads = p
+                .iter()
+                .enumerate()
+                .map(|(i, x)| (i != 2).then(|| crate::rng::normal(&mut r, x.len(), 0.5)))
+                .collect();
+            opt.step(&grads, lr).unwrap();
+            for i in 0..2 {
+                let g = grads[i].as_ref().unwrap();
+                reference_adamw(&mut p[i], g, &mut m[i], &mut v[i], t, lr);
+            }
+        }
+        for (i, (_, var)) in vars.iter().enumerate() {
+            let got: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got, p[i], "parameter {i}");
+        }
+        assert_eq!(opt.state().unwrap()["m.p0"].to_vec1::<f32>().unwrap(), m[0]);
+    }
+
+    #[test]
+    fn wrong_gradient_size_is_an_error() {
+        let var =
+            Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &candle_core::Device::Cpu).unwrap())
+                .unwrap();
+        let mut opt = Optimizer::new(vec![("p".into(), var)], OptimConfig::adamw());
+        assert!(opt.step(&vec![Some(vec![0.5])], 1e-2).is_err());
     }
 
     #[test]

@@ -1,0 +1,192 @@
+//! Fused SwiGLU, the original's order (value first, gate second):
+//!
+//!   forward:  ff [.., 2F] = [a | g],  out [.., F] = a * silu(g),  silu(g) = g * s,  s = sigmoid(g)
+//!   backward: da = dout * silu(g),  dg = dout * a * s * (1 + g * (1 - s))
+//!
+//! `ff` is usually a strided `narrow` of the fused projection; rows are read in place.
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use super::cpu;
+
+const NAME: &str = "swiglu";
+
+/// out [.., F] = ff[.., :F] * silu(ff[.., F:]) for ff [.., 2F]. f32 on the CPU; any layout.
+pub fn swiglu(ff: &Tensor) -> Result<Tensor> {
+    cpu::check_cpu_f32(ff, NAME, "ff")?;
+    match ff.dims().last() {
+        Some(n) if n % 2 == 0 => ff.apply_op1(SwiGluOp),
+        _ => bail!(
+            "{NAME}: the last dim of {:?} must be even (value and gate halves)",
+            ff.dims()
+        ),
+    }
+}
+
+struct SwiGluOp;
+
+#[inline(always)]
+fn sigmoid(g: f32) -> f32 {
+    1.0 / (1.0 + (-g).exp())
+}
+
+impl CustomOp1 for SwiGluOp {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    // ff [N.., 2F] -> out [N.., F] (contiguous)
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let ff = cpu::rows(s, l, NAME)?;
+        let f = ff.n / 2;
+        let out = cpu::par_rows(ff.len(), f, |r, out| {
+            let (a, g) = ff.row(r).split_at(f);
+            for ((o, &a), &g) in out.iter_mut().zip(a).zip(g) {
+                // candle's silu: g / (1 + exp(-g))
+                *o = a * (g / (1.0 + (-g).exp()));
+            }
+        });
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = f;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, ff: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
+        if !ff.track_op() {
+            return Ok(None);
+        }
+        let (fs, fl) = ff.storage_and_layout();
+        let (ds, dl) = dout.storage_and_layout();
+        let ffr = cpu::storage_rows(&fs, fl, NAME)?;
+        let dr = cpu::storage_rows(&ds, dl, NAME)?;
+        let f = ffr.n / 2;
+        if dr.n != f || dr.len() != ffr.len() {
+            bail!(
+                "{NAME}: gradient shape {:?} does not match {:?}",
+                dout.dims(),
+                ff.dims()
+            )
+        }
+        // dff [N.., 2F] = [da | dg]
+        let dff = cpu::par_rows(ffr.len(), 2 * f, |r, dff| {
+            let (a, g) = ffr.row(r).split_at(f);
+            let dout = dr.row(r);
+            let (da, dg) = dff.split_at_mut(f);
+            for j in 0..f {
+                let s = sigmoid(g[j]);
+                da[j] = dout[j] * g[j] * s;
+                dg[j] = dout[j] * a[j] * s * (1.0 + g[j] * (1.0 - s));
+            }
+        });
+        Ok(Some(Tensor::from_vec(dff, ff.shape(), ff.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::palm::swiglu_composed as composed;
+    use crate::rng;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let n = shape.iter().product();
+        let v = rng::normal(&mut rng::stream(seed, 9), n, 1.5);
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
+        d.max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn forward_matches_composed_on_strided_narrow() {
+        // the fused projection [B, T, 10 + 2F] with the ff part at offset 10
+        let p = randn(&[2, 5, 10 + 2 * 13], 1);
+        let ff = p.narrow(2, 10, 26).unwrap();
+        assert!(!ff.is_contiguous());
+        let got = swiglu(&ff).unwrap();
+        assert_eq!(got.dims(), &[2, 5, 13]);
+        assert!(max_diff(&got, &composed(&ff).unwrap()) < 1e-5);
+        // and a transposed (last stride != 1) input
+        let tr = randn(&[26, 4], 2).t().unwrap();
+        assert!(max_diff(&swiglu(&tr).unwrap(), &composed(&tr).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn backward_matches_autograd_of_composed() {
+        let p = Var::from_tensor(&randn(&[3, 4, 6 + 2 * 11], 3)).unwrap();
+        let ff = p.narrow(2, 6, 22).unwrap();
+        let r = randn(&[3, 4, 11], 4);
+        let fused = (swiglu(&ff).unwrap() * &r).unwrap().sum_all().unwrap();
+        let comp = (composed(&ff).unwrap() * &r).unwrap().sum_all().unwrap();
+        let (gf, gc) = (fused.backward().unwrap(), comp.backward().unwrap());
+        let d = max_diff(gf.get(&p).unwrap(), gc.get(&p).unwrap());
+        assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn backward_of_a_broadcast_gradient() {
+        // sum_all's gradient reaches the op as a zero-stride broadcast of ones
+        let ff = Var::from_tensor(&randn(&[3, 8], 8)).unwrap();
+        let gf = swiglu(&ff).unwrap().sum_all().unwrap().backward().unwrap();
+        let gc = composed(&ff)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(max_diff(gf.get(&ff).unwrap(), gc.get(&ff).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn finite_differences() {
+        let v = randn(&[2, 10], 5)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let r = randn(&[2, 5], 6);
+        let loss = |v: &[f32]| -> f64 {
+            let ff = Tensor::from_slice(v, (2, 10), &Device::Cpu).unwrap();
+            (swiglu(&ff).unwrap() * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let ff = Var::from_slice(&v, (2, 10), &Device::Cpu).unwrap();
+        let l = (swiglu(&ff).unwrap() * &r).unwrap().sum_all().unwrap();
+        let g = l
+            .backward()
+            .unwrap()
+            .get(&ff)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let g = g.to_vec1::<f32>().unwrap();
+        let h = 1e-2f32;
+        for i in [0, 4, 7, 12, 19] {
+            let (mut p, mut m) = (v.clone(), v.clone());
+            p[i] += h;
+            m[i] -= h;
+            let fd = (loss(&p) - loss(&m)) / (2.0 * h as f64);
+            assert!(
+                (fd - g[i] as f64).abs() < 2e-3,
+                "d[{i}]: fd {fd} vs {}",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_odd_width_and_other_dtypes() {
+        assert!(swiglu(&randn(&[2, 5], 7)).is_err());
+        assert!(swiglu(&randn(&[2, 4], 7).to_dtype(candle_core::DType::F64).unwrap()).is_err());
+    }
+}
