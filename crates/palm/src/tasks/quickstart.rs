@@ -511,7 +511,7 @@ pub fn run_ppo(
     let gold = gold_eval(
         task,
         &trainer.model,
-        Some(crate::rlhf::rollout::ACTOR),
+        trainer.policy_scope(),
         4,
         cfg.seed + 77,
     )?;
