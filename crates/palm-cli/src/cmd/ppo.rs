@@ -5,7 +5,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use palm::rlhf::kl::KlEstimator;
 use palm::rlhf::ppo::{self, ActorMode, CriticInit, PpoConfig, PpoTrainer, Recipe};
 use palm::rlhf::scorer::{RewardModelScorer, Scorer, VaderScorer};
-use palm::tasks::quickstart::LoraRewardModel;
 use palm::tokenizer::Tokenizer;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,9 +72,9 @@ pub struct Args {
     /// The policy to start from (checkpoint directory), usually an SFT model.
     #[arg(long, required_unless_present = "resume")]
     pub policy: Option<PathBuf>,
-    /// The reward: a `palm reward train` output (run dir or model dir), a `palm quickstart`
-    /// reward model (DIR/reward/model), or `vader` / `vader:DIR` (the VADER sentiment compound
-    /// of the decoded response; default lexicon: the shared data's judges/vader).
+    /// The reward: a `palm reward train` output (run dir or model dir; `palm quickstart` writes
+    /// one in DIR/reward), or `vader` / `vader:DIR` (the VADER sentiment compound of the decoded
+    /// response; default lexicon: the shared data's judges/vader).
     #[arg(long)]
     pub reward: String,
     /// Prompts: JSONL with a "prompt" field per line, or plain text with one prompt per line.
@@ -263,11 +262,7 @@ fn apply_flags(cfg: &mut PpoConfig, a: &Args) -> Result<()> {
 }
 
 /// What `--reward` names, loaded: the scorer and the vocabulary it expects (None: text-based).
-fn load_reward(
-    arg: &str,
-    tok: &Tokenizer,
-    dev: &candle_core::Device,
-) -> Result<(Box<dyn Scorer>, Option<usize>)> {
+fn load_reward(arg: &str, tok: &Tokenizer) -> Result<(Box<dyn Scorer>, Option<usize>)> {
     if arg == "vader" || arg.starts_with("vader:") {
         let dir = match arg.strip_prefix("vader:") {
             Some(d) if !d.is_empty() => PathBuf::from(d),
@@ -299,15 +294,11 @@ fn load_reward(
         };
         return Ok((Box::new(s), Some(vocab)));
     }
-    let rm = LoraRewardModel::load(&path, dev).with_context(|| {
-        format!(
-            "--reward {}: neither a `palm reward train` output (no reward.json) nor a \
-             `palm quickstart` reward model",
-            path.display()
-        )
-    })?;
-    let vocab = rm.model.vocab_size();
-    Ok((Box::new(rm), Some(vocab)))
+    bail!(
+        "--reward {}: not a `palm reward train` output (no reward.json in it or in its {}/)",
+        path.display(),
+        palm::rlhf::reward_train::FINAL_DIR
+    )
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -330,7 +321,7 @@ pub fn run(a: Args) -> Result<()> {
             Ok(ids)
         })
         .collect::<Result<_>>()?;
-    let (scorer, rm_vocab) = load_reward(&a.reward, &tok, &dev)?;
+    let (scorer, rm_vocab) = load_reward(&a.reward, &tok)?;
     let mut score_before = None;
     let mut trainer = if a.resume {
         // the saved config is the run's; only its length may change
