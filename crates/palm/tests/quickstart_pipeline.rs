@@ -15,10 +15,10 @@ fn tiny_quickstart_runs_every_stage_on_the_library() {
     let dev = Device::Cpu;
     let task = PathsTask::standard(0).unwrap();
     let mut cfg = QuickstartConfig {
-        sft_examples: 64,
-        sft_steps: 6,
-        sft_batch: 8,
-        pair_rounds: 1,
+        sft_examples: 512,
+        sft_steps: 200,
+        sft_batch: 16,
+        pair_rounds: 2,
         rm_epochs: 1,
         rm_batch: 16,
         ..QuickstartConfig::default()
@@ -35,7 +35,7 @@ fn tiny_quickstart_runs_every_stage_on_the_library() {
     };
     let sft_run = d.path().join("sft");
     let (sft, summary) = qs::train_sft(&task, &cfg, &sft_run, &dev).unwrap();
-    assert_eq!(summary.steps, 6);
+    assert_eq!(summary.steps, 200);
     assert!(summary.final_val_loss.unwrap().is_finite());
     let sft_dir = qs::sft_model_dir(&sft_run);
     assert!(sft_dir.join("model.safetensors").exists());
