@@ -477,3 +477,43 @@ fn critic_from_the_reward_model_refuses_what_does_not_map() {
     ));
     assert!(e.contains("palm-rlhf-pytorch"), "{e}");
 }
+
+#[test]
+fn critic_from_the_reward_model_learns_in_normalised_score_units() {
+    // the first rollout fits the score normalisation (bias, gain); the copied head is rescaled so
+    // the critic predicts (RM score - bias) * gain. critic_lr 0 isolates the rescaling.
+    let rm = reward_model(10, Pooling::LastToken);
+    let cfg = PpoConfig {
+        critic_init: CriticInit::Reward,
+        critic_lr: 0.0,
+        ..tiny_cfg()
+    };
+    let mut t = PpoTrainer::with_reward_model(tiny_model(10), cfg, Some(&rm)).unwrap();
+    let scorer = |p: &[Vec<u32>], r: &[Vec<u32>]| -> palm::Result<Vec<f32>> {
+        let seqs: Vec<(&[u32], &[u32])> = p
+            .iter()
+            .zip(r)
+            .map(|(a, b)| (a.as_slice(), b.as_slice()))
+            .collect();
+        rm.score(&seqs, 8)
+    };
+    let ps = prompts();
+    t.step(&ps, Some(0), &scorer, None).unwrap();
+    let (bias, gain) = t.score_norm.unwrap();
+    assert!(gain != 1.0 && bias != 0.0);
+    let resp = vec![vec![1, 2, 0], vec![5], vec![7, 8, 7, 9, 0], vec![4, 4]];
+    let lay = Layout::new(&ps, &resp).unwrap();
+    let (v, _) = t.critic.values(t.frozen_model(), &lay, false).unwrap();
+    let v = to_vec(&v);
+    for (row, (p, rs)) in ps.iter().zip(&resp).enumerate() {
+        for k in 0..rs.len() {
+            let raw = rm.score(&[(p.as_slice(), &rs[..k])], 1).unwrap()[0];
+            let want = (raw - bias) * gain;
+            let got = v[row * lay.r + k];
+            assert!(
+                (want - got).abs() < 1e-4 * want.abs().max(1.0),
+                "row {row} position {k}: {got} vs {want}"
+            );
+        }
+    }
+}

@@ -64,8 +64,7 @@ fn tiny_quickstart_runs_every_stage_on_the_library() {
 
     for recipe in [Recipe::Standard, Recipe::PalmRlhfPytorch] {
         let out = d.path().join(format!("ppo-{recipe:?}"));
-        let rep =
-            qs::run_ppo(&task, &sft_dir, &scorer, recipe, &cfg, &out, &dev, |_| {}).unwrap();
+        let rep = qs::run_ppo(&task, &sft_dir, &scorer, recipe, &cfg, &out, &dev, |_| {}).unwrap();
         assert!(rep.gold_score_ppo.is_finite() && rep.kl.is_finite());
         assert!(out.join("gold_vs_reward.svg").exists());
         let want = match recipe {
@@ -77,12 +76,9 @@ fn tiny_quickstart_runs_every_stage_on_the_library() {
 
     // the critic copied from the quickstart's reward model reads its scores
     let model = palm::load::load_model(&sft_dir, &dev).unwrap();
-    let t = palm::rlhf::ppo::PpoTrainer::with_reward_model(
-        model,
-        cfg.ppo.clone(),
-        Some(&scorer.model),
-    )
-    .unwrap();
+    let t =
+        palm::rlhf::ppo::PpoTrainer::with_reward_model(model, cfg.ppo.clone(), Some(&scorer.model))
+            .unwrap();
     let p = task.prompt_ids(task.queries()[3]);
     let resp = train[0].chosen.clone();
     let lay = Layout::new(std::slice::from_ref(&p), std::slice::from_ref(&resp)).unwrap();

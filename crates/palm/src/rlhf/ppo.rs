@@ -737,7 +737,7 @@ impl PpoTrainer {
             .collect();
 
         // 2. roll out
-        let ro = rollout::collect(
+        let mut ro = rollout::collect(
             &self.actors(),
             &batch,
             &RolloutConfig {
@@ -772,7 +772,18 @@ impl PpoTrainer {
 
         // 4. shape: normalisation (fitted once), missing-EOS penalty, clip
         if cfg.normalize_scores && self.score_norm.is_none() {
-            self.score_norm = Some(advantage::fit_normalisation(&raw));
+            let (bias, gain) = advantage::fit_normalisation(&raw);
+            self.score_norm = Some((bias, gain));
+            if cfg.critic_init == CriticInit::Reward {
+                // the copied head predicts raw reward-model scores; the critic learns
+                // normalised ones: fold the normalisation into the head and this rollout's values
+                self.critic.head.normalise_scalar(bias, gain)?;
+                for (v, m) in ro.values.iter_mut().zip(&ro.layout.mask) {
+                    if *m > 0.0 {
+                        *v = (*v - bias) * gain;
+                    }
+                }
+            }
         }
         let mut scores = advantage::shape_scores(
             &raw,
