@@ -44,7 +44,7 @@ enum Command {
     Train(cmd::train::Args),
     /// Reward model: train on preference pairs, evaluate, score.
     Reward(cmd::reward::Args),
-    /// PPO against a reward model (LoRA actor and critic, frozen reference).
+    /// PPO against a reward model (LoRA or full actor, LoRA critic, frozen reference).
     Ppo(Box<cmd::ppo::Args>),
     /// The whole RLHF pipeline on a built-in task, in minutes on a CPU.
     Quickstart(cmd::quickstart::Args),

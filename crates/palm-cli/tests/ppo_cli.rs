@@ -36,6 +36,44 @@ fn ppo(dir: &Path, prompts: &str, out: &str, extra: &[&str]) -> Command {
 
 #[test]
 fn ppo_with_a_trained_reward_model_then_resume() {
+    ppo_then_resume(&[]);
+}
+
+#[test]
+fn ppo_full_fine_tuning_with_the_critic_from_the_reward_model_then_resume() {
+    let d = ppo_then_resume(&["--actor", "full", "--critic-init", "reward"]);
+    assert!(d
+        .path()
+        .join("run/checkpoint/frozen/model.safetensors")
+        .exists());
+    let st: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("run/checkpoint/trainer.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(st["config"]["actor"], "full");
+    assert_eq!(st["config"]["critic_init"], "reward");
+    // the original's pooled HL-Gauss critic has no exact copy of a scalar reward head
+    let out = ppo(
+        d.path(),
+        "prompts.txt",
+        "run2",
+        &[
+            "--policy",
+            "base",
+            "--critic-init",
+            "reward",
+            "--recipe",
+            "palm-rlhf-pytorch",
+        ],
+    )
+    .assert()
+    .failure();
+    let e = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(e.contains("critic_init reward"), "{e}");
+    assert!(!d.path().join("run2").exists(), "nothing written");
+}
+
+fn ppo_then_resume(extra: &[&str]) -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
     let base = tiny_base(d.path());
     let mut pairs = String::new();
@@ -68,6 +106,7 @@ fn ppo_with_a_trained_reward_model_then_resume() {
     ];
     let mut args = vec!["--policy", "base", "--steps", "2"];
     args.extend(small);
+    args.extend(extra);
     ppo(d.path(), "prompts.txt", "run", &args)
         .assert()
         .success();
@@ -94,6 +133,7 @@ fn ppo_with_a_trained_reward_model_then_resume() {
     assert_eq!(last["step"], 3);
     assert!(last["objective/scores"].as_f64().unwrap().is_finite());
     assert!(d.path().join("run/policy").exists());
+    d
 }
 
 #[test]

@@ -3,9 +3,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use palm::rlhf::kl::KlEstimator;
-use palm::rlhf::ppo::{self, PpoConfig, PpoTrainer, Recipe};
+use palm::rlhf::ppo::{self, ActorMode, CriticInit, PpoConfig, PpoTrainer, Recipe};
 use palm::rlhf::scorer::{RewardModelScorer, Scorer, VaderScorer};
-use palm::tasks::quickstart::LoraRewardModel;
 use palm::tokenizer::Tokenizer;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,8 +24,46 @@ impl From<RecipeArg> for Recipe {
     }
 }
 
-/// PPO against a reward model: the policy trains a LoRA scope `actor`, the critic a scope
-/// `critic` plus a value head; the reference is the same base with LoRA off.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActorArg {
+    /// A LoRA scope `actor`; the reference is the same base with LoRA off (no copy).
+    Lora,
+    /// Every base weight; the reference is a frozen copy of the starting policy, which also
+    /// carries the critic's LoRA scope.
+    Full,
+}
+
+impl From<ActorArg> for ActorMode {
+    fn from(a: ActorArg) -> Self {
+        match a {
+            ActorArg::Lora => ActorMode::Lora,
+            ActorArg::Full => ActorMode::Full,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CriticInitArg {
+    /// A fresh critic scope and a zero value head (every value starts at 0).
+    Zeros,
+    /// A copy of the --reward model (its LoRA scope, scalar head and segment embeddings): needs
+    /// a `palm reward train` LoRA model with last-token pooling on the policy's base weights,
+    /// and the standard recipe.
+    Reward,
+}
+
+impl From<CriticInitArg> for CriticInit {
+    fn from(a: CriticInitArg) -> Self {
+        match a {
+            CriticInitArg::Zeros => CriticInit::Zeros,
+            CriticInitArg::Reward => CriticInit::Reward,
+        }
+    }
+}
+
+/// PPO against a reward model: the policy trains a LoRA scope `actor` (or, with --actor full,
+/// every base weight against a frozen copy), the critic a scope `critic` plus a value head; the
+/// reference is the same base with LoRA off (or the frozen copy).
 ///
 /// Writes RUN_DIR/metrics.jsonl, reward.svg, kl.svg, gold_vs_reward.svg, checkpoint/ (the whole
 /// PPO state, for --resume) and policy/ (the actor merged into a plain model).
@@ -35,9 +72,9 @@ pub struct Args {
     /// The policy to start from (checkpoint directory), usually an SFT model.
     #[arg(long, required_unless_present = "resume")]
     pub policy: Option<PathBuf>,
-    /// The reward: a `palm reward train` output (run dir or model dir), a `palm quickstart`
-    /// reward model (DIR/reward/model), or `vader` / `vader:DIR` (the VADER sentiment compound
-    /// of the decoded response; default lexicon: the shared data's judges/vader).
+    /// The reward: a `palm reward train` output (run dir or model dir; `palm quickstart` writes
+    /// one in DIR/reward), or `vader` / `vader:DIR` (the VADER sentiment compound of the decoded
+    /// response; default lexicon: the shared data's judges/vader).
     #[arg(long)]
     pub reward: String,
     /// Prompts: JSONL with a "prompt" field per line, or plain text with one prompt per line.
@@ -54,6 +91,13 @@ pub struct Args {
     pub config: Option<PathBuf>,
     #[arg(long, value_enum)]
     pub recipe: Option<RecipeArg>,
+    /// What the policy trains: `lora` (default) or `full` (every base weight; the reference is a
+    /// frozen copy of the starting policy).
+    #[arg(long, value_enum)]
+    pub actor: Option<ActorArg>,
+    /// How the critic starts: `zeros` (default) or `reward` (a copy of the --reward model).
+    #[arg(long, value_enum)]
+    pub critic_init: Option<CriticInitArg>,
     /// `bytes`, a tokenizer.json or a llama2.c .bin (default: the policy's own, as in
     /// `palm generate`; bytes when none is found or on --resume without --policy).
     #[arg(long)]
@@ -205,6 +249,12 @@ fn apply_flags(cfg: &mut PpoConfig, a: &Args) -> Result<()> {
     if a.kl_target.is_some() {
         cfg.kl_target = a.kl_target;
     }
+    if let Some(x) = a.actor {
+        cfg.actor = x.into();
+    }
+    if let Some(x) = a.critic_init {
+        cfg.critic_init = x.into();
+    }
     if let Some(k) = &a.kl_estimator {
         cfg.kl_estimator = k.parse::<KlEstimator>()?;
     }
@@ -212,11 +262,7 @@ fn apply_flags(cfg: &mut PpoConfig, a: &Args) -> Result<()> {
 }
 
 /// What `--reward` names, loaded: the scorer and the vocabulary it expects (None: text-based).
-fn load_reward(
-    arg: &str,
-    tok: &Tokenizer,
-    dev: &candle_core::Device,
-) -> Result<(Box<dyn Scorer>, Option<usize>)> {
+fn load_reward(arg: &str, tok: &Tokenizer) -> Result<(Box<dyn Scorer>, Option<usize>)> {
     if arg == "vader" || arg.starts_with("vader:") {
         let dir = match arg.strip_prefix("vader:") {
             Some(d) if !d.is_empty() => PathBuf::from(d),
@@ -248,15 +294,11 @@ fn load_reward(
         };
         return Ok((Box::new(s), Some(vocab)));
     }
-    let rm = LoraRewardModel::load(&path, dev).with_context(|| {
-        format!(
-            "--reward {}: neither a `palm reward train` output (no reward.json) nor a \
-             `palm quickstart` reward model",
-            path.display()
-        )
-    })?;
-    let vocab = rm.model.vocab_size();
-    Ok((Box::new(rm), Some(vocab)))
+    bail!(
+        "--reward {}: not a `palm reward train` output (no reward.json in it or in its {}/)",
+        path.display(),
+        palm::rlhf::reward_train::FINAL_DIR
+    )
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -279,7 +321,7 @@ pub fn run(a: Args) -> Result<()> {
             Ok(ids)
         })
         .collect::<Result<_>>()?;
-    let (scorer, rm_vocab) = load_reward(&a.reward, &tok, &dev)?;
+    let (scorer, rm_vocab) = load_reward(&a.reward, &tok)?;
     let mut score_before = None;
     let mut trainer = if a.resume {
         // the saved config is the run's; only its length may change
@@ -289,6 +331,8 @@ pub fn run(a: Args) -> Result<()> {
             || a.actor_lr.is_some()
             || a.kl_coef.is_some()
             || a.seed.is_some()
+            || a.actor.is_some()
+            || a.critic_init.is_some()
         {
             bail!("--resume continues the saved run exactly: only --steps may change");
         }
@@ -329,7 +373,26 @@ pub fn run(a: Args) -> Result<()> {
             score_before = Some(m);
             tracing::info!("eval before: mean score {m:.4} over {} samples", recs.len());
         }
-        PpoTrainer::new(model, cfg)?
+        let rm = match cfg.critic_init {
+            CriticInit::Zeros => None,
+            CriticInit::Reward => {
+                let path = PathBuf::from(&a.reward);
+                let is_rm = path.join("reward.json").exists()
+                    || path
+                        .join(palm::rlhf::reward_train::FINAL_DIR)
+                        .join("reward.json")
+                        .exists();
+                if !is_rm {
+                    bail!(
+                        "--critic-init reward needs --reward to be a `palm reward train` model \
+                         (run or model directory with reward.json); got `{}`",
+                        a.reward
+                    );
+                }
+                Some(super::reward::load_reward_model(&path)?)
+            }
+        };
+        PpoTrainer::with_reward_model(model, cfg, rm.as_ref())?
     };
     let total = trainer.cfg.steps as u64;
     let bar = ProgressBar::new(total).with_position(trainer.step as u64);

@@ -3,7 +3,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use palm::rlhf::ppo::Recipe;
+use palm::rlhf::ppo::{CriticInit, Recipe};
+use palm::rlhf::scorer::RewardModelScorer;
 use palm::tasks::paths::PathsTask;
 use palm::tasks::quickstart::{self as qs, QuickstartConfig};
 use serde_json::json;
@@ -19,11 +20,12 @@ pub enum RecipeChoice {
 }
 
 /// The whole RLHF pipeline on a built-in gold-scored task (shortest paths in a random graph):
-/// SFT a small PaLM, sample preference pairs and label them with the gold scorer (with label
-/// noise), train a LoRA reward model, run PPO against the LEARNED reward model, and compare gold
-/// scores before and after.
+/// SFT a small PaLM (the `palm train` trainer), sample preference pairs and label them with the
+/// gold scorer (with label noise), train a LoRA reward model (the `palm reward train` trainer),
+/// run PPO against the LEARNED reward model, and compare gold scores before and after.
 ///
-/// Writes DIR/summary.json and, per stage, metrics.jsonl and SVG plots (sft/, reward/, ppo*/).
+/// Writes DIR/summary.json and, per stage, metrics.jsonl and SVG plots (sft/, reward/, ppo*/);
+/// the SFT model is DIR/sft/final, the reward model DIR/reward/reward_model.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Output directory.
@@ -43,9 +45,13 @@ pub struct Args {
     /// Override the number of SFT steps.
     #[arg(long)]
     pub sft_steps: Option<usize>,
-    /// Override the number of reward-model steps.
+    /// Override the number of reward-model epochs (passes over the training pairs).
     #[arg(long)]
-    pub rm_steps: Option<usize>,
+    pub rm_epochs: Option<usize>,
+    /// How the standard recipe's critic starts: `reward` (default: a copy of the reward model)
+    /// or `zeros`. The palm-rlhf-pytorch recipe's HL-Gauss critic always starts at zero.
+    #[arg(long, value_enum)]
+    pub critic_init: Option<super::ppo::CriticInitArg>,
 }
 
 fn bar(len: u64, name: &str) -> Result<ProgressBar> {
@@ -71,8 +77,11 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(s) = a.sft_steps {
         cfg.sft_steps = s;
     }
-    if let Some(s) = a.rm_steps {
-        cfg.rm_steps = s;
+    if let Some(s) = a.rm_epochs {
+        cfg.rm_epochs = s;
+    }
+    if let Some(c) = a.critic_init {
+        cfg.ppo.critic_init = c.into();
     }
     cfg.ppo.validate()?;
     let task = PathsTask::standard(a.seed)?;
@@ -87,15 +96,16 @@ pub fn run(a: Args) -> Result<()> {
     // 1. SFT
     let t = Instant::now();
     let sft_dir = a.out.join("sft");
-    let b = bar(cfg.sft_steps as u64, "sft")?;
-    let sft = qs::train_sft(&task, &cfg, &sft_dir, &dev, |_, l| {
-        b.set_message(format!("loss {l:.3}"));
-        b.inc(1)
-    })?;
-    b.finish();
+    let (sft, sft_summary) = qs::train_sft(&task, &cfg, &sft_dir, &dev)?;
+    let sft_model = qs::sft_model_dir(&sft_dir);
     let gold_sft = qs::gold_eval(&task, &sft, None, 4, a.seed + 77)?;
     let sft_s = t.elapsed().as_secs_f64();
-    tracing::info!("sft: gold score {gold_sft:.3} ({sft_s:.0} s)");
+    tracing::info!(
+        "sft: gold score {:.3}, optimal {:.3}, val loss {:?} ({sft_s:.0} s)",
+        gold_sft.score,
+        gold_sft.optimal_fraction,
+        sft_summary.final_val_loss
+    );
 
     // 2. preference pairs
     let t = Instant::now();
@@ -111,21 +121,19 @@ pub fn run(a: Args) -> Result<()> {
     // 3. reward model
     let t = Instant::now();
     let rm_dir = a.out.join("reward");
-    let b = bar(cfg.rm_steps as u64, "reward")?;
-    let (rm, rm_acc) = qs::train_rm(
-        &sft_dir.join("model"),
-        &train,
-        &held,
-        &cfg,
-        &rm_dir,
-        &dev,
-        |_, l| {
-            b.set_message(format!("loss {l:.3}"));
-            b.inc(1)
-        },
-    )?;
+    let b = bar(0, "reward")?;
+    let (rm, rm_summary) = qs::train_rm(&sft_model, &train, &held, &cfg, &rm_dir, &dev, |s| {
+        b.set_length(s.total_steps);
+        b.set_position(s.step);
+        b.set_message(format!("loss {:.3} acc {:.2}", s.loss, s.accuracy));
+    })?;
     b.finish();
-    rm.save(&rm_dir.join("model"))?;
+    let rm_acc = rm_summary.eval_accuracy.unwrap_or(f64::NAN);
+    let rm = RewardModelScorer {
+        model: rm,
+        eos: Some(palm::tokenizer::BYTE_EOS),
+        batch_size: 64,
+    };
     let rm_s = t.elapsed().as_secs_f64();
     tracing::info!("reward model: held-out accuracy {rm_acc:.3} ({rm_s:.0} s)");
 
@@ -144,7 +152,7 @@ pub fn run(a: Args) -> Result<()> {
         let b = bar(cfg.ppo.steps as u64, "ppo")?;
         let rep = qs::run_ppo(
             &task,
-            &sft_dir.join("model"),
+            &sft_model,
             &rm,
             r,
             &cfg,
@@ -162,8 +170,9 @@ pub fn run(a: Args) -> Result<()> {
         )?;
         b.finish();
         tracing::info!(
-            "{name}: gold score {:.3}, KL {:.2} ({:.0} s)",
+            "{name}: gold score {:.3}, optimal {:.3}, KL {:.2} ({:.0} s)",
             rep.gold_score_ppo,
+            rep.gold_optimal_fraction_ppo,
             rep.kl,
             rep.seconds
         );
@@ -175,14 +184,19 @@ pub fn run(a: Args) -> Result<()> {
     let total = t_all.elapsed().as_secs_f64();
     let summary = json!({
         "task": {"name": "paths", "nodes": task.nodes, "seed": a.seed, "random_walk_score": walk},
-        "gold_score_sft": gold_sft,
+        "gold_score_sft": gold_sft.score,
         "gold_score_ppo": main.gold_score_ppo,
+        "gold_optimal_fraction_sft": gold_sft.optimal_fraction,
+        "gold_optimal_fraction_ppo": main.gold_optimal_fraction_ppo,
         "reward_model_accuracy": rm_acc,
         "kl": main.kl,
         "seconds": {"sft": sft_s, "pairs": pairs_s, "reward_model": rm_s, "ppo": main.seconds, "total": total},
         "pairs": {"train": train.len(), "heldout": held.len(), "label_noise": cfg.label_noise},
+        "sft": sft_summary,
+        "reward_model": rm_summary,
         "recipes": reports,
-        "stages": {"sft": sft_dir, "reward": rm_dir},
+        "stages": {"sft": sft_dir, "sft_model": sft_model, "reward": rm_dir,
+            "reward_model": rm_dir.join(palm::rlhf::reward_train::FINAL_DIR)},
     });
     palm::checkpoint::write_json_atomic(&a.out.join("summary.json"), &summary)?;
     eprintln!();
@@ -190,23 +204,32 @@ pub fn run(a: Args) -> Result<()> {
         "palm quickstart: shortest paths, {} nodes (gold score: shortest / path length; optimal 1)",
         task.nodes
     );
+    eprintln!("                                 gold   optimal");
     eprintln!("  random walks (the SFT data)    {walk:.3}");
-    eprintln!("  SFT policy                     {gold_sft:.3}   ({sft_s:.0} s)");
     eprintln!(
-        "  reward model held-out accuracy {rm_acc:.3}   ({} pairs, label noise {}, {rm_s:.0} s)",
+        "  SFT policy                     {:.3}  {:.3}   ({sft_s:.0} s)",
+        gold_sft.score, gold_sft.optimal_fraction
+    );
+    eprintln!(
+        "  reward model held-out accuracy {rm_acc:.3}          ({} train pairs, label noise {}, {rm_s:.0} s)",
         train.len(),
         cfg.label_noise
     );
     for r in &reports {
         eprintln!(
-            "  PPO {:<18}         {:.3}   (KL {:.2} nats, RM score {:.2}, {:.0} s)",
+            "  PPO {:<18}         {:.3}  {:.3}   (KL {:.2} nats, RM score {:.2}, critic {}, {:.0} s)",
             match r.recipe {
                 Recipe::Standard => "standard",
                 Recipe::PalmRlhfPytorch => "palm-rlhf-pytorch",
             },
             r.gold_score_ppo,
+            r.gold_optimal_fraction_ppo,
             r.kl,
             r.rm_score_final,
+            match r.critic_init {
+                CriticInit::Zeros => "from zeros",
+                CriticInit::Reward => "from the RM",
+            },
             r.seconds
         );
     }

@@ -23,7 +23,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -35,7 +35,8 @@ use crate::model::{Forward, Model};
 use crate::params::{read_tensors, write_safetensors};
 use crate::rlhf::advantage::{self, ScoreShaping};
 use crate::rlhf::kl::{KlController, KlEstimator};
-use crate::rlhf::rollout::{self, Critic, Layout, Rollout, RolloutConfig, ACTOR, CRITIC};
+use crate::rlhf::reward::{HeadKind, Pooling, RewardModel};
+use crate::rlhf::rollout::{self, Actors, Critic, Layout, Rollout, RolloutConfig, ACTOR, CRITIC};
 use crate::rlhf::scorer::Scorer;
 use crate::rlhf::value::{ValueHead, ValueKind};
 use crate::rng::{self, PalmRng, RngState};
@@ -54,10 +55,41 @@ pub enum Recipe {
     PalmRlhfPytorch,
 }
 
+/// What the policy trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActorMode {
+    /// A LoRA scope `actor` on the base; the reference is the same base with LoRA off (no copy),
+    /// the critic a scope `critic` on the same base.
+    #[default]
+    Lora,
+    /// Every base weight; the reference is a separate frozen copy of the initial model, which
+    /// also carries the critic's LoRA scope (so the critic does not drift with the policy).
+    Full,
+}
+
+/// How the critic (its LoRA scope and value head) starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CriticInit {
+    /// A fresh scope (LoRA B = 0) and a zero value head: every value starts at 0.
+    #[default]
+    Zeros,
+    /// A copy of the reward model: its LoRA scope (spec and weights) becomes the `critic` scope,
+    /// its scalar head the value head and its segment embeddings the critic's, so the first
+    /// values are the reward model's scores of each prefix. Needs a reward model with a LoRA
+    /// scope, last-token pooling and a scalar head on the policy's own base weights, and the
+    /// standard recipe's token-level scalar critic.
+    Reward,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PpoConfig {
     pub recipe: Recipe,
+    /// LoRA actor (default) or full fine-tuning against a frozen copy.
+    pub actor: ActorMode,
+    pub critic_init: CriticInit,
     pub seed: u64,
     /// PPO iterations (rollout + update).
     pub steps: usize,
@@ -113,6 +145,8 @@ impl PpoConfig {
     pub fn for_recipe(recipe: Recipe) -> Self {
         let standard = Self {
             recipe,
+            actor: ActorMode::Lora,
+            critic_init: CriticInit::Zeros,
             seed: 0,
             steps: 100,
             batch_size: 64,
@@ -180,6 +214,26 @@ impl PpoConfig {
         }
         if self.recipe == Recipe::PalmRlhfPytorch && !self.pooled_values {
             return bad("ppo: the palm-rlhf-pytorch recipe uses pooled values".into());
+        }
+        if self.critic_init == CriticInit::Reward
+            && (self.value != ValueKind::Scalar || self.pooled_values)
+        {
+            return bad(format!(
+                "ppo: critic_init reward copies a reward model's scalar last-token head, which \
+                 only maps exactly onto a token-level scalar critic; this config's critic is {} \
+                 ({:?} values){}",
+                if self.pooled_values {
+                    "pooled"
+                } else {
+                    "token-level"
+                },
+                self.value,
+                if self.recipe == Recipe::PalmRlhfPytorch {
+                    ": use --critic-init zeros with the palm-rlhf-pytorch recipe"
+                } else {
+                    ""
+                }
+            ));
         }
         Ok(())
     }
@@ -276,9 +330,12 @@ struct Targets {
 /// Everything a PPO run carries from step to step; [`PpoTrainer::save`] writes all of it.
 pub struct PpoTrainer {
     pub cfg: PpoConfig,
-    /// The policy (scope `actor`), the critic trunk (scope `critic`) and, with LoRA off, the
-    /// reference.
+    /// The policy. With a LoRA actor also the critic trunk (scope `critic`) and, with LoRA
+    /// off, the reference; with full fine-tuning its base weights are what trains.
     pub model: Model,
+    /// Full fine-tuning only: the frozen copy of the initial policy, the reference and the
+    /// critic's trunk (scope `critic`). Never given to an optimiser, except its critic scope.
+    pub frozen: Option<Model>,
     pub critic: Critic,
     actor_opt: Optimizer,
     critic_opt: Optimizer,
@@ -303,6 +360,132 @@ const STATE_FILE: &str = "trainer.json";
 const HEAD_FILE: &str = "value_head.safetensors";
 const ACTOR_OPT_FILE: &str = "optimizer_actor.safetensors";
 const CRITIC_OPT_FILE: &str = "optimizer_critic.safetensors";
+/// Full fine-tuning: the frozen copy (with the critic scope) inside a checkpoint.
+const FROZEN_DIR: &str = "frozen";
+const SEGMENT_NAMES: [&str; 2] = ["critic.prompt_embed", "critic.response_embed"];
+
+/// A copy of `model` that shares no storage with it (written and read back).
+fn deep_copy(model: &Model) -> Result<Model> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = std::env::temp_dir().join(format!("palm-ppo-copy-{}-{n}", std::process::id()));
+    model.save(&tmp)?;
+    let copy = crate::load::load_model(&tmp, model.device());
+    let _ = std::fs::remove_dir_all(&tmp);
+    copy
+}
+
+/// The LoRA spec of `scope` in `model`, if it has one.
+fn scope_spec(model: &Model, scope: &str) -> Option<LoraSpec> {
+    match model {
+        Model::Palm(m) => m.scopes.get(scope).map(|s| s.spec.clone()),
+        Model::Hf(m) => m.scopes.get(scope).map(|s| s.spec.clone()),
+    }
+}
+
+/// The base (non-LoRA) weights of a model by name, as f32 values.
+fn base_weights(model: &Model) -> Result<Vec<(String, Vec<f32>)>> {
+    model
+        .vars()
+        .iter()
+        .filter(|(k, _)| !k.starts_with("finetune_modules."))
+        .map(|(k, v)| {
+            let t = v.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
+            Ok((k.clone(), t.to_vec1::<f32>()?))
+        })
+        .collect()
+}
+
+/// Adds the `critic` scope to `trunk` as a copy of the reward model's LoRA scope and returns a
+/// value head (and segment embeddings) copied from its head: the critic's value at a position
+/// is then the reward model's score of the sequence ending there. Refuses, naming the reason,
+/// a reward model that is not a LoRA scope + scalar last-token head on `trunk`'s base weights.
+fn critic_from_reward(
+    trunk: &mut Model,
+    rm: &RewardModel,
+    cfg: &PpoConfig,
+) -> Result<(ValueHead, Option<(Var, Var)>)> {
+    let refuse = |why: String| Err(Error::Config(format!("--critic-init reward: {why}")));
+    let Some(scope) = rm.cfg.scope.as_deref() else {
+        return refuse(
+            "the reward model was fully fine-tuned; only a reward model that is a LoRA scope on \
+             the policy's base weights can become the critic"
+                .into(),
+        );
+    };
+    if rm.cfg.head != HeadKind::Scalar {
+        return refuse("the reward model's head is binned; the critic's head is a scalar".into());
+    }
+    if rm.cfg.pooling != Pooling::LastToken {
+        return refuse(format!(
+            "the reward model pools with {:?}; the token-level critic reads each position (last-token pooling is needed)",
+            rm.cfg.pooling
+        ));
+    }
+    if cfg.value != ValueKind::Scalar || cfg.pooled_values {
+        return refuse("the critic must be token-level and scalar (standard recipe)".into());
+    }
+    let spec = scope_spec(&rm.trunk, scope).ok_or_else(|| {
+        Error::Config(format!(
+            "--critic-init reward: the reward model has no LoRA scope `{scope}`"
+        ))
+    })?;
+    let (ours, theirs) = (base_weights(trunk)?, base_weights(&rm.trunk)?);
+    let names = |w: &[(String, Vec<f32>)]| w.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+    if names(&ours) != names(&theirs) {
+        return refuse(
+            "the reward model's trunk has other parameters than the policy (a different model)"
+                .into(),
+        );
+    }
+    if let Some((name, _)) = ours
+        .iter()
+        .zip(&theirs)
+        .find(|(a, b)| a.1 != b.1)
+        .map(|x| x.0)
+    {
+        return refuse(format!(
+            "the reward model's base weights differ from the policy's (first: `{name}`); it must \
+             be trained as a LoRA scope on the same model the policy starts from"
+        ));
+    }
+    trunk.add_scope(CRITIC, spec, cfg.seed)?;
+    let from = format!("finetune_modules.{scope}.");
+    for (name, var) in rm.trunk.vars().with_prefix(&from) {
+        let to = format!("finetune_modules.{CRITIC}.{}", &name[from.len()..]);
+        let dst = trunk.vars().get(&to).ok_or_else(|| {
+            Error::msg(format!("critic scope has no `{to}` to copy `{name}` into"))
+        })?;
+        if dst.shape() != var.shape() {
+            return refuse(format!(
+                "`{name}` has shape {:?} but the critic's `{to}` has {:?}",
+                var.shape(),
+                dst.shape()
+            ));
+        }
+        dst.set(&var.as_tensor().to_dtype(dst.dtype())?)?;
+    }
+    let get = |n: &str| -> Result<Tensor> {
+        Ok(rm
+            .head_vars
+            .get(n)
+            .ok_or_else(|| Error::msg(format!("reward model has no `{n}`")))?
+            .as_tensor()
+            .detach()
+            .copy()?)
+    };
+    let head = ValueHead::new(trunk.dim(), ValueKind::Scalar, trunk.device())?;
+    head.weight.set(&get("to_pred.0.weight")?)?;
+    let segments = if rm.cfg.segment_embeds {
+        Some((
+            Var::from_tensor(&get("prompt_embed")?)?,
+            Var::from_tensor(&get("response_embed")?)?,
+        ))
+    } else {
+        None
+    };
+    Ok((head, segments))
+}
 
 fn optim_cfg() -> OptimConfig {
     OptimConfig {
@@ -313,10 +496,21 @@ fn optim_cfg() -> OptimConfig {
 }
 
 impl PpoTrainer {
-    /// Starts a run from a policy (SFT) model: adds the `actor` and `critic` LoRA scopes and a
-    /// fresh value head. Optionally `critic_init` initialises the critic head's trunk scope
-    /// weights and head from a reward model's (same names).
-    pub fn new(mut model: Model, cfg: PpoConfig) -> Result<Self> {
+    /// Starts a run from a policy (SFT) model: with a LoRA actor adds the `actor` and `critic`
+    /// LoRA scopes; with full fine-tuning makes a frozen copy of the model (the reference) and
+    /// adds the `critic` scope to the copy. The value head starts at zero (`critic_init` must be
+    /// `zeros`; see [`PpoTrainer::with_reward_model`]).
+    pub fn new(model: Model, cfg: PpoConfig) -> Result<Self> {
+        Self::with_reward_model(model, cfg, None)
+    }
+
+    /// As [`PpoTrainer::new`]; with `critic_init: reward` the critic (scope and value head) is a
+    /// copy of `rm`, which must then be given.
+    pub fn with_reward_model(
+        mut model: Model,
+        cfg: PpoConfig,
+        rm: Option<&RewardModel>,
+    ) -> Result<Self> {
         cfg.validate()?;
         for s in [ACTOR, CRITIC] {
             if model.has_scope(s) {
@@ -325,24 +519,68 @@ impl PpoTrainer {
                 )));
             }
         }
-        model.add_scope(ACTOR, LoraSpec::new(cfg.lora_r), cfg.seed)?;
-        model.add_scope(CRITIC, LoraSpec::new(cfg.critic_lora_r), cfg.seed)?;
-        let head = ValueHead::new(model.dim(), cfg.value, model.device())?;
-        Self::assemble(model, head, cfg)
+        let mut frozen = match cfg.actor {
+            ActorMode::Lora => {
+                model.add_scope(ACTOR, LoraSpec::new(cfg.lora_r), cfg.seed)?;
+                None
+            }
+            ActorMode::Full => Some(deep_copy(&model)?),
+        };
+        let trunk = match frozen.as_mut() {
+            Some(f) => f,
+            None => &mut model,
+        };
+        let (head, segments) =
+            match (cfg.critic_init, rm) {
+                (CriticInit::Zeros, _) => {
+                    trunk.add_scope(CRITIC, LoraSpec::new(cfg.critic_lora_r), cfg.seed)?;
+                    (
+                        ValueHead::new(trunk.dim(), cfg.value, trunk.device())?,
+                        None,
+                    )
+                }
+                (CriticInit::Reward, Some(rm)) => critic_from_reward(trunk, rm, &cfg)?,
+                (CriticInit::Reward, None) => return Err(Error::Config(
+                    "ppo: critic_init reward needs the reward model (a `palm reward train` model)"
+                        .into(),
+                )),
+            };
+        Self::assemble(model, frozen, head, segments, cfg)
     }
 
-    fn assemble(model: Model, head: ValueHead, cfg: PpoConfig) -> Result<Self> {
-        let actor_params = model
-            .vars()
-            .with_prefix(&format!("finetune_modules.{ACTOR}."));
-        let mut critic_params = model
+    fn assemble(
+        model: Model,
+        frozen: Option<Model>,
+        head: ValueHead,
+        segments: Option<(Var, Var)>,
+        cfg: PpoConfig,
+    ) -> Result<Self> {
+        let actor_params = match cfg.actor {
+            ActorMode::Lora => model
+                .vars()
+                .with_prefix(&format!("finetune_modules.{ACTOR}.")),
+            ActorMode::Full => model
+                .vars()
+                .iter()
+                .filter(|(k, _)| !k.starts_with("finetune_modules."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        let mut critic_params = frozen
+            .as_ref()
+            .unwrap_or(&model)
             .vars()
             .with_prefix(&format!("finetune_modules.{CRITIC}."));
         critic_params.extend(head.params());
+        if let Some((p, r)) = &segments {
+            critic_params.push((SEGMENT_NAMES[0].into(), p.clone()));
+            critic_params.push((SEGMENT_NAMES[1].into(), r.clone()));
+        }
         let critic = Critic {
             head,
             scope: CRITIC.into(),
             pooled: cfg.pooled_values,
+            segments,
         };
         Ok(Self {
             kl: match cfg.kl_target {
@@ -354,18 +592,53 @@ impl PpoTrainer {
             critic_opt: Optimizer::new(critic_params, optim_cfg()),
             cfg,
             model,
+            frozen,
             critic,
             step: 0,
             score_norm: None,
         })
     }
 
-    /// Writes the whole PPO state into `dir` atomically: model (base + both scopes), value
-    /// head, both optimisers, KL controller, RNG, score normalisation, config.
+    /// The model that is the reference (LoRA off) and the critic's trunk.
+    pub fn frozen_model(&self) -> &Model {
+        self.frozen.as_ref().unwrap_or(&self.model)
+    }
+
+    /// The policy's LoRA scope (`actor`), or none when the base weights are the policy.
+    pub fn policy_scope(&self) -> Option<&'static str> {
+        match self.cfg.actor {
+            ActorMode::Lora => Some(ACTOR),
+            ActorMode::Full => None,
+        }
+    }
+
+    /// Policy, reference and critic, for rollouts.
+    pub fn actors(&self) -> Actors<'_> {
+        Actors {
+            policy: &self.model,
+            policy_scope: self.policy_scope(),
+            frozen: self.frozen_model(),
+            critic: &self.critic,
+        }
+    }
+
+    /// Writes the whole PPO state into `dir` atomically: model (base + scopes; with full
+    /// fine-tuning the trained base, and the frozen copy with the critic scope in `frozen/`),
+    /// value head, both optimisers, KL controller, RNG, score normalisation, config.
     pub fn save(&self, dir: &Path) -> Result<()> {
         checkpoint::write_dir_atomic(dir, |tmp| {
             self.model.write_files(tmp)?;
-            write_safetensors(&tmp.join(HEAD_FILE), &self.critic.head.tensors())?;
+            if let Some(f) = &self.frozen {
+                let d = tmp.join(FROZEN_DIR);
+                std::fs::create_dir_all(&d).map_err(|e| Error::io(&d, e))?;
+                f.write_files(&d)?;
+            }
+            let mut head = self.critic.head.tensors();
+            if let Some((p, r)) = &self.critic.segments {
+                head.insert(SEGMENT_NAMES[0].into(), p.as_tensor().clone());
+                head.insert(SEGMENT_NAMES[1].into(), r.as_tensor().clone());
+            }
+            write_safetensors(&tmp.join(HEAD_FILE), &head)?;
             write_safetensors(&tmp.join(ACTOR_OPT_FILE), &self.actor_opt.state()?)?;
             write_safetensors(&tmp.join(CRITIC_OPT_FILE), &self.critic_opt.state()?)?;
             checkpoint::write_json_atomic(
@@ -386,22 +659,35 @@ impl PpoTrainer {
         let dir = checkpoint::resolve_dir(dir);
         let st: TrainerState = checkpoint::read_json(&dir.join(STATE_FILE))?;
         let model = crate::load::load_model(&dir, device)?;
-        for s in [ACTOR, CRITIC] {
-            if !model.has_scope(s) {
+        let mut cfg = st.config;
+        let frozen = match cfg.actor {
+            ActorMode::Lora => None,
+            ActorMode::Full => Some(crate::load::load_model(&dir.join(FROZEN_DIR), device)?),
+        };
+        let need: &[(&Model, &str)] = match &frozen {
+            None => &[(&model, ACTOR), (&model, CRITIC)],
+            Some(f) => &[(f, CRITIC)],
+        };
+        for (m, s) in need {
+            if !m.has_scope(s) {
                 return Err(Error::msg(format!(
                     "{}: checkpoint has no `{s}` LoRA scope: not a PPO checkpoint",
                     dir.display()
                 )));
             }
         }
-        let mut cfg = st.config;
         if let Some(s) = steps {
             cfg.steps = s;
         }
         let head = ValueHead::new(model.dim(), cfg.value, device)?;
         let hp = dir.join(HEAD_FILE);
-        head.load(&read_tensors(&hp, device)?, &hp)?;
-        let mut t = Self::assemble(model, head, cfg)?;
+        let ht = read_tensors(&hp, device)?;
+        head.load(&ht, &hp)?;
+        let segments = match (ht.get(SEGMENT_NAMES[0]), ht.get(SEGMENT_NAMES[1])) {
+            (Some(p), Some(r)) => Some((Var::from_tensor(p)?, Var::from_tensor(r)?)),
+            _ => None,
+        };
+        let mut t = Self::assemble(model, frozen, head, segments, cfg)?;
         t.actor_opt
             .load_state(&read_tensors(&dir.join(ACTOR_OPT_FILE), &Device::Cpu)?)?;
         t.critic_opt
@@ -413,8 +699,12 @@ impl PpoTrainer {
         Ok(t)
     }
 
-    /// The trained policy as a plain model: a copy of the base with the actor scope merged.
+    /// The trained policy as a plain model: a copy of the base with the actor scope merged
+    /// (full fine-tuning: the trained model as it is).
     pub fn export_policy(&self, dir: &Path) -> Result<()> {
+        if self.cfg.actor == ActorMode::Full {
+            return self.model.save(dir);
+        }
         let tmp = checkpoint::temp_path(dir);
         self.model.save(&tmp)?;
         let mut m = crate::load::load_model(&tmp, self.model.device())?;
@@ -447,9 +737,8 @@ impl PpoTrainer {
             .collect();
 
         // 2. roll out
-        let ro = rollout::collect(
-            &self.model,
-            &self.critic,
+        let mut ro = rollout::collect(
+            &self.actors(),
             &batch,
             &RolloutConfig {
                 max_new_tokens: cfg.max_new_tokens,
@@ -483,7 +772,18 @@ impl PpoTrainer {
 
         // 4. shape: normalisation (fitted once), missing-EOS penalty, clip
         if cfg.normalize_scores && self.score_norm.is_none() {
-            self.score_norm = Some(advantage::fit_normalisation(&raw));
+            let (bias, gain) = advantage::fit_normalisation(&raw);
+            self.score_norm = Some((bias, gain));
+            if cfg.critic_init == CriticInit::Reward {
+                // the copied head predicts raw reward-model scores; the critic learns
+                // normalised ones: fold the normalisation into the head and this rollout's values
+                self.critic.head.normalise_scalar(bias, gain)?;
+                for (v, m) in ro.values.iter_mut().zip(&ro.layout.mask) {
+                    if *m > 0.0 {
+                        *v = (*v - bias) * gain;
+                    }
+                }
+            }
         }
         let mut scores = advantage::shape_scores(
             &raw,
@@ -623,8 +923,8 @@ impl PpoTrainer {
         // actor: clipped surrogate - entropy bonus
         if train_actor {
             let opts = Forward {
-                scope: Some(ACTOR),
-                freeze_base: true,
+                scope: self.policy_scope(),
+                freeze_base: cfg.actor == ActorMode::Lora,
                 ..Default::default()
             };
             let (logp, logits) =
@@ -652,7 +952,7 @@ impl PpoTrainer {
         }
 
         // critic: clipped value loss
-        let (v, logits) = self.critic.values(&self.model, &lay, true)?;
+        let (v, logits) = self.critic.values(self.frozen_model(), &lay, true)?;
         let (vloss, vclip) = if cfg.pooled_values {
             let old = Tensor::from_vec(take_seq(&ro.values), n, &dev)?;
             let ret = take_seq(&tg.returns);

@@ -9,10 +9,13 @@
 //! keeps columns P-1..P+R-2. `key_mask` is 1 on real tokens only (left and right pads masked),
 //! so each row sees exactly the attention it would get alone.
 //!
-//! The policy is the model with the `actor` LoRA scope; the reference is the same model with
-//! LoRA disabled (no copy); the critic is the model with the `critic` scope plus a value head.
+//! The three roles ([`Actors`]): with a LoRA actor the policy is the model with the `actor` LoRA
+//! scope, the reference is the same model with LoRA disabled (no copy), and the critic is the
+//! model with the `critic` scope plus a value head. With full fine-tuning the policy is the
+//! trained model itself (no scope), and a separate frozen copy of the initial weights is the
+//! reference and carries the critic's scope.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::error::{Error, Result};
 use crate::model::palm::log_softmax_last;
@@ -161,6 +164,10 @@ pub struct Critic {
     pub head: ValueHead,
     pub scope: String,
     pub pooled: bool,
+    /// Segment embeddings (prompt, response), each [1, 1, C], added to the token embeddings of
+    /// prompt and response columns; present when the critic was initialised from a reward model
+    /// that has them (so its values are the reward model's scores).
+    pub segments: Option<(Var, Var)>,
 }
 
 impl Critic {
@@ -171,9 +178,11 @@ impl Critic {
         lay: &Layout,
         freeze_base: bool,
     ) -> Result<(Tensor, Tensor)> {
+        let extra = self.segment_embeds(lay, model.dim(), model.device())?;
         let opts = Forward {
             scope: Some(&self.scope),
             freeze_base,
+            extra_embed: extra.as_ref(),
             ..Default::default()
         };
         let h = lay.response_hidden(model, opts)?; // [B, R, C]
@@ -189,6 +198,54 @@ impl Critic {
         let logits = self.head.logits(&h)?;
         let v = self.head.value_from_logits(&logits)?;
         Ok((v, logits))
+    }
+}
+
+impl Critic {
+    /// [B, L-1, C]: `prompt_embed` on the prompt columns (< P), `response_embed` after, as the
+    /// reward model's segment embeddings (pads are masked keys, their value is irrelevant).
+    fn segment_embeds(&self, lay: &Layout, c: usize, dev: &Device) -> Result<Option<Tensor>> {
+        let Some((pe, re)) = &self.segments else {
+            return Ok(None);
+        };
+        let l1 = lay.p + lay.r - 1;
+        let pm: Vec<f32> = (0..l1).map(|j| if j < lay.p { 1.0 } else { 0.0 }).collect();
+        let pm = Tensor::from_vec(pm, (1, l1, 1), dev)?;
+        let e =
+            (pm.broadcast_mul(pe.as_tensor())? + (1.0 - &pm)?.broadcast_mul(re.as_tensor())?)?;
+        Ok(Some(e.broadcast_as((lay.b, l1, c))?.contiguous()?))
+    }
+}
+
+/// Who plays which part in a rollout and an update. With a LoRA actor `policy` and `frozen`
+/// are the same model and the policy runs the `actor` scope; with full fine-tuning `policy` is
+/// the trained model (no scope) and `frozen` a separate copy of the initial weights. The
+/// reference is always `frozen` with LoRA off, the critic `frozen` with the critic's scope.
+#[derive(Clone, Copy)]
+pub struct Actors<'a> {
+    pub policy: &'a Model,
+    pub policy_scope: Option<&'a str>,
+    pub frozen: &'a Model,
+    pub critic: &'a Critic,
+}
+
+impl<'a> Actors<'a> {
+    /// The policy's forward (base weights frozen with a LoRA actor, trained without).
+    pub fn policy_forward(&self) -> Forward<'a> {
+        Forward {
+            scope: self.policy_scope,
+            freeze_base: self.policy_scope.is_some(),
+            ..Default::default()
+        }
+    }
+
+    /// The reference's forward on `frozen`: no LoRA.
+    pub fn reference_forward(&self) -> Forward<'a> {
+        Forward {
+            scope: self.policy_scope,
+            disable_lora: true,
+            ..Default::default()
+        }
     }
 }
 
@@ -228,20 +285,16 @@ fn masked_vec(t: &Tensor, mask: &[f32]) -> Result<Vec<f32>> {
         .collect())
 }
 
-/// Samples responses with the actor scope and records per-token log-probs and values.
-pub fn collect(
-    model: &Model,
-    critic: &Critic,
-    prompts: &[Vec<u32>],
-    cfg: &RolloutConfig,
-) -> Result<Rollout> {
+/// Samples responses with the policy and records per-token log-probs (policy, reference) and
+/// values.
+pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Result<Rollout> {
     if cfg.max_new_tokens == 0 {
         return Err(Error::msg("rollout: max_new_tokens must be at least 1"));
     }
     // 1. sample with the KV cache (actor scope, pure temperature)
     let t0 = std::time::Instant::now();
     let gen = generate(
-        model,
+        actors.policy,
         &GenerateRequest {
             prompts: prompts.to_vec(),
             max_new_tokens: cfg.max_new_tokens,
@@ -251,7 +304,7 @@ pub fn collect(
                 ..Sampling::default()
             },
             seed: cfg.seed,
-            scope: Some(ACTOR.into()),
+            scope: actors.policy_scope.map(String::from),
             disable_lora: false,
         },
         |_, _| {},
@@ -261,17 +314,18 @@ pub fn collect(
     let lay = Layout::new(prompts, &gen.completions)?;
     // 2. one forward each: policy, reference (LoRA off), critic
     let policy = Forward {
-        scope: Some(ACTOR),
+        scope: actors.policy_scope,
         ..Default::default()
     };
-    let reference = Forward {
-        scope: Some(ACTOR),
-        disable_lora: true,
-        ..Default::default()
-    };
-    let (logp, _) = response_logprobs(model, &lay, policy, cfg.temperature)?;
-    let (ref_logp, _) = response_logprobs(model, &lay, reference, cfg.temperature)?;
-    let (values, _) = critic.values(model, &lay, true)?;
+    let (logp, _) = response_logprobs(actors.policy, &lay, policy, cfg.temperature)?;
+    let (ref_logp, _) = response_logprobs(
+        actors.frozen,
+        &lay,
+        actors.reference_forward(),
+        cfg.temperature,
+    )?;
+    let critic = actors.critic;
+    let (values, _) = critic.values(actors.frozen, &lay, true)?;
     let logp = masked_vec(&logp, &lay.mask)?;
     let ref_logp = masked_vec(&ref_logp, &lay.mask)?;
     let values = if critic.pooled {

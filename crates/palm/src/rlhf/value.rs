@@ -136,6 +136,19 @@ impl ValueHead {
         Ok(out.reshape(shape)?)
     }
 
+    /// Maps a scalar head's values v to (v - shift) * gain exactly (weight *= gain,
+    /// bias = (bias - shift) * gain): a head that predicts raw scores then predicts scores
+    /// normalised as PPO normalises them.
+    pub fn normalise_scalar(&self, shift: f32, gain: f32) -> Result<()> {
+        if self.kind != ValueKind::Scalar {
+            return Err(Error::msg("only a scalar value head can be renormalised"));
+        }
+        self.weight.set(&(self.weight.as_tensor() * gain as f64)?)?;
+        self.bias
+            .set(&((self.bias.as_tensor() - shift as f64)? * gain as f64)?)?;
+        Ok(())
+    }
+
     /// Scalar values [..] from head outputs [.., K].
     pub fn value_from_logits(&self, logits: &Tensor) -> Result<Tensor> {
         match self.kind {

@@ -1,35 +1,38 @@
-//! The whole RLHF pipeline on the paths task, small enough for a laptop CPU:
-//! 1. SFT: a small PaLM learns random walks (valid, mostly suboptimal paths);
+//! The whole RLHF pipeline on the paths task, small enough for a laptop CPU, on the library's
+//! own stages (what `palm train`, `palm reward train` and `palm ppo` run):
+//! 1. SFT: a small PaLM learns random walks (valid, mostly suboptimal paths) with the LM/SFT
+//!    [`Trainer`] (loss on response tokens);
 //! 2. preference pairs: two samples per prompt from the SFT model, labelled by the gold scorer
 //!    with some label noise (humans disagree); held-out pairs keep clean labels;
-//! 3. reward model: the SFT model + a LoRA scope `reward` + a scalar head read at the last
-//!    token (EOS), trained with the Bradley-Terry loss;
-//! 4. PPO against the LEARNED reward model, with the gold score logged beside it;
-//! 5. gold score of the policy before and after, RM held-out accuracy, KL, time per stage.
-//!
-//! The SFT and reward-model loops here are deliberately minimal (the crate's LM and
-//! reward-model trainers are the general tools); everything is seeded.
+//! 3. reward model: [`RewardModel`] on the SFT model (a LoRA scope `reward` + a scalar head read
+//!    at the last token, EOS), trained with the Bradley-Terry loss by [`reward_train::train`];
+//! 4. PPO against the LEARNED reward model, with the gold score logged beside it (the standard
+//!    recipe's critic starts as a copy of the reward model);
+//! 5. gold score and share of optimal answers of the policy before and after, RM held-out
+//!    accuracy, KL, time per stage. Everything is seeded.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Device;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::config::{LoraSpec, LoraTargets, PalmConfig};
 use crate::error::{Error, Result};
-use crate::model::{cross_entropy, Forward, Model, Palm};
-use crate::rlhf::ppo::{self, PpoConfig, PpoTrainer, Recipe};
-use crate::rlhf::scorer::Scorer;
-use crate::rlhf::value::{ValueHead, ValueKind};
+use crate::model::{Model, Palm};
+use crate::rlhf::ppo::{self, CriticInit, PpoConfig, PpoTrainer, Recipe};
+use crate::rlhf::preference_data::{truncate, EncodedPair, TruncationStats};
+use crate::rlhf::reward::{RewardConfig, RewardModel};
+use crate::rlhf::reward_train::{self, RewardSummary, RewardTrainConfig, StepInfo};
+use crate::rlhf::scorer::RewardModelScorer;
 use crate::rng;
 use crate::sample::{generate, GenerateRequest, Sampling};
 use crate::tasks::paths::PathsTask;
-use crate::tokenizer::BYTE_EOS;
-use crate::train::metrics::MetricsLog;
-use crate::train::optim::{self, OptimConfig, Optimizer};
+use crate::tokenizer::{Tokenizer, BYTE_EOS};
+use crate::train::data::{BatchOrder, Corpus, Example};
+use crate::train::optim::OptimConfig;
+use crate::train::trainer::{DataSpec, Summary as TrainSummary, TrainConfig, Trainer};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -44,7 +47,8 @@ pub struct QuickstartConfig {
     pub pair_rounds: usize,
     pub label_noise: f32,
     pub heldout_fraction: f32,
-    pub rm_steps: usize,
+    /// Passes over the training pairs.
+    pub rm_epochs: usize,
     pub rm_batch: usize,
     pub rm_lr: f64,
     pub rm_lora_r: usize,
@@ -68,7 +72,7 @@ impl Default for QuickstartConfig {
             pair_rounds: 12,
             label_noise: 0.1,
             heldout_fraction: 0.2,
-            rm_steps: 300,
+            rm_epochs: 2,
             rm_batch: 32,
             rm_lr: 2e-3,
             rm_lora_r: 8,
@@ -81,38 +85,11 @@ impl Default for QuickstartConfig {
                 actor_lr: 1e-3,
                 critic_lr: 2e-3,
                 kl_coef: 0.3,
+                critic_init: CriticInit::Reward,
                 ..PpoConfig::default()
             },
         }
     }
-}
-
-/// Right-padded (prompt ++ response) rows: ids [B, L], key mask [B, L], lengths.
-fn right_padded(
-    prompts: &[Vec<u32>],
-    responses: &[Vec<u32>],
-    dev: &Device,
-) -> Result<(Tensor, Tensor, Vec<usize>)> {
-    let seqs: Vec<Vec<u32>> = prompts
-        .iter()
-        .zip(responses)
-        .map(|(p, r)| p.iter().chain(r).copied().collect())
-        .collect();
-    let l = seqs.iter().map(Vec::len).max().unwrap_or(1).max(1);
-    let b = seqs.len();
-    let mut ids = vec![0i64; b * l];
-    let mut km = vec![0u8; b * l];
-    for (i, s) in seqs.iter().enumerate() {
-        for (j, &t) in s.iter().enumerate() {
-            ids[i * l + j] = t as i64;
-            km[i * l + j] = 1;
-        }
-    }
-    Ok((
-        Tensor::from_vec(ids, (b, l), dev)?,
-        Tensor::from_vec(km, (b, l), dev)?,
-        seqs.iter().map(Vec::len).collect(),
-    ))
 }
 
 /// Samples one response per prompt (temperature 1, the PPO rollout distribution).
@@ -139,146 +116,118 @@ pub fn sample_responses(
     .completions)
 }
 
-/// Mean gold score over `rounds` samples for every query of the task.
+/// The gold scorer's verdict on a policy: mean score and the share of answers that are a
+/// shortest valid path (score 1).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct GoldEval {
+    pub score: f32,
+    pub optimal_fraction: f32,
+}
+
+/// Gold score and optimal share over `rounds` samples (temperature 1) for every query.
 pub fn gold_eval(
     task: &PathsTask,
     model: &Model,
     scope: Option<&str>,
     rounds: usize,
     seed: u64,
-) -> Result<f32> {
+) -> Result<GoldEval> {
     let qs = task.queries();
     let prompts: Vec<Vec<u32>> = qs.iter().map(|&q| task.prompt_ids(q)).collect();
-    let mut total = 0.0;
+    let (mut total, mut optimal) = (0.0, 0usize);
     for k in 0..rounds {
         let resp = sample_responses(model, scope, &prompts, task.max_nodes + 1, seed + k as u64)?;
-        total += qs
-            .iter()
-            .zip(&resp)
-            .map(|(&q, r)| task.score(q, r))
-            .sum::<f32>();
+        for (&q, r) in qs.iter().zip(&resp) {
+            let s = task.score(q, r);
+            total += s;
+            optimal += usize::from(s == 1.0);
+        }
     }
-    Ok(total / (rounds * qs.len()) as f32)
+    let n = (rounds * qs.len()).max(1) as f32;
+    Ok(GoldEval {
+        score: total / n,
+        optimal_fraction: optimal as f32 / n,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
-// 1. SFT
+// 1. SFT with the library's trainer (what `palm train` runs)
 
+/// Where the SFT stage writes its final model (the trainer's `final/`).
+pub fn sft_model_dir(sft_run: &Path) -> PathBuf {
+    sft_run.join("final")
+}
+
+/// SFT examples of the task as the trainer's corpus: prompt ++ response, loss on the response
+/// (path letters and EOS) only.
+pub fn sft_corpus(task: &PathsTask, cfg: &QuickstartConfig) -> Corpus {
+    let mut r = rng::stream(cfg.seed, 0x5f7);
+    let to_example = |(p, resp): (Vec<u32>, Vec<u32>)| Example {
+        loss: std::iter::repeat_n(0u8, p.len())
+            .chain(std::iter::repeat_n(1u8, resp.len()))
+            .collect(),
+        ids: p.into_iter().chain(resp).collect(),
+    };
+    let train = task.sft_examples(cfg.sft_examples, &mut r);
+    let val = task.sft_examples(SFT_VAL_EXAMPLES, &mut r);
+    Corpus::Sft {
+        train: train.into_iter().map(to_example).collect(),
+        val: val.into_iter().map(to_example).collect(),
+    }
+}
+
+const SFT_VAL_EXAMPLES: usize = 128;
+
+/// The SFT stage's training config (random batches of examples, loss on responses, AdamW,
+/// warmup 5 % then cosine to lr / 10, clip 1).
+pub fn sft_train_config(cfg: &QuickstartConfig) -> TrainConfig {
+    TrainConfig {
+        steps: cfg.sft_steps,
+        batch_size: cfg.sft_batch,
+        grad_accum: 1,
+        seq_len: cfg.model.max_seq_len,
+        lr: cfg.sft_lr,
+        min_lr: cfg.sft_lr * 0.1,
+        warmup: cfg.sft_steps / 20,
+        optimizer: OptimConfig::adamw(),
+        max_grad_norm: 1.0,
+        eval_every: (cfg.sft_steps / 6).max(1),
+        eval_batches: SFT_VAL_EXAMPLES.div_ceil(cfg.sft_batch.max(1)),
+        sample_every: 0,
+        sample_tokens: 0,
+        save_every: 0,
+        keep_checkpoints: 1,
+        seed: cfg.seed,
+        order: BatchOrder::Random,
+        val_fraction: 0.0,
+        lora: None,
+        export_batches: false,
+    }
+}
+
+/// Pre-trains/SFTs a fresh small PaLM on random walks with [`Trainer`] in `out` (metrics.jsonl,
+/// loss.svg, checkpoints/, final/). Returns the model and the trainer's summary.
 pub fn train_sft(
     task: &PathsTask,
     cfg: &QuickstartConfig,
     out: &Path,
     dev: &Device,
-    mut progress: impl FnMut(usize, f32),
-) -> Result<Model> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut r = rng::stream(cfg.seed, 0x5f7);
-    let data = task.sft_examples(cfg.sft_examples, &mut r);
+) -> Result<(Model, TrainSummary)> {
     let model: Model = Palm::new(&cfg.model, cfg.seed, dev)?.into();
-    let params: Vec<_> = model
-        .vars()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut opt = Optimizer::new(params, OptimConfig::adamw());
-    let mut log = MetricsLog::open(out, None)?;
-    for step in 0..cfg.sft_steps {
-        let batch: Vec<&(Vec<u32>, Vec<u32>)> = (0..cfg.sft_batch)
-            .map(|_| &data[r.random_range(0..data.len())])
-            .collect();
-        let ps: Vec<Vec<u32>> = batch.iter().map(|x| x.0.clone()).collect();
-        let rs: Vec<Vec<u32>> = batch.iter().map(|x| x.1.clone()).collect();
-        let (ids, _, lens) = right_padded(&ps, &rs, dev)?;
-        let l = ids.dim(1)?;
-        // labels are ids[:, 1:]; only response tokens count
-        let mut mask = vec![0f32; batch.len() * (l - 1)];
-        for (i, (p, len)) in ps.iter().zip(&lens).enumerate() {
-            for j in p.len()..*len {
-                mask[i * (l - 1) + j - 1] = 1.0;
-            }
-        }
-        let mask = Tensor::from_vec(mask, (batch.len(), l - 1), dev)?;
-        let logits = model.forward(&ids.narrow(1, 0, l - 1)?, &Forward::default())?;
-        let loss = cross_entropy(&logits, &ids.narrow(1, 1, l - 1)?, Some(&mask))?;
-        let lv = loss.to_scalar::<f32>()?;
-        if !lv.is_finite() {
-            return Err(Error::msg(format!(
-                "sft step {step}: loss is {lv}; stopping"
-            )));
-        }
-        let g = loss.backward()?;
-        let mut grads = optim::grads_of(&opt.params, &g)?;
-        optim::clip_grad_norm(&mut grads, 1.0);
-        let lr = optim::lr_at(
-            step,
-            cfg.sft_lr,
-            cfg.sft_lr * 0.1,
-            cfg.sft_steps / 20,
-            cfg.sft_steps,
-        );
-        opt.step(&grads, lr)?;
-        log.log(json!({"step": step + 1, "loss": lv, "lr": lr}))?;
-        progress(step + 1, lv);
-    }
-    log.plot(
-        &out.join("loss.svg"),
-        "SFT loss (response tokens)",
-        "step",
-        &["loss"],
-    )?;
-    model.save(&out.join("model"))?;
-    Ok(model)
+    let data = DataSpec {
+        tokenizer: Tokenizer::Bytes,
+        tokenizer_arg: "bytes".into(),
+        files: vec![],
+        corpus: sft_corpus(task, cfg),
+    };
+    let mut trainer = Trainer::new(sft_train_config(cfg), model, data, out)?;
+    let summary = trainer.run(&std::sync::atomic::AtomicBool::new(false))?;
+    Ok((trainer.model, summary))
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2-3. Preference pairs and a LoRA reward model
-
-pub const REWARD: &str = "reward";
-
-/// A reward model: a model with the `reward` LoRA scope and a scalar head on the hidden state
-/// of the last real token.
-pub struct LoraRewardModel {
-    pub model: Model,
-    pub head: ValueHead,
-}
-
-impl LoraRewardModel {
-    pub fn scores_t(&self, prompts: &[Vec<u32>], responses: &[Vec<u32>]) -> Result<Tensor> {
-        let dev = self.model.device();
-        let (ids, km, lens) = right_padded(prompts, responses, dev)?;
-        let (b, l) = ids.dims2()?;
-        let opts = Forward {
-            scope: Some(REWARD),
-            key_mask: Some(&km),
-            freeze_base: true,
-            ..Default::default()
-        };
-        let h = self.model.embeddings(&ids, &opts, None)?; // [B, L, C]
-        let c = h.dim(2)?;
-        let last: Vec<u32> = lens
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (i * l + n - 1) as u32)
-            .collect();
-        let idx = Tensor::from_vec(last, b, dev)?;
-        let h_last = h.reshape((b * l, c))?.index_select(&idx, 0)?; // [B, C]
-        self.head.value_from_logits(&self.head.logits(&h_last)?)
-    }
-}
-
-impl Scorer for LoraRewardModel {
-    fn score(&self, prompts: &[Vec<u32>], responses: &[Vec<u32>]) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(prompts.len());
-        for (p, r) in prompts.chunks(64).zip(responses.chunks(64)) {
-            out.extend(
-                self.scores_t(p, r)?
-                    .to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?,
-            );
-        }
-        Ok(out)
-    }
-}
+// 2-3. Preference pairs and a LoRA reward model (`RewardModel` + `reward_train`, what
+// `palm reward train` runs)
 
 /// A preference pair; `chosen` has the higher gold score (before label noise).
 #[derive(Debug, Clone, Serialize)]
@@ -344,18 +293,47 @@ pub fn make_pairs(
     Ok((pairs, held))
 }
 
-pub fn pair_accuracy(rm: &LoraRewardModel, pairs: &[Pair]) -> Result<f32> {
-    if pairs.is_empty() {
-        return Ok(f32::NAN);
-    }
-    let ps: Vec<Vec<u32>> = pairs.iter().map(|p| p.prompt.clone()).collect();
-    let c: Vec<Vec<u32>> = pairs.iter().map(|p| p.chosen.clone()).collect();
-    let rj: Vec<Vec<u32>> = pairs.iter().map(|p| p.rejected.clone()).collect();
-    let (sc, sr) = (rm.score(&ps, &c)?, rm.score(&ps, &rj)?);
-    Ok(sc.iter().zip(&sr).filter(|(a, b)| a > b).count() as f32 / pairs.len() as f32)
+/// Pairs as the reward trainer takes them: a trailing EOS is dropped and one appended, as
+/// `palm reward train` encodes its data and as [`RewardModelScorer`] scores PPO's responses.
+pub fn encode_pairs(pairs: &[Pair], max_len: usize) -> (Vec<EncodedPair>, TruncationStats) {
+    let mut stats = TruncationStats::default();
+    let enc = |p: &[u32], r: &[u32], st: &mut TruncationStats| {
+        let r = match r.split_last() {
+            Some((&BYTE_EOS, body)) => body,
+            _ => r,
+        };
+        truncate(p, r, Some(BYTE_EOS), max_len, st)
+    };
+    let out = pairs
+        .iter()
+        .map(|p| EncodedPair {
+            chosen: enc(&p.prompt, &p.chosen, &mut stats),
+            rejected: enc(&p.prompt, &p.rejected, &mut stats),
+        })
+        .collect();
+    (out, stats)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The reward-model stage's training config.
+pub fn rm_train_config(cfg: &QuickstartConfig, train_pairs: usize) -> RewardTrainConfig {
+    let steps = train_pairs.div_ceil(cfg.rm_batch.max(1)) * cfg.rm_epochs;
+    RewardTrainConfig {
+        epochs: cfg.rm_epochs,
+        batch_size: cfg.rm_batch,
+        lr: cfg.rm_lr,
+        min_lr: cfg.rm_lr * 0.1,
+        warmup_steps: steps / 20,
+        seed: cfg.seed,
+        eval_every: (steps / 6).max(1),
+        save_every: 0,
+        ..RewardTrainConfig::default()
+    }
+}
+
+/// Trains a reward model on the SFT model: a LoRA scope `reward` (attention and feed-forward)
+/// and a scalar head at the last token (EOS), Bradley-Terry, with [`reward_train::train`] in
+/// `out` (metrics.jsonl, metrics.svg, checkpoint/, reward_model/, summary.json). Returns the
+/// model and the trainer's summary (held-out accuracy on clean labels).
 pub fn train_rm(
     sft_dir: &Path,
     train: &[Pair],
@@ -363,94 +341,37 @@ pub fn train_rm(
     cfg: &QuickstartConfig,
     out: &Path,
     dev: &Device,
-    mut progress: impl FnMut(usize, f32),
-) -> Result<(LoraRewardModel, f32)> {
+    on_step: impl FnMut(&StepInfo),
+) -> Result<(RewardModel, RewardSummary)> {
     if train.is_empty() {
         return Err(Error::msg(
             "reward model: no preference pairs (every sampled pair tied)",
         ));
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut model = crate::load::load_model(sft_dir, dev)?;
-    model.add_scope(
-        REWARD,
-        LoraSpec {
+    let trunk = crate::load::load_model(sft_dir, dev)?;
+    let rm = RewardModel::new(
+        trunk,
+        RewardConfig::default(),
+        Some(LoraSpec {
             r: cfg.rm_lora_r,
             alpha: None,
             targets: LoraTargets::AttentionAndFf,
-        },
+        }),
         cfg.seed,
     )?;
-    let head = ValueHead::new(model.dim(), ValueKind::Scalar, dev)?;
-    let mut params = model
-        .vars()
-        .with_prefix(&format!("finetune_modules.{REWARD}."));
-    params.extend(head.params());
-    let rm = LoraRewardModel { model, head };
-    let mut opt = Optimizer::new(
-        params,
-        OptimConfig {
-            weight_decay: 0.0,
-            ..OptimConfig::adamw()
-        },
-    );
-    let mut r = rng::stream(cfg.seed, 0x4e3);
-    let mut log = MetricsLog::open(out, None)?;
-    for step in 0..cfg.rm_steps {
-        let batch: Vec<&Pair> = (0..cfg.rm_batch)
-            .map(|_| &train[r.random_range(0..train.len())])
-            .collect();
-        let ps: Vec<Vec<u32>> = batch
-            .iter()
-            .flat_map(|p| [p.prompt.clone(), p.prompt.clone()])
-            .collect();
-        let rs: Vec<Vec<u32>> = batch
-            .iter()
-            .flat_map(|p| [p.chosen.clone(), p.rejected.clone()])
-            .collect();
-        let s = rm.scores_t(&ps, &rs)?.reshape((batch.len(), 2))?; // [B, 2]: chosen, rejected
-        let d = (s.narrow(1, 0, 1)? - s.narrow(1, 1, 1)?)?; // [B, 1]
-                                                            // -log sigmoid(d) = log(1 + exp(-d))
-        let loss = (d.neg()?.exp()? + 1.0)?.log()?.mean_all()?;
-        let lv = loss.to_scalar::<f32>()?;
-        if !lv.is_finite() {
-            return Err(Error::msg(format!(
-                "reward model step {step}: loss is {lv}; stopping"
-            )));
-        }
-        let acc = d
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .filter(|&&x| x > 0.0)
-            .count() as f32
-            / batch.len() as f32;
-        let g = loss.backward()?;
-        let mut grads = optim::grads_of(&opt.params, &g)?;
-        optim::clip_grad_norm(&mut grads, 1.0);
-        let lr = optim::lr_at(
-            step,
-            cfg.rm_lr,
-            cfg.rm_lr * 0.1,
-            cfg.rm_steps / 20,
-            cfg.rm_steps,
-        );
-        opt.step(&grads, lr)?;
-        let mut rec = json!({"step": step + 1, "loss": lv, "train_accuracy": acc});
-        if (step + 1) % 50 == 0 || step + 1 == cfg.rm_steps {
-            rec["heldout_accuracy"] = json!(pair_accuracy(&rm, held)?);
-        }
-        log.log(rec)?;
-        progress(step + 1, lv);
-    }
-    log.plot(
-        &out.join("loss.svg"),
-        "Reward model (Bradley-Terry)",
-        "step",
-        &["loss", "train_accuracy", "heldout_accuracy"],
+    let (tr, stats) = encode_pairs(train, rm.max_len());
+    let (he, _) = encode_pairs(held, rm.max_len());
+    let summary = reward_train::train(
+        &rm,
+        &tr,
+        &he,
+        &rm_train_config(cfg, tr.len()),
+        out,
+        false,
+        Some(stats),
+        on_step,
     )?;
-    let acc = pair_accuracy(&rm, held)?;
-    Ok((rm, acc))
+    Ok((rm, summary))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -460,6 +381,8 @@ pub fn train_rm(
 pub struct PpoReport {
     pub recipe: Recipe,
     pub gold_score_ppo: f32,
+    pub gold_optimal_fraction_ppo: f32,
+    pub critic_init: CriticInit,
     pub rm_score_final: f64,
     pub kl: f64,
     pub seconds: f64,
@@ -470,7 +393,7 @@ pub struct PpoReport {
 pub fn run_ppo(
     task: &PathsTask,
     sft_dir: &Path,
-    rm: &LoraRewardModel,
+    rm: &RewardModelScorer,
     recipe: Recipe,
     cfg: &QuickstartConfig,
     out: &Path,
@@ -492,8 +415,11 @@ pub fn run_ppo(
         pcfg.value = orig.value;
         pcfg.pooled_values = orig.pooled_values;
         pcfg.score_offset = orig.score_offset;
+        // its pooled HL-Gauss critic has no exact copy of the reward model's scalar head
+        pcfg.critic_init = CriticInit::Zeros;
     }
-    let mut trainer = PpoTrainer::new(model, pcfg)?;
+    let critic_init = pcfg.critic_init;
+    let mut trainer = PpoTrainer::with_reward_model(model, pcfg, Some(&rm.model))?;
     let prompts: Vec<Vec<u32>> = task.queries().iter().map(|&q| task.prompt_ids(q)).collect();
     let mut last = serde_json::Value::Null;
     ppo::run(
@@ -511,44 +437,18 @@ pub fn run_ppo(
     let gold = gold_eval(
         task,
         &trainer.model,
-        Some(crate::rlhf::rollout::ACTOR),
+        trainer.policy_scope(),
         4,
         cfg.seed + 77,
     )?;
     Ok(PpoReport {
         recipe,
-        gold_score_ppo: gold,
+        gold_score_ppo: gold.score,
+        gold_optimal_fraction_ppo: gold.optimal_fraction,
+        critic_init,
         rm_score_final: last["objective/scores"].as_f64().unwrap_or(f64::NAN),
         kl: last["objective/kl"].as_f64().unwrap_or(f64::NAN),
         seconds: t0.elapsed().as_secs_f64(),
         dir: out.to_path_buf(),
     })
-}
-
-const RM_HEAD_FILE: &str = "value_head.safetensors";
-
-impl LoraRewardModel {
-    /// Saves the model (with its `reward` scope) and the head into `dir`, atomically.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        crate::checkpoint::write_dir_atomic(dir, |tmp| {
-            self.model.write_files(tmp)?;
-            crate::params::write_safetensors(&tmp.join(RM_HEAD_FILE), &self.head.tensors())
-        })
-    }
-
-    /// Loads a reward model saved by [`LoraRewardModel::save`].
-    pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
-        let dir = crate::checkpoint::resolve_dir(dir);
-        let model = crate::load::load_model(&dir, dev)?;
-        if !model.has_scope(REWARD) {
-            return Err(Error::msg(format!(
-                "{}: not a reward model (no `{REWARD}` LoRA scope)",
-                dir.display()
-            )));
-        }
-        let head = ValueHead::new(model.dim(), ValueKind::Scalar, dev)?;
-        let hp = dir.join(RM_HEAD_FILE);
-        head.load(&crate::params::read_tensors(&hp, dev)?, &hp)?;
-        Ok(Self { model, head })
-    }
 }
