@@ -3,7 +3,7 @@
 //! Map: `config` (model config), `model` (PaLM; `model::hf`: Hugging Face decoders), `lora` (LoRA scopes), `kv_cache`, `sample`
 //! (sampling and batched generation), `tokenizer` (+ `tokenizer_llama2c`), `judges` (VADER sentiment), `params` (parameters by checkpoint name),
 //! `checkpoint` (atomic files and directories), `load` (model loading from any supported path),
-//! `fixtures` (where the shared test data lives), `rng` (seeded streams).
+//! `fixtures` (where the shared test data lives), `rng` (seeded streams), `ops` (fused CPU kernels as custom ops).
 
 pub mod checkpoint;
 pub mod config;
@@ -14,6 +14,7 @@ pub mod kv_cache;
 pub mod load;
 pub mod lora;
 pub mod model;
+pub mod ops;
 pub mod params;
 pub mod rlhf;
 pub mod rng;
