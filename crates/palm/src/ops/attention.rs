@@ -396,7 +396,7 @@ impl Mask<'_> {
         let pad = self
             .key_mask
             .map(|km| &km[b * s + s0..b * s + s0 + n])
-            .filter(|row| row.iter().any(|&m| m == 0));
+            .filter(|row| row.contains(&0));
         let diag = self.causal && s0 + n > t0 + 1;
         let dead = self.any_dead(b, t0, t1);
         if pad.is_none() && !diag && !dead {
