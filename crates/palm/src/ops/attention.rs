@@ -29,6 +29,8 @@ use crate::model::palm::RotaryTables;
 const ROW_TILE: usize = 64;
 /// Keys per tile.
 const KEY_TILE: usize = 64;
+/// Backward tasks to aim for over the batch (each holds dk/dv partial sums [S, D]).
+const BWD_TASKS: usize = 16;
 
 /// Rotary tables as flat row-major [T, D] f32 (xPos factors folded in), exactly as
 /// [`RotaryTables`] computes them: q' = q*cos_q + rotate_half(q)*sin_q, k' likewise.
@@ -760,11 +762,10 @@ fn backward(
         dead: &sv.dead,
     };
     // tasks: (b, chunk) with interleaved query tiles (balanced under the causal mask); each
-    // keeps its own dk/dv partial sums [S, D], reduced below in a fixed order (deterministic)
+    // keeps its own dk/dv partial sums [S, D], reduced below in a fixed order. The chunking
+    // depends on the shapes only, not on the thread count, so the sums are the same everywhere.
     let n_qt = t.div_ceil(spec.q_positions_per_tile()).max(1);
-    let nc = (2 * rayon::current_num_threads())
-        .div_ceil(b.max(1))
-        .clamp(1, n_qt);
+    let nc = BWD_TASKS.div_ceil(b.max(1)).clamp(1, n_qt);
     let chunks: Vec<ChunkGrads> = (0..b * nc)
         .into_par_iter()
         .map(|i| backward_chunk(sv, &mask, spec, o, dout, i / nc, (i % nc, nc)))
