@@ -4,7 +4,7 @@
 //! (sampling and batched generation), `tokenizer` (+ `tokenizer_llama2c`), `judges` (VADER sentiment), `params` (parameters by checkpoint name),
 //! `checkpoint` (atomic files and directories), `load` (model loading from any supported path),
 //! `fixtures` (where the shared test data lives), `rng` (seeded streams), `ops` (fused CPU kernels
-//! with backward: LayerNorm, SwiGLU, cross-entropy).
+//! with backward: LayerNorm, SwiGLU, cross-entropy, multi-query attention with rotary/xPos).
 
 pub mod checkpoint;
 pub mod config;

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::lora::{Lora, LoraLayer, LoraScope};
 use crate::ops;
+use crate::ops::attention::{mqa_attention, AttnSpec, RotaryF32};
 use crate::params::VarStore;
 use crate::rng::{self, PalmRng};
 
@@ -273,6 +274,8 @@ struct BlockCtx<'a> {
     rot: &'a RotaryTables,
     /// Additive attention bias [B or 1, 1, T, S]: 0 = attend, -FLT_MAX = masked; None = no mask.
     mask: Option<&'a Tensor>,
+    /// The fused attention's spec (rotary tables, key mask), when it can run; None: composed.
+    attn: Option<&'a AttnSpec>,
     lora: Option<&'a LoraLayer>,
     opts: &'a Forward<'a>,
     rng: &'a Mutex<PalmRng>,
@@ -309,54 +312,86 @@ impl Block {
             }
         }
 
-        // 3. split heads: q [B, T, H*D] -> [B, H, T, D]; k, v stay one head [B, T, D]
-        let mut q = q.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
-        if cfg.qk_rmsnorm {
-            let qs = self
-                .q_scale
-                .as_ref()
-                .ok_or_else(|| Error::msg("q_scale missing"))?;
-            let ks = self
-                .k_scale
-                .as_ref()
-                .ok_or_else(|| Error::msg("k_scale missing"))?;
-            q = l2norm(&q)?.broadcast_mul(&frozen(qs, fz))?;
-            k = l2norm(&k)?.broadcast_mul(&frozen(ks, fz))?;
-        }
-
-        // 4. rotary + xPos: q * S, k / S
-        let q = apply_rotary(&q, &ctx.rot.cos_q, &ctx.rot.sin_q)?;
-        let k = apply_rotary(&k.contiguous()?, &ctx.rot.cos_k, &ctx.rot.sin_k)?;
-        let v = v.contiguous()?;
-
-        // 5. KV cache: keys/values of earlier positions come first, [B, S, D]
-        let (k, v) = match cache {
-            Some((slot, reserve)) => slot.append(&k, &v, 1, reserve)?,
-            None => (k, v),
+        // 3-7 fused (CPU, f32, no cache, no attention dropout): one op applies the rotary, the
+        // mask and the softmax and weighs the values, never building [B, H, T, S]
+        let fused = match (ctx.attn, &cache) {
+            (Some(spec), None)
+                if !(ctx.opts.train && cfg.attn_dropout > 0.0)
+                    && q.dtype() == DType::F32
+                    && q.device().is_cpu() =>
+            {
+                Some(spec)
+            }
+            _ => None,
         };
-        let s = k.dim(1)?;
-
-        // 6. scores: all H query heads against the one key head, [B, H*T, D] x [B, D, S]
-        let scale = (d as f64).powf(-0.5);
-        let sim = (q.reshape((b, h * t, d))?.matmul(&k.t()?)? * scale)?;
-        let sim = sim.reshape((b, h, t, s))?; // [B, H, T, S]
-        let sim = match ctx.mask {
-            Some(bias) => sim.broadcast_add(bias)?,
-            None => sim,
-        };
-        let attn = softmax_last(&sim)?;
-        let attn = if ctx.opts.train {
-            dropout(&attn, cfg.attn_dropout, ctx.rng)?
+        let o = if let Some(spec) = fused {
+            let (q, k) = if cfg.qk_rmsnorm {
+                let qs = self
+                    .q_scale
+                    .as_ref()
+                    .ok_or_else(|| Error::msg("q_scale missing"))?;
+                let ks = self
+                    .k_scale
+                    .as_ref()
+                    .ok_or_else(|| Error::msg("k_scale missing"))?;
+                // per head: q [B, T, H*D] -> [B, T, H, D] -> [B, T, H*D]
+                let q = l2norm(&q.reshape((b, t, h, d))?)?.broadcast_mul(&frozen(qs, fz))?;
+                let k = l2norm(&k)?.broadcast_mul(&frozen(ks, fz))?;
+                (q.reshape((b, t, hd))?, k)
+            } else {
+                (q, k)
+            };
+            // q [B, T, H*D], k, v [B, T, D] -> o [B, T, H*D]
+            mqa_attention(&q, &k, &v, spec)?
         } else {
-            attn
-        };
+            // 3. split heads: q [B, T, H*D] -> [B, H, T, D]; k, v stay one head [B, T, D]
+            let mut q = q.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
+            if cfg.qk_rmsnorm {
+                let qs = self
+                    .q_scale
+                    .as_ref()
+                    .ok_or_else(|| Error::msg("q_scale missing"))?;
+                let ks = self
+                    .k_scale
+                    .as_ref()
+                    .ok_or_else(|| Error::msg("k_scale missing"))?;
+                q = l2norm(&q)?.broadcast_mul(&frozen(qs, fz))?;
+                k = l2norm(&k)?.broadcast_mul(&frozen(ks, fz))?;
+            }
 
-        // 7. weighted values [B, H*T, S] x [B, S, D] -> [B, H, T, D] -> [B, T, H*D]
-        let o = attn.reshape((b, h * t, s))?.matmul(&v)?;
-        let o = o
-            .reshape((b, h, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, hd))?;
+            // 4. rotary + xPos: q * S, k / S
+            let q = apply_rotary(&q, &ctx.rot.cos_q, &ctx.rot.sin_q)?;
+            let k = apply_rotary(&k.contiguous()?, &ctx.rot.cos_k, &ctx.rot.sin_k)?;
+            let v = v.contiguous()?;
+
+            // 5. KV cache: keys/values of earlier positions come first, [B, S, D]
+            let (k, v) = match cache {
+                Some((slot, reserve)) => slot.append(&k, &v, 1, reserve)?,
+                None => (k, v),
+            };
+            let s = k.dim(1)?;
+
+            // 6. scores: all H query heads against the one key head, [B, H*T, D] x [B, D, S]
+            let scale = (d as f64).powf(-0.5);
+            let sim = (q.reshape((b, h * t, d))?.matmul(&k.t()?)? * scale)?;
+            let sim = sim.reshape((b, h, t, s))?; // [B, H, T, S]
+            let sim = match ctx.mask {
+                Some(bias) => sim.broadcast_add(bias)?,
+                None => sim,
+            };
+            let attn = softmax_last(&sim)?;
+            let attn = if ctx.opts.train {
+                dropout(&attn, cfg.attn_dropout, ctx.rng)?
+            } else {
+                attn
+            };
+
+            // 7. weighted values [B, H*T, S] x [B, S, D] -> [B, H, T, D] -> [B, T, H*D]
+            let o = attn.reshape((b, h * t, s))?.matmul(&v)?;
+            o.reshape((b, h, t, d))?
+                .transpose(1, 2)?
+                .reshape((b, t, hd))?
+        };
         let mut attn_out = linear(&o, &frozen(&self.attn_out, fz))?;
         if let Some(l) = ctx.lora {
             attn_out = (attn_out + l.o.forward(&o)?)?;
@@ -618,6 +653,20 @@ impl Palm {
         // attention mask [B, 1, T, S]: causal (key j <= query i + offset) and key padding
         let s = offset + t;
         let mask = build_mask(cfg.causal, b, t, s, offset, key_mask.as_ref(), &self.device)?;
+        // the fused attention (no cache, f32 on the CPU) takes the tables and the key mask [B, S]
+        // as flat vectors
+        let attn =
+            if cache.is_none() && self.device.is_cpu() && self.token_emb.dtype() == DType::F32 {
+                let mut spec = AttnSpec::new(cfg.heads, cfg.dim_head, cfg.causal)
+                    .with_rotary(RotaryF32::from_tables(&rot)?);
+                if let Some(km) = &key_mask {
+                    spec =
+                        spec.with_key_mask(km.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?);
+                }
+                Some(spec)
+            } else {
+                None
+            };
 
         let lora = match (opts.scope, opts.disable_lora) {
             (Some(name), false) => Some(
@@ -633,6 +682,7 @@ impl Palm {
                 cfg,
                 rot: &rot,
                 mask: mask.as_ref(),
+                attn: attn.as_ref(),
                 lora: lora.map(|s| &s.layers[l]),
                 opts,
                 rng: &self.rng,

@@ -1,5 +1,7 @@
-//! Fused CPU kernels (f32) with their backward passes, as candle custom ops.
+//! Fused CPU kernels (f32) with their backward passes, as candle custom ops, used by
+//! `model::palm`: LayerNorm, SwiGLU, cross-entropy, causal multi-query attention with rotary/xPos.
 
+pub mod attention;
 mod cpu;
 pub mod cross_entropy;
 pub mod layer_norm;
