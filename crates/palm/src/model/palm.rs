@@ -296,11 +296,15 @@ impl Block {
 
         // 1. shared pre-norm and the fused projection [B, T, H*D + 2D + 2F]
         let xn = self.norm.forward(x, fz)?;
-        let p = linear(&xn, &frozen(&self.fused_attn_ff_proj, fz))?;
-        let mut q = p.narrow(D::Minus1, 0, hd)?; // [B, T, H*D]
-        let mut k = p.narrow(D::Minus1, hd, d)?; // [B, T, D]
-        let mut v = p.narrow(D::Minus1, hd + d, d)?; // [B, T, D]
-        let mut ff = p.narrow(D::Minus1, hd + 2 * d, 2 * f)?; // [B, T, 2F]
+        //    as two GEMMs on row blocks of the weight, [q | k | v] and ff: the backward of a
+        //    `narrow` zero-pads its gradient to the full width, and the ff block (most of the
+        //    width) is then taken whole; only the weight-sized blocks and the narrow qkv are padded
+        let w = frozen(&self.fused_attn_ff_proj, fz);
+        let qkv = linear(&xn, &w.narrow(0, 0, hd + 2 * d)?)?; // [B, T, H*D + 2D]
+        let mut ff = linear(&xn, &w.narrow(0, hd + 2 * d, 2 * f)?)?; // [B, T, 2F]
+        let mut q = qkv.narrow(D::Minus1, 0, hd)?; // [B, T, H*D]
+        let mut k = qkv.narrow(D::Minus1, hd, d)?; // [B, T, D]
+        let mut v = qkv.narrow(D::Minus1, hd + d, d)?; // [B, T, D]
 
         // 2. LoRA on q, k, v (and the ff input projection when targeted)
         if let Some(l) = ctx.lora {
