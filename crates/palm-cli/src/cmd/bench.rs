@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use palm::rlhf::ppo::{PpoConfig, PpoTrainer};
 use palm::sample::{generate, GenerateRequest, Sampling};
-use palm::train::optim::{clip_grad_norm, grads_of, OptimConfig, Optimizer};
+use palm::train::optim::{clip_grad_norm, grads_take, OptimConfig, Optimizer};
 use palm::{Forward, Model, Palm, PalmConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -124,8 +124,9 @@ pub fn run(a: Args) -> Result<()> {
                     b * t,
                     flops,
                     Box::new(move || {
-                        let loss = model.lm_loss(&ids, &Forward::default())?;
-                        let mut g = grads_of(&params, &loss.backward()?)?;
+                        // the graph is freed with the loss at the end of this statement
+                        let store = model.lm_loss(&ids, &Forward::default())?.backward()?;
+                        let mut g = grads_take(&params, store)?;
                         clip_grad_norm(&mut g, 1.0);
                         opt.step(&g, 1e-4)?;
                         Ok(())

@@ -65,6 +65,18 @@ pub fn grads_of(params: &[(String, Var)], store: &GradStore) -> Result<Grads> {
         .collect()
 }
 
+/// Like [`grads_of`], but takes the store and removes each gradient as it is copied, so the
+/// store's tensors are freed one by one instead of living beside a full copy (peak memory).
+pub fn grads_take(params: &[(String, Var)], mut store: GradStore) -> Result<Grads> {
+    params
+        .iter()
+        .map(|(_, v)| match store.remove(v.as_tensor()) {
+            Some(g) => Ok(Some(g.flatten_all()?.to_vec1::<f32>()?)),
+            None => Ok(None),
+        })
+        .collect()
+}
+
 /// acc += g (gradient accumulation); `scale` multiplies g first (e.g. 1/K).
 pub fn accumulate(acc: &mut Grads, g: &Grads, scale: f32) {
     if acc.is_empty() {

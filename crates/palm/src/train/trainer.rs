@@ -29,7 +29,7 @@ use crate::tokenizer::Tokenizer;
 use crate::train::data::{Batch, BatchOrder, Corpus, DataLoader, DataState};
 use crate::train::metrics::MetricsLog;
 use crate::train::optim::{
-    accumulate, clip_grad_norm, grads_non_finite, grads_of, lr_at, Grads, OptimConfig, Optimizer,
+    accumulate, clip_grad_norm, grads_non_finite, grads_take, lr_at, Grads, OptimConfig, Optimizer,
 };
 use crate::train::run::{check_finite, progress_bar, Checkpoints};
 
@@ -403,8 +403,14 @@ impl Trainer {
             // 3. NaN/inf guard (before the weights are touched)
             check_finite(step, "loss", value, self.last_checkpoint().as_deref())?;
             loss_sum += value;
+            // the graph is freed with the loss at the end of this statement
             let store = (loss / k as f64)?.backward()?;
-            accumulate(&mut acc, &grads_of(&self.params, &store)?, 1.0);
+            let g = grads_take(&self.params, store)?;
+            if acc.is_empty() {
+                acc = g;
+            } else {
+                accumulate(&mut acc, &g, 1.0);
+            }
         }
         if grads_non_finite(&acc) {
             check_finite(
