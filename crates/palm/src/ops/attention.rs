@@ -1223,36 +1223,4 @@ mod tests {
         let e = mqa_attention(&q, &k, &v, &bad_mask).unwrap_err();
         assert!(e.to_string().contains("key mask"), "{e}");
     }
-
-    /// Forward + backward time of the fused op against the composed path at the `small` bench
-    /// shape (B 8, T 128, H 4, D 64): `cargo test -p palm --release --lib bench_fused -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn bench_fused_vs_composed() {
-        let case = Case::new(8, 128, 4, 64, true);
-        let (spec, rot) = case.spec();
-        let (q, k, v) = case.inputs(3);
-        let (qv, kv, vv) = (
-            Var::from_tensor(&q).unwrap(),
-            Var::from_tensor(&k).unwrap(),
-            Var::from_tensor(&v).unwrap(),
-        );
-        for fused in [true, false, true, false] {
-            let runs = 20;
-            let start = std::time::Instant::now();
-            for _ in 0..runs {
-                let out = if fused {
-                    mqa_attention(&qv, &kv, &vv, &spec).unwrap()
-                } else {
-                    composed(&qv, &kv, &vv, &spec, rot.as_ref()).unwrap()
-                };
-                let _ = out.sum_all().unwrap().backward().unwrap();
-            }
-            let ms = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
-            println!(
-                "{}: {ms:.2} ms per forward+backward",
-                if fused { "fused" } else { "composed" }
-            );
-        }
-    }
 }
