@@ -229,8 +229,11 @@ pub struct Block {
     pub k_scale: Option<Tensor>,    // [D]
 }
 
-/// y = x W^T for x [.., in] and W [out, in].
+/// y = x W^T for x [.., in] and W [out, in]: the fused op ([`ops::linear`]) for f32 on the CPU.
 fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+        return ops::linear::linear(x, w);
+    }
     rows_matmul(x, &w.t()?)
 }
 

@@ -1,8 +1,9 @@
 //! Fused CPU kernels (f32) with their backward passes, as candle custom ops, used by
-//! `model::palm`: LayerNorm, SwiGLU, cross-entropy, causal multi-query attention with rotary/xPos.
+//! `model::palm`: linear layers, LayerNorm, SwiGLU, cross-entropy, causal multi-query attention with rotary/xPos.
 
 pub mod attention;
 mod cpu;
 pub mod cross_entropy;
 pub mod layer_norm;
+pub mod linear;
 pub mod swiglu;

@@ -1,0 +1,347 @@
+//! Fused linear layer, the nn.Linear layout (W [O, K]), one GEMM over all leading positions:
+//!
+//!   forward:  y [N, O] = x [N, K] W^T            (N = product of x's leading dims)
+//!   backward: dx [N, K] = dy [N, O] W,   dW [O, K] = dy^T x
+//!
+//! The composed `x.reshape(..).matmul(&w.t())` puts a reshape, a transpose and a matmul in the
+//! graph: candle zero-fills every matmul output, and each of the three nodes makes the backward
+//! allocate a zeroed gradient and add into it. Here the GEMMs write their outputs directly, and
+//! the gradient of an input that does not track gradients (a frozen base under LoRA) is skipped.
+
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+
+use super::cpu;
+
+const NAME: &str = "linear";
+
+/// y [.., O] = x [.., K] W^T for W [O, K] (any strides, e.g. a row block of a fused weight).
+/// f32 on the CPU.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    cpu::check_cpu_f32(x, NAME, "x")?;
+    cpu::check_cpu_f32(w, NAME, "w")?;
+    let (_o, k) = w.dims2()?;
+    if x.dims().last() != Some(&k) {
+        bail!(
+            "{NAME}: x {:?} does not end in the weight's input size {k} (w {:?})",
+            x.dims(),
+            w.dims()
+        )
+    }
+    x.apply_op2(w, LinearOp)
+}
+
+struct LinearOp;
+
+/// A matrix operand for `gemm`: base pointer and (row, column) strides in elements.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+fn f32_data(s: &CpuStorage) -> Result<&[f32]> {
+    match s {
+        CpuStorage::F32(v) => Ok(v),
+        _ => bail!("{NAME}: expected f32 storage"),
+    }
+}
+
+/// The weight [O, K] with its own strides (no copy).
+fn weight(data: &[f32], l: &Layout) -> Result<Mat> {
+    let st = l.stride();
+    if l.dims().len() != 2 {
+        bail!("{NAME}: the weight must be 2-D, got {:?}", l.dims())
+    }
+    Ok(Mat {
+        ptr: data[l.start_offset()..].as_ptr(),
+        rs: st[0] as isize,
+        cs: st[1] as isize,
+    })
+}
+
+/// x as a contiguous [N, K] buffer: borrowed when already contiguous, gathered otherwise.
+fn rows_contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
+    let data = f32_data(s)?;
+    let n = l.shape().elem_count();
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(std::borrow::Cow::Borrowed(&data[a..b])),
+        None => {
+            let r = cpu::rows(s, l, NAME)?;
+            let mut buf = Vec::with_capacity(n);
+            for i in 0..r.len() {
+                buf.extend_from_slice(r.row(i));
+            }
+            Ok(std::borrow::Cow::Owned(buf))
+        }
+    }
+}
+
+/// dst [m, n] (row-major, freshly allocated) = lhs [m, k] rhs [k, n].
+fn gemm_new(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> Vec<f32> {
+    let mut dst: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 && m * n * k >= 1 << 15 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `dst` has room for m*n elements; with read_dst = false gemm writes every one of
+    // them and reads none (so uninitialised memory is never read), after which the length is
+    // set. The operands' pointers and strides address elements inside their storages (the
+    // layouts were checked by candle and by `linear`).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr() as *mut f32,
+            1,
+            n as isize,
+            false,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        );
+        dst.set_len(m * n);
+        std::mem::transmute::<Vec<std::mem::MaybeUninit<f32>>, Vec<f32>>(dst)
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    // x [.., K], W [O, K] -> y [.., O]
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (o, k) = wl.shape().dims2()?;
+        let x = rows_contiguous(xs, xl)?;
+        let n = x.len() / k.max(1);
+        let w = weight(f32_data(ws)?, wl)?;
+        // W^T [K, O]: element (k, o) is W[o, k]
+        let wt = Mat {
+            ptr: w.ptr,
+            rs: w.cs,
+            cs: w.rs,
+        };
+        let xm = Mat {
+            ptr: x.as_ptr(),
+            rs: k as isize,
+            cs: 1,
+        };
+        let y = gemm_new(n, o, k, xm, wt);
+        let mut dims = xl.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = o;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (o, k) = w.dims2()?;
+        let n = x.elem_count() / k.max(1);
+        let dy = dy.contiguous()?;
+        let (dys, dyl) = dy.storage_and_layout();
+        let dy_data = match &*dys {
+            Storage::Cpu(cs) => rows_contiguous(cs, dyl)?,
+            _ => bail!("{NAME}: CPU tensors only"),
+        };
+        if dy_data.len() != n * o {
+            bail!("{NAME}: gradient {:?} does not match [.., {o}]", dy.dims())
+        }
+        // dx [N, K] = dy [N, O] W [O, K]
+        let dx = if x.track_op() {
+            let (ws, wl) = w.storage_and_layout();
+            let wm = match &*ws {
+                Storage::Cpu(cs) => weight(f32_data(cs)?, wl)?,
+                _ => bail!("{NAME}: CPU tensors only"),
+            };
+            let dym = Mat {
+                ptr: dy_data.as_ptr(),
+                rs: o as isize,
+                cs: 1,
+            };
+            let dx = gemm_new(n, k, o, dym, wm);
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        // dW [O, K] = dy^T [O, N] x [N, K]
+        let dw = if w.track_op() {
+            let (xs, xl) = x.storage_and_layout();
+            let xd = match &*xs {
+                Storage::Cpu(cs) => rows_contiguous(cs, xl)?,
+                _ => bail!("{NAME}: CPU tensors only"),
+            };
+            let dyt = Mat {
+                ptr: dy_data.as_ptr(),
+                rs: 1,
+                cs: o as isize,
+            };
+            let xm = Mat {
+                ptr: xd.as_ptr(),
+                rs: k as isize,
+                cs: 1,
+            };
+            let dw = gemm_new(o, k, n, dyt, xm);
+            Some(Tensor::from_vec(dw, (o, k), w.device())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| {
+                let x = (i as u64 ^ (seed << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+                (x as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn composed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        x.broadcast_matmul(&w.t()?)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Forward and both gradients equal the composed matmul, for a 3-D x, a weight that is a row
+    /// block of a wider weight (strided view), and a transposed (non-contiguous) x.
+    #[test]
+    fn matches_composed_forward_and_backward() {
+        let big = Var::from_tensor(&rand(&[11, 6], 1)).unwrap();
+        let w = big.narrow(0, 3, 5).unwrap(); // [O 5, K 6], row offset 3
+        let x = Var::from_tensor(&rand(&[2, 4, 6], 2)).unwrap();
+        let xt = Var::from_tensor(&rand(&[2, 6, 4], 3)).unwrap();
+        for xin in [x.as_tensor().clone(), xt.transpose(1, 2).unwrap()] {
+            let dy = rand(&[2, 4, 5], 4);
+            let y = linear(&xin, &w).unwrap();
+            let yc = composed(&xin, &w).unwrap();
+            assert!(max_diff(&y, &yc) < 1e-6);
+            let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (yc * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&big, &x, &xt] {
+                match (g.get(v), gc.get(v)) {
+                    (Some(a), Some(b)) => assert!(max_diff(a, b) < 1e-5, "{}", max_diff(a, b)),
+                    (None, None) => {}
+                    _ => panic!("gradient present in one path only"),
+                }
+            }
+        }
+    }
+
+    /// Central finite differences of sum(y * dy) with respect to x and W.
+    #[test]
+    fn finite_differences() {
+        let x = rand(&[3, 4], 5);
+        let w = rand(&[2, 4], 6);
+        let dy = rand(&[3, 2], 7);
+        let f = |x: &Tensor, w: &Tensor| -> f64 {
+            (linear(x, w).unwrap() * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let g = (linear(&xv, &wv).unwrap() * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let eps = 1e-2f32;
+        for (t, var, which) in [(&x, &xv, 0), (&w, &wv, 1)] {
+            let grad: Vec<f32> = g
+                .get(var)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let base: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            for i in [0, base.len() / 2, base.len() - 1] {
+                let bump = |d: f32| {
+                    let mut v = base.clone();
+                    v[i] += d;
+                    Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
+                };
+                let (p, m) = (bump(eps), bump(-eps));
+                let fd = if which == 0 {
+                    (f(&p, &w) - f(&m, &w)) / (2.0 * eps as f64)
+                } else {
+                    (f(&x, &p) - f(&x, &m)) / (2.0 * eps as f64)
+                };
+                assert!(
+                    (fd - grad[i] as f64).abs() < 1e-3,
+                    "{which}/{i}: {fd} vs {}",
+                    grad[i]
+                );
+            }
+        }
+    }
+
+    /// A detached weight (frozen base) gets no gradient and x still does.
+    #[test]
+    fn frozen_weight_has_no_gradient() {
+        let x = Var::from_tensor(&rand(&[3, 4], 8)).unwrap();
+        let w = Var::from_tensor(&rand(&[2, 4], 9)).unwrap();
+        let g = linear(&x, &w.detach())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&w).is_none());
+        assert!(g.get(&x).is_some());
+    }
+
+    #[test]
+    fn wrong_sizes_are_errors() {
+        let e = linear(&rand(&[3, 5], 1), &rand(&[2, 4], 2)).unwrap_err();
+        assert!(e.to_string().contains("input size 4"), "{e}");
+    }
+}
