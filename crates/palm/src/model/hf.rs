@@ -20,7 +20,7 @@ use serde_json::Value;
 pub use super::hf_config::{
     Act, Arch, BlockKind, HfSpec, NormKind, PosKind, QkvLayout, RotaryStyle,
 };
-use super::palm::{dropout, frozen, rows_matmul, softmax_last, Forward};
+use super::palm::{dropout, frozen, linear, softmax_last, Forward};
 use crate::config::{LoraSpec, LoraTargets};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, LayerKv};
@@ -48,9 +48,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, freeze: bool) -> Result<Tensor> {
         let w = frozen(&self.weight, freeze);
         let y = if self.conv1d {
-            rows_matmul(x, &w)?
+            linear(x, &w.t()?)? // Conv1D stores [in, out]: its transpose is [out, in]
         } else {
-            rows_matmul(x, &w.t()?)?
+            linear(x, &w)?
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&frozen(b, freeze))?,
@@ -976,7 +976,7 @@ impl HfModel {
     pub fn logits_from(&self, emb: &Tensor, freeze_base: bool) -> Result<Tensor> {
         match &self.lm_head {
             Some(head) => head.forward(emb, freeze_base),
-            None => Ok(rows_matmul(emb, &frozen(&self.embed, freeze_base).t()?)?),
+            None => Ok(linear(emb, &frozen(&self.embed, freeze_base))?),
         }
     }
 

@@ -230,7 +230,7 @@ pub struct Block {
 }
 
 /// y = x W^T for x [.., in] and W [out, in]: the fused op ([`ops::linear`]) for f32 on the CPU.
-fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
         return ops::linear::linear(x, w);
     }
@@ -240,7 +240,7 @@ fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// x [.., in] @ w [in, out] -> [.., out], as one 2-D GEMM over all leading positions. (A
 /// broadcast matmul would give w a batch dimension: its gradient became B GEMMs into a
 /// [B, in, out] buffer that was then summed, instead of one GEMM over B*T rows.)
-pub(crate) fn rows_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+fn rows_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let (k, n) = w.dims2()?;
     let rows = x.elem_count() / k.max(1);
@@ -853,7 +853,8 @@ fn build_mask(
 impl Lora {
     /// x @ A @ B * scale, x [.., in].
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok((rows_matmul(&rows_matmul(x, &self.a)?, &self.b)? * self.scale)?)
+        // A [in, r] and B [r, out] are used as the transposed views linear() expects
+        Ok((linear(&linear(x, &self.a.t()?)?, &self.b.t()?)? * self.scale)?)
     }
     /// The weight update A @ B * scale, [in, out] (detached).
     pub fn delta(&self) -> Result<Tensor> {
