@@ -231,7 +231,7 @@ pub struct Block {
 
 /// y = x W^T for x [.., in] and W [out, in]: the fused op ([`ops::linear`]) for f32 on the CPU.
 pub(crate) fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
+    if fused_ok(x) && fused_ok(w) {
         return ops::linear::linear(x, w);
     }
     rows_matmul(x, &w.t()?)
