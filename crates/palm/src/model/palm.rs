@@ -151,6 +151,34 @@ pub fn rotary_freqs_and_scale(
     (freqs, scale)
 }
 
+/// The rotary tables of positions `positions` as flat [n, D] vectors (cos and sin with the xPos
+/// factor S folded in: times S for q, divided by S for k), as the fused attention and the fast
+/// decoder read them.
+pub fn rotary_vecs(cfg: &PalmConfig, positions: std::ops::Range<usize>, centre: i64) -> RotaryF32 {
+    let n = positions.len() * cfg.dim_head;
+    let (freqs, scale) = rotary_freqs_and_scale(
+        cfg.dim_head,
+        positions,
+        centre,
+        cfg.rotary_xpos_scale_base,
+        cfg.causal,
+    );
+    let mut r = RotaryF32 {
+        cos_q: Vec::with_capacity(n),
+        sin_q: Vec::with_capacity(n),
+        cos_k: Vec::with_capacity(n),
+        sin_k: Vec::with_capacity(n),
+    };
+    for (f, s) in freqs.iter().zip(&scale) {
+        let (c, si) = (f.cos(), f.sin());
+        r.cos_q.push(c * s);
+        r.sin_q.push(si * s);
+        r.cos_k.push(c / s);
+        r.sin_k.push(si / s);
+    }
+    r
+}
+
 impl RotaryTables {
     pub fn new(
         cfg: &PalmConfig,
@@ -158,27 +186,17 @@ impl RotaryTables {
         centre: i64,
         device: &Device,
     ) -> Result<Self> {
-        let d = cfg.dim_head;
-        let n = positions.len();
-        let (freqs, scale) =
-            rotary_freqs_and_scale(d, positions, centre, cfg.rotary_xpos_scale_base, cfg.causal);
-        let mut cq = Vec::with_capacity(n * d);
-        let mut sq = Vec::with_capacity(n * d);
-        let mut ck = Vec::with_capacity(n * d);
-        let mut sk = Vec::with_capacity(n * d);
-        for (f, s) in freqs.iter().zip(&scale) {
-            let (c, si) = (f.cos(), f.sin());
-            cq.push(c * s);
-            sq.push(si * s);
-            ck.push(c / s);
-            sk.push(si / s);
-        }
-        let t = |v: Vec<f32>| Tensor::from_vec(v, (n, d), device);
+        Self::from_vecs(&rotary_vecs(cfg, positions, centre), cfg.dim_head, device)
+    }
+
+    /// The tables of [`rotary_vecs`] as [n, D] tensors.
+    pub fn from_vecs(r: &RotaryF32, d: usize, device: &Device) -> Result<Self> {
+        let t = |v: &Vec<f32>| Tensor::from_slice(v, (v.len() / d.max(1), d), device);
         Ok(Self {
-            cos_q: t(cq)?,
-            sin_q: t(sq)?,
-            cos_k: t(ck)?,
-            sin_k: t(sk)?,
+            cos_q: t(&r.cos_q)?,
+            sin_q: t(&r.sin_q)?,
+            cos_k: t(&r.cos_k)?,
+            sin_k: t(&r.sin_k)?,
         })
     }
 }
@@ -655,25 +673,26 @@ impl Palm {
         // 0 with a cache (the centre cancels in q.k, so both give the same attention)
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let centre = if cache.is_some() { 0 } else { (t / 2) as i64 };
-        let rot = RotaryTables::new(cfg, offset..offset + t, centre, &self.device)?;
+        let rot_vecs = rotary_vecs(cfg, offset..offset + t, centre);
+        let rot = RotaryTables::from_vecs(&rot_vecs, cfg.dim_head, &self.device)?;
 
         // attention mask [B, 1, T, S]: causal (key j <= query i + offset) and key padding
         let s = offset + t;
         let mask = build_mask(cfg.causal, b, t, s, offset, key_mask.as_ref(), &self.device)?;
         // the fused attention (no cache, f32 on the CPU) takes the tables and the key mask [B, S]
         // as flat vectors
-        let attn =
-            if cache.is_none() && self.device.is_cpu() && self.token_emb.dtype() == DType::F32 {
-                let mut spec = AttnSpec::new(cfg.heads, cfg.dim_head, cfg.causal)
-                    .with_rotary(RotaryF32::from_tables(&rot)?);
-                if let Some(km) = &key_mask {
-                    spec =
-                        spec.with_key_mask(km.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?);
-                }
-                Some(spec)
-            } else {
-                None
-            };
+        let attn = if cache.is_none()
+            && self.device.is_cpu()
+            && self.token_emb.dtype() == DType::F32
+        {
+            let mut spec = AttnSpec::new(cfg.heads, cfg.dim_head, cfg.causal).with_rotary(rot_vecs);
+            if let Some(km) = &key_mask {
+                spec = spec.with_key_mask(km.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()?);
+            }
+            Some(spec)
+        } else {
+            None
+        };
 
         let lora = match (opts.scope, opts.disable_lora) {
             (Some(name), false) => Some(

@@ -15,8 +15,10 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use super::palm::{Forward, Palm};
+use super::palm::{rotary_vecs, Forward, Palm};
+use crate::config::PalmConfig;
 use crate::error::{Error, Result};
+use crate::ops::attention::RotaryF32;
 
 /// One block's weights, row-major as in the checkpoint (with any LoRA delta added).
 struct Layer {
@@ -47,10 +49,8 @@ pub struct PalmDecoder {
     final_gain: Vec<f32>, // [C]
     /// Key mask of every cached position, [B, S_max] (1 = real token).
     key_mask: Vec<u8>,
-    inv_freq: Vec<f32>, // [D/2]
-    xpos_x: Vec<f32>,   // [D/2]
-    xpos_base: f32,
-    use_xpos: bool,
+    /// The model's config, for its rotary tables.
+    cfg: PalmConfig,
 }
 
 fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
@@ -120,7 +120,6 @@ impl PalmDecoder {
                 v_cache: vec![0.0; batch * capacity * d],
             });
         }
-        let half = d / 2;
         Ok(Some(Self {
             c: cfg.dim,
             h: cfg.heads,
@@ -135,15 +134,7 @@ impl PalmDecoder {
             emb_t: to_vec_t(&model.token_emb)?,
             final_gain: to_vec(&(model.norm.gamma.detach() + 1.0)?)?,
             key_mask: vec![0; batch * capacity],
-            // the same f32 arithmetic as `palm::rotary_freqs_and_scale`
-            inv_freq: (0..half)
-                .map(|i| 1.0f32 / 10000f32.powf((2 * i) as f32 / d as f32))
-                .collect(),
-            xpos_x: (0..half)
-                .map(|i| ((2 * i) as f32 + 0.4 * d as f32) / (1.4 * d as f32))
-                .collect(),
-            xpos_base: cfg.rotary_xpos_scale_base as f32,
-            use_xpos: cfg.causal,
+            cfg: cfg.clone(),
         }))
     }
 
@@ -195,7 +186,13 @@ impl PalmDecoder {
             x[i * c..(i + 1) * c]
                 .copy_from_slice(&self.emb[id as usize * c..(id as usize + 1) * c]);
         }
-        let (cos_q, sin_q, cos_k, sin_k) = self.rotary(s0, t);
+        // rotary + xPos of positions s0..s0+T, centre 0 as in the cached graph path, [T, D]
+        let RotaryF32 {
+            cos_q,
+            sin_q,
+            cos_k,
+            sin_k,
+        } = rotary_vecs(&self.cfg, s0..s0 + t, 0);
         let mut xn = vec![0f32; n * c];
         let mut p = vec![0f32; n * fused];
         let mut o = vec![0f32; n * hd];
@@ -234,6 +231,9 @@ impl PalmDecoder {
             // 3. attention of the H heads of each new position over the row's S keys: o [B*T, H*D]
             // 4. SwiGLU: g = silu(gate) * value, value first, gate second
             let geo = Geometry {
+                k_cache: &layer.k_cache,
+                v_cache: &layer.v_cache,
+                key_mask: &self.key_mask,
                 fused,
                 h,
                 d,
@@ -243,14 +243,11 @@ impl PalmDecoder {
                 capacity: self.capacity,
                 scale,
             };
-            let (kc, vc, km) = (&layer.k_cache, &layer.v_cache, &self.key_mask);
             o.par_chunks_mut(t * hd)
                 .zip(g.par_chunks_mut(t * f))
                 .zip(p.par_chunks(t * fused))
                 .enumerate()
-                .for_each(|(r, ((o_r, g_r), p_r))| {
-                    attention_and_swiglu(&geo, r, p_r, kc, vc, km, o_r, g_r)
-                });
+                .for_each(|(r, ((o_r, g_r), p_r))| attention_and_swiglu(&geo, r, p_r, o_r, g_r));
 
             // 5. parallel residual: x += o Wo^T + g Wff^T (accumulated in place)
             matmul_wt(&o, &layer.w_out, n, hd, c, &mut x, true);
@@ -270,40 +267,13 @@ impl PalmDecoder {
         matmul_wt(&last_n, &self.emb_t, b, c, self.v, &mut logits, false);
         Ok(logits)
     }
-
-    /// Rotary tables with xPos for positions `s0..s0+t` (centre 0, as the cached path), [T, D].
-    fn rotary(&self, s0: usize, t: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (d, half) = (self.d, self.d / 2);
-        let mut out = (
-            vec![0f32; t * d],
-            vec![0f32; t * d],
-            vec![0f32; t * d],
-            vec![0f32; t * d],
-        );
-        for ti in 0..t {
-            let pos = s0 + ti;
-            let power = pos as i64 as f32 / self.xpos_base;
-            for i in 0..d {
-                let j = i % half;
-                let fr = pos as f32 * self.inv_freq[j];
-                let sc = if self.use_xpos {
-                    self.xpos_x[j].powf(power)
-                } else {
-                    1.0
-                };
-                let (cs, sn) = (fr.cos(), fr.sin());
-                out.0[ti * d + i] = cs * sc;
-                out.1[ti * d + i] = sn * sc;
-                out.2[ti * d + i] = cs / sc;
-                out.3[ti * d + i] = sn / sc;
-            }
-        }
-        out
-    }
 }
 
-/// Sizes of one decoding step.
-struct Geometry {
+/// One layer of one decoding step: sizes and the layer's cache (all rows).
+struct Geometry<'a> {
+    k_cache: &'a [f32],
+    v_cache: &'a [f32],
+    key_mask: &'a [u8],
     fused: usize,
     h: usize,
     d: usize,
@@ -317,54 +287,36 @@ struct Geometry {
 /// Row `r`: attention of its T new positions (H heads each) over its cached keys, into `o_r`
 /// [T, H*D], and SwiGLU of its feed-forward inputs into `g_r` [T, F]. Compiled for AVX2+FMA
 /// where the CPU has it (chosen at run time), else baseline x86-64.
-#[allow(clippy::too_many_arguments)]
-fn attention_and_swiglu(
-    geo: &Geometry,
-    r: usize,
-    p_r: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    key_mask: &[u8],
-    o_r: &mut [f32],
-    g_r: &mut [f32],
-) {
+fn attention_and_swiglu(geo: &Geometry, r: usize, p_r: &[f32], o_r: &mut [f32], g_r: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports the features the function is compiled with.
-            unsafe { attention_and_swiglu_avx2(geo, r, p_r, k_cache, v_cache, key_mask, o_r, g_r) };
+            unsafe { attention_and_swiglu_avx2(geo, r, p_r, o_r, g_r) };
             return;
         }
     }
-    attention_and_swiglu_body(geo, r, p_r, k_cache, v_cache, key_mask, o_r, g_r)
+    attention_and_swiglu_body(geo, r, p_r, o_r, g_r)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn attention_and_swiglu_avx2(
     geo: &Geometry,
     r: usize,
     p_r: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    key_mask: &[u8],
     o_r: &mut [f32],
     g_r: &mut [f32],
 ) {
-    attention_and_swiglu_body(geo, r, p_r, k_cache, v_cache, key_mask, o_r, g_r)
+    attention_and_swiglu_body(geo, r, p_r, o_r, g_r)
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn attention_and_swiglu_body(
     geo: &Geometry,
     r: usize,
     p_r: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    key_mask: &[u8],
     o_r: &mut [f32],
     g_r: &mut [f32],
 ) {
@@ -372,9 +324,9 @@ fn attention_and_swiglu_body(
     let hd = h * d;
     let s = geo.s0 + t;
     let base = r * geo.capacity;
-    let keys = &k_cache[base * d..(base + s) * d];
-    let vals = &v_cache[base * d..(base + s) * d];
-    let km = &key_mask[base..base + s];
+    let keys = &geo.k_cache[base * d..(base + s) * d];
+    let vals = &geo.v_cache[base * d..(base + s) * d];
+    let km = &geo.key_mask[base..base + s];
     let mut scores = vec![0f32; h * s];
     for ti in 0..t {
         let row = &p_r[ti * geo.fused..(ti + 1) * geo.fused];

@@ -835,6 +835,7 @@ mod tests {
     use super::*;
     use crate::config::PalmConfig;
     use crate::model::palm::softmax_last;
+    use crate::ops::test_util::max_diff;
     use candle_core::{Device, Var, D};
 
     /// Deterministic values in [-1, 1).
@@ -914,19 +915,6 @@ mod tests {
         o.reshape((b, h, t, d))?
             .transpose(1, 2)?
             .reshape((b, t, h * d)) // [B, T, H*D]
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     struct Case {

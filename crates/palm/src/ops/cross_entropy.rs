@@ -147,19 +147,11 @@ impl CustomOp1 for CrossEntropyOp {
 mod tests {
     use super::*;
     use crate::model::palm::cross_entropy_composed as composed;
-    use crate::rng;
+    use crate::ops::test_util::{self, max_diff};
     use candle_core::{Device, Var};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let n = shape.iter().product();
-        let v = rng::normal(&mut rng::stream(seed, 11), n, 2.0);
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
-        d.max(0).unwrap().to_scalar::<f32>().unwrap()
+        test_util::randn(shape, seed, 11, 2.0)
     }
 
     /// The composed reference on [1, N, V] with mask labels != ignore.

@@ -217,6 +217,7 @@ impl CustomOp2 for LinearOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_util::max_diff;
     use candle_core::{Device, Var};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -232,19 +233,6 @@ mod tests {
 
     fn composed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         x.broadcast_matmul(&w.t()?)
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Forward and both gradients equal the composed matmul, for a 3-D x, a weight that is a row

@@ -7,3 +7,5 @@ pub mod cross_entropy;
 pub mod layer_norm;
 pub mod linear;
 pub mod swiglu;
+#[cfg(test)]
+mod test_util;
