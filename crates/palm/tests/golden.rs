@@ -3,94 +3,20 @@
 //! (with our KV cache), and the reward model's trunk. Tolerances come from `index.json`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use palm::fixtures;
 use palm::load::palm_from_tensors;
 use palm::model::palm::rotary_freqs_and_scale;
 use palm::params::read_tensors;
 use palm::{Forward, Palm, PalmConfig};
 
-struct Case {
-    dir: PathBuf,
-    manifest: serde_json::Value,
-    io: BTreeMap<String, Tensor>,
-    atol: serde_json::Value,
-}
-
-fn case(name: &str) -> Option<Case> {
-    let root = fixtures::require(fixtures::reference_dir().join("index.json"))?;
-    let root = root.parent().unwrap().to_path_buf();
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("index.json")).unwrap()).unwrap();
-    let dir = root.join(name);
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
-    let io = read_tensors(&dir.join("io.safetensors"), &Device::Cpu).unwrap();
-    Some(Case {
-        dir,
-        manifest,
-        io,
-        atol: index["recommended_atol_float32"].clone(),
-    })
-}
-
-impl Case {
-    fn tol(&self, key: &str) -> f32 {
-        self.atol[key].as_f64().unwrap() as f32
-    }
-    fn get(&self, name: &str) -> &Tensor {
-        self.io
-            .get(name)
-            .unwrap_or_else(|| panic!("fixture {} has no `{name}`", self.dir.display()))
-    }
-    fn config(&self) -> PalmConfig {
-        serde_json::from_value(self.manifest["config"].clone()).unwrap()
-    }
-}
+mod common;
+use common::{assert_close, case};
 
 fn model_from(cfg: PalmConfig, weights: &Path) -> Palm {
     let t = read_tensors(weights, &Device::Cpu).unwrap();
     palm_from_tensors(cfg, &t, weights, &Device::Cpu).unwrap()
-}
-
-/// Fails with a side-by-side listing of the worst elements when |a - b| > atol anywhere.
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, atol: f32) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let g: Vec<f32> = got
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let w: Vec<f32> = want
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let mut worst: Vec<(f32, usize)> = g
-        .iter()
-        .zip(&w)
-        .enumerate()
-        .map(|(i, (a, b))| ((a - b).abs(), i))
-        .collect();
-    worst.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let max = worst.first().map(|x| x.0).unwrap_or(0.0);
-    if max.is_nan() || max > atol {
-        let rows: Vec<String> = worst
-            .iter()
-            .take(5)
-            .map(|&(d, i)| format!("  [{i}] ours {:+.8} ref {:+.8} diff {d:.3e}", g[i], w[i]))
-            .collect();
-        panic!(
-            "{what}: max abs diff {max:.3e} > atol {atol:.1e}\n{}",
-            rows.join("\n")
-        );
-    }
 }
 
 fn ids(t: &Tensor) -> Tensor {

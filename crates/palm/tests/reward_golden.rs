@@ -4,8 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Tensor};
-use palm::fixtures;
+use candle_core::{Device, Tensor};
 use palm::load::palm_from_tensors;
 use palm::model::Model;
 use palm::params::read_tensors;
@@ -15,54 +14,14 @@ use palm::rlhf::reward::{
 };
 use palm::PalmConfig;
 
-fn close(what: &str, got: &Tensor, want: &Tensor, atol: f32) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-    let w: Vec<f32> = want
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let worst = g
-        .iter()
-        .zip(&w)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst <= atol,
-        "{what}: max |diff| {worst} > {atol}\n got {g:?}\nwant {w:?}"
-    );
-}
-
-struct Fixture {
-    dir: std::path::PathBuf,
-    manifest: serde_json::Value,
-    io: BTreeMap<String, Tensor>,
-    atol: serde_json::Value,
-}
+mod common;
+use common::{assert_close as close, Case as Fixture};
 
 fn fixture() -> Option<Fixture> {
-    let index = fixtures::require(fixtures::reference_dir().join("index.json"))?;
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(index).unwrap()).unwrap();
-    let dir = fixtures::reference_dir().join("reward_model");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
-    let io = read_tensors(&dir.join("io.safetensors"), &Device::Cpu).unwrap();
-    Some(Fixture {
-        dir,
-        manifest,
-        io,
-        atol: index["recommended_atol_float32"].clone(),
-    })
+    common::case("reward_model")
 }
 
 impl Fixture {
-    fn tol(&self, k: &str) -> f32 {
-        self.atol[k].as_f64().unwrap() as f32
-    }
     /// The original's RewardModel: trunk `palm.*`, head and segment embeddings by name.
     fn model(&self, head: HeadKind) -> RewardModel {
         let mut all = read_tensors(&self.dir.join("weights.safetensors"), &Device::Cpu).unwrap();
