@@ -48,23 +48,35 @@ fn prompts() -> Vec<Vec<u32>> {
     vec![vec![3], vec![4, 7, 1], vec![2, 2, 9, 9, 8, 1], vec![6, 1]]
 }
 
-/// Sets every actor LoRA B to small nonzero values, so the policy differs from the reference.
-fn perturb_actor(model: &Model) {
-    for (i, (name, var)) in model
-        .vars()
-        .with_prefix("finetune_modules.actor.")
-        .iter()
-        .enumerate()
-    {
+/// Sets every LoRA B of `scope` to `value(i, j)` (i: index of the parameter within the scope,
+/// j: element), so the scope is no longer a no-op.
+fn set_lora_b(model: &Model, scope: &str, value: impl Fn(usize, usize) -> f32) {
+    let prefix = format!("finetune_modules.{scope}.");
+    for (i, (name, var)) in model.vars().with_prefix(&prefix).iter().enumerate() {
         if name.ends_with(".B") {
-            let n = var.elem_count();
-            let v: Vec<f32> = (0..n)
-                .map(|j| 0.05 * (((i * 31 + j * 7) % 13) as f32 - 6.0) / 6.0)
-                .collect();
+            let v: Vec<f32> = (0..var.elem_count()).map(|j| value(i, j)).collect();
             var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
                 .unwrap();
         }
     }
+}
+
+/// The values of every parameter of LoRA scope `scope`, in name order.
+fn scope_params(model: &Model, scope: &str) -> Vec<Vec<f32>> {
+    let prefix = format!("finetune_modules.{scope}.");
+    model
+        .vars()
+        .with_prefix(&prefix)
+        .iter()
+        .map(|(_, v)| to_vec(v.as_tensor()))
+        .collect()
+}
+
+/// Sets every actor LoRA B to small nonzero values, so the policy differs from the reference.
+fn perturb_actor(model: &Model) {
+    set_lora_b(model, "actor", |i, j| {
+        0.05 * (((i * 31 + j * 7) % 13) as f32 - 6.0) / 6.0
+    });
 }
 
 fn to_vec(t: &Tensor) -> Vec<f32> {
@@ -189,13 +201,7 @@ fn base_params(m: &Model) -> Vec<(String, Vec<f32>)> {
 fn training_moves_the_actor_but_never_the_reference() {
     let mut t = PpoTrainer::new(tiny_model(3), tiny_cfg()).unwrap();
     let before = base_params(&t.model);
-    let actor_before: Vec<Vec<f32>> = t
-        .model
-        .vars()
-        .with_prefix("finetune_modules.actor.")
-        .iter()
-        .map(|(_, v)| to_vec(v.as_tensor()))
-        .collect();
+    let actor_before = scope_params(&t.model, "actor");
     let ps = prompts();
     for _ in 0..2 {
         let m = t.step(&ps, Some(0), &count_fives, None).unwrap();
@@ -207,13 +213,7 @@ fn training_moves_the_actor_but_never_the_reference() {
         base_params(&t.model),
         "the reference (base weights) changed"
     );
-    let actor_after: Vec<Vec<f32>> = t
-        .model
-        .vars()
-        .with_prefix("finetune_modules.actor.")
-        .iter()
-        .map(|(_, v)| to_vec(v.as_tensor()))
-        .collect();
+    let actor_after = scope_params(&t.model, "actor");
     assert_ne!(actor_before, actor_after, "the actor did not train");
 }
 
@@ -319,13 +319,7 @@ fn full_fine_tuning_trains_the_base_but_never_the_frozen_copy() {
     assert_eq!(initial, base_params(&t.model));
     let frozen_before = base_params(t.frozen_model());
     assert_eq!(initial, frozen_before);
-    let critic_before: Vec<Vec<f32>> = t
-        .frozen_model()
-        .vars()
-        .with_prefix("finetune_modules.critic.")
-        .iter()
-        .map(|(_, v)| to_vec(v.as_tensor()))
-        .collect();
+    let critic_before = scope_params(t.frozen_model(), "critic");
     let ps = prompts();
     let mut kl = vec![];
     for _ in 0..3 {
@@ -351,13 +345,7 @@ fn full_fine_tuning_trains_the_base_but_never_the_frozen_copy() {
         "only {changed} of {} base tensors of the policy moved",
         initial.len()
     );
-    let critic_after: Vec<Vec<f32>> = t
-        .frozen_model()
-        .vars()
-        .with_prefix("finetune_modules.critic.")
-        .iter()
-        .map(|(_, v)| to_vec(v.as_tensor()))
-        .collect();
+    let critic_after = scope_params(t.frozen_model(), "critic");
     assert_ne!(critic_before, critic_after, "the critic did not train");
     // the exported policy is the trained model
     let dir = tempfile::tempdir().unwrap();
@@ -373,22 +361,9 @@ fn reward_model(seed: u64, pooling: Pooling) -> RewardModel {
         ..RewardConfig::default()
     };
     let rm = RewardModel::new(tiny_model(seed), cfg, Some(LoraSpec::new(3)), 9).unwrap();
-    for (i, (name, var)) in rm
-        .trunk
-        .vars()
-        .with_prefix("finetune_modules.reward.")
-        .iter()
-        .enumerate()
-    {
-        if name.ends_with(".B") {
-            let n = var.elem_count();
-            let v: Vec<f32> = (0..n)
-                .map(|j| 0.1 * (((i * 17 + j * 5) % 11) as f32 - 5.0) / 5.0)
-                .collect();
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
+    set_lora_b(&rm.trunk, "reward", |i, j| {
+        0.1 * (((i * 17 + j * 5) % 11) as f32 - 5.0) / 5.0
+    });
     for (k, name) in ["prompt_embed", "response_embed"].iter().enumerate() {
         let var = rm.head_vars.get(name).unwrap();
         let v: Vec<f32> = (0..var.elem_count())
