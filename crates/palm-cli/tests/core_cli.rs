@@ -51,20 +51,23 @@ fn generate_streams_only_the_completion_to_stdout() {
     let root = tempfile::tempdir().unwrap();
     let ckpt = root.path().join("m");
     tiny_checkpoint(&ckpt);
-    let out = palm_cmd()
-        .args([
-            "generate",
-            "--greedy",
-            "--ignore-eos",
-            "--max-new-tokens",
-            "8",
-            "--prompt",
-            "Hi",
-            "--model",
-        ])
-        .arg(&ckpt)
-        .output()
-        .unwrap();
+    let run = || {
+        palm_cmd()
+            .args([
+                "generate",
+                "--greedy",
+                "--ignore-eos",
+                "--max-new-tokens",
+                "8",
+                "--prompt",
+                "Hi",
+                "--model",
+            ])
+            .arg(&ckpt)
+            .output()
+            .unwrap()
+    };
+    let out = run();
     assert!(
         out.status.success(),
         "{}",
@@ -75,20 +78,7 @@ fn generate_streams_only_the_completion_to_stdout() {
     assert!(text.ends_with('\n'));
     assert!(String::from_utf8_lossy(&out.stderr).contains("8 tokens in"));
     // the same command twice gives the same completion
-    let again = palm_cmd()
-        .args([
-            "generate",
-            "--greedy",
-            "--ignore-eos",
-            "--max-new-tokens",
-            "8",
-            "--prompt",
-            "Hi",
-            "--model",
-        ])
-        .arg(&ckpt)
-        .output()
-        .unwrap();
+    let again = run();
     assert_eq!(out.stdout, again.stdout);
 }
 
