@@ -23,6 +23,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::cpu;
 use crate::model::palm::RotaryTables;
 
 /// Query rows per tile (positions per tile = ROW_TILE / H, at least 1).
@@ -464,12 +465,8 @@ fn forward_tile(
                 row.fill(0.0); // nothing visible yet in this row
                 continue;
             }
-            let alpha = (m[i] - m_new).exp();
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = (*x - m_new).exp();
-                sum += *x;
-            }
+            let alpha = cpu::exp_f32(m[i] - m_new);
+            let sum = cpu::exp_sub_sum(row, m_new);
             l[i] = l[i] * alpha + sum;
             m[i] = m_new;
             if alpha != 1.0 {
@@ -724,7 +721,7 @@ fn backward_chunk(
             matmul(p, n, (r, n, d), q, (d, 1), kb, (1, d), scale, false);
             mask.apply(b, t0, t1, s0, n, p);
             for (row, &l) in p.chunks_exact_mut(n).zip(lse) {
-                row.iter_mut().for_each(|x| *x = (*x - l).exp());
+                cpu::exp_sub_sum(row, l);
             }
             // dP [R, n] = dO [R, D] . v^T [D, n]; dS = P * (dP - delta)
             matmul(ds, n, (r, n, d), dot, (d, 1), vb, (1, d), 1.0, false);

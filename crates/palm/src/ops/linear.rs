@@ -80,41 +80,31 @@ fn rows_contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow
 /// dst [m, n] (row-major, freshly allocated) = lhs [m, k] rhs [k, n].
 fn gemm_new(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> Vec<f32> {
     let mut dst: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
+    // SAFETY: `dst` has room for m*n elements, all written by `gemm_crate`.
+    unsafe {
+        gemm_crate(m, n, k, lhs, rhs, dst.as_mut_ptr() as *mut f32);
+        dst.set_len(m * n);
+        std::mem::transmute::<Vec<std::mem::MaybeUninit<f32>>, Vec<f32>>(dst)
+    }
+}
+
+/// dst [m, n] (row-major) = lhs [m, k] rhs [k, n] with the pure-Rust `gemm` crate.
+///
+/// # Safety
+/// `dst` has room for m*n elements; the operands' pointers and strides address elements inside
+/// their storages (the layouts were checked by candle and by `linear`). With read_dst = false
+/// gemm writes every element of `dst` and reads none, so `dst` may be uninitialised.
+unsafe fn gemm_crate(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, dst: *mut f32) {
     let threads = candle_core::utils::get_num_threads();
     let par = if threads > 1 && m * n * k >= 1 << 15 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: `dst` has room for m*n elements; with read_dst = false gemm writes every one of
-    // them and reads none (so uninitialised memory is never read), after which the length is
-    // set. The operands' pointers and strides address elements inside their storages (the
-    // layouts were checked by candle and by `linear`).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr() as *mut f32,
-            1,
-            n as isize,
-            false,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        );
-        dst.set_len(m * n);
-        std::mem::transmute::<Vec<std::mem::MaybeUninit<f32>>, Vec<f32>>(dst)
-    }
+    gemm::gemm(
+        m, n, k, dst, 1, n as isize, false, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs,
+        0.0f32, 1.0f32, false, false, false, par,
+    );
 }
 
 impl CustomOp2 for LinearOp {

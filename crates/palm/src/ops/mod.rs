@@ -3,9 +3,11 @@
 
 pub mod attention;
 mod cpu;
+pub(crate) use cpu::simd_dispatch;
 pub mod cross_entropy;
 pub mod layer_norm;
 pub mod linear;
 pub mod swiglu;
 #[cfg(test)]
 mod test_util;
+

@@ -25,9 +25,26 @@ pub fn swiglu(ff: &Tensor) -> Result<Tensor> {
 
 struct SwiGluOp;
 
-#[inline(always)]
-fn sigmoid(g: f32) -> f32 {
-    1.0 / (1.0 + (-g).exp())
+cpu::simd_dispatch! {
+    /// out = a * silu(g), silu(g) = g / (1 + exp(-g)) (candle's form).
+    fn forward_row(a: &[f32], g: &[f32], out: &mut [f32]) {
+        for ((o, &a), &g) in out.iter_mut().zip(a).zip(g) {
+            *o = a * (g / (1.0 + cpu::exp_f32(-g)));
+        }
+    }
+}
+
+cpu::simd_dispatch! {
+    /// da = dout * silu(g), dg = dout * a * s * (1 + g (1 - s)) with s = sigmoid(g).
+    fn backward_row(a: &[f32], g: &[f32], dout: &[f32], da: &mut [f32], dg: &mut [f32]) {
+        let n = da.len();
+        let (a, g, dout, dg) = (&a[..n], &g[..n], &dout[..n], &mut dg[..n]);
+        for j in 0..n {
+            let s = 1.0 / (1.0 + cpu::exp_f32(-g[j]));
+            da[j] = dout[j] * g[j] * s;
+            dg[j] = dout[j] * a[j] * s * (1.0 + g[j] * (1.0 - s));
+        }
+    }
 }
 
 impl CustomOp1 for SwiGluOp {
@@ -41,10 +58,7 @@ impl CustomOp1 for SwiGluOp {
         let f = ff.n / 2;
         let out = cpu::par_rows(ff.len(), f, |r, out| {
             let (a, g) = ff.row(r).split_at(f);
-            for ((o, &a), &g) in out.iter_mut().zip(a).zip(g) {
-                // candle's silu: g / (1 + exp(-g))
-                *o = a * (g / (1.0 + (-g).exp()));
-            }
+            forward_row(a, g, out);
         });
         let mut dims = l.dims().to_vec();
         if let Some(last) = dims.last_mut() {
@@ -74,11 +88,7 @@ impl CustomOp1 for SwiGluOp {
             let (a, g) = ffr.row(r).split_at(f);
             let dout = dr.row(r);
             let (da, dg) = dff.split_at_mut(f);
-            for j in 0..f {
-                let s = sigmoid(g[j]);
-                da[j] = dout[j] * g[j] * s;
-                dg[j] = dout[j] * a[j] * s * (1.0 + g[j] * (1.0 - s));
-            }
+            backward_row(a, g, dout, da, dg);
         });
         Ok(Some(Tensor::from_vec(dff, ff.shape(), ff.device())?))
     }

@@ -92,24 +92,46 @@ pub fn accumulate(acc: &mut Grads, g: &Grads, scale: f32) {
     }
 }
 
-/// Global L2 norm of all gradients.
+crate::ops::simd_dispatch! {
+/// Sum of squares of `x` in f64, with eight independent accumulators so the loop vectorises
+/// (one f64 accumulator serialises on the add latency).
+fn sum_sq(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v as f64 * v as f64;
+        }
+    }
+    let tail: f64 = it.remainder().iter().map(|&v| v as f64 * v as f64).sum();
+    acc.iter().sum::<f64>() + tail
+}
+}
+
+/// Global L2 norm of all gradients. Parallel over fixed chunks whose partial sums are added in
+/// order, so the result does not depend on the number of threads.
 pub fn grad_norm(grads: &Grads) -> f64 {
     grads
         .iter()
         .flatten()
-        .map(|g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+        .map(|g| {
+            let parts: Vec<f64> = g.par_chunks(CHUNK).map(sum_sq).collect();
+            parts.iter().sum::<f64>()
+        })
         .sum::<f64>()
         .sqrt()
 }
 
-/// torch's `clip_grad_norm_`: total = ||(||g_p||)||, every g *= min(max / (total + 1e-6), 1).
-/// Returns the norm before clipping.
+/// torch's `clip_grad_norm_`: total = ||(||g_p||)||, every g *= min(max / (total + 1e-6), 1)
+/// (the product in f32, as torch's `mul_`). Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> f64 {
     let total = grad_norm(grads);
     let c = (max_norm / (total + 1e-6)).min(1.0);
     if c < 1.0 {
+        let c = c as f32;
         for g in grads.iter_mut().flatten() {
-            g.iter_mut().for_each(|x| *x = (*x as f64 * c) as f32);
+            g.par_chunks_mut(CHUNK)
+                .for_each(|g| g.iter_mut().for_each(|x| *x *= c));
         }
     }
     total
@@ -117,10 +139,10 @@ pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> f64 {
 
 /// True when any gradient is NaN or infinite.
 pub fn grads_non_finite(grads: &Grads) -> bool {
-    grads
-        .iter()
-        .flatten()
-        .any(|g| g.iter().any(|x| !x.is_finite()))
+    grads.iter().flatten().any(|g| {
+        g.par_chunks(CHUNK)
+            .any(|c| c.iter().fold(false, |bad, x| bad | !x.is_finite()))
+    })
 }
 
 #[derive(Debug)]
@@ -261,6 +283,40 @@ enum Rule {
 /// Elements per rayon task in the update.
 const CHUNK: usize = 1 << 14;
 
+crate::ops::simd_dispatch! {
+    /// torch's AdamW on one chunk (see [`Rule::AdamW`]).
+    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: [f32; 6]) {
+        let [decay, b1, b2, eps, step_size, bc2_sqrt] = k;
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            *p *= decay;
+            *m += (1.0 - b1) * (g - *m);
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            let denom = v.sqrt() / bc2_sqrt + eps;
+            *p -= step_size * *m / denom;
+        }
+    }
+}
+
+crate::ops::simd_dispatch! {
+    /// Lion on one chunk (see [`Rule::Lion`]).
+    fn lion_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], k: [f32; 4]) {
+        let [decay, b1, b2, lr] = k;
+        for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
+            *p *= decay;
+            let c = b1 * *m + (1.0 - b1) * g;
+            let u = if c > 0.0 {
+                1.0
+            } else if c < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
+            *p -= lr * u;
+            *m = b2 * *m + (1.0 - b2) * g;
+        }
+    }
+}
+
 /// Applies `rule` to p [n] with gradient g [n] and state m [n], v [n] (v empty for Lion).
 fn apply_rule(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], rule: Rule) {
     match rule {
@@ -277,33 +333,13 @@ fn apply_rule(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], rule: Rule
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .for_each(|(((p, g), m), v)| {
-                for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    *p *= decay;
-                    *m += (1.0 - b1) * (g - *m);
-                    *v = b2 * *v + (1.0 - b2) * g * g;
-                    let denom = v.sqrt() / bc2_sqrt + eps;
-                    *p -= step_size * *m / denom;
-                }
+                adamw_chunk(p, g, m, v, [decay, b1, b2, eps, step_size, bc2_sqrt])
             }),
         Rule::Lion { decay, b1, b2, lr } => p
             .par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK))
-            .for_each(|((p, g), m)| {
-                for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
-                    *p *= decay;
-                    let c = b1 * *m + (1.0 - b1) * g;
-                    let u = if c > 0.0 {
-                        1.0
-                    } else if c < 0.0 {
-                        -1.0
-                    } else {
-                        0.0
-                    };
-                    *p -= lr * u;
-                    *m = b2 * *m + (1.0 - b2) * g;
-                }
-            }),
+            .for_each(|((p, g), m)| lion_chunk(p, g, m, [decay, b1, b2, lr])),
     }
 }
 
