@@ -160,21 +160,14 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     const C1: f32 = 0.693_359_4; // ln 2, high part
     const C2: f32 = -2.121_944_4e-4; // ln 2 - C1
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to the nearest integer
-                                     // (comparisons, not f32::max/min, which would turn NaN into a bound)
-    let xc = if x < LO {
-        LO
-    } else if x > HI {
-        HI
-    } else {
-        x
-    };
+    let xc = x.clamp(LO, HI); // NaN stays NaN (f32::max/min would not keep it)
     let t = xc * std::f32::consts::LOG2_E + MAGIC;
     let n = t - MAGIC; // round(x / ln 2)
     let r = (xc - n * C1) - n * C2;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 0.5;
     let y = p * (r * r) + r + 1.0;
     // t's low mantissa bits hold n: 2^n = (n + 127) << 23, n in [-126, 127]
     let pow2 = f32::from_bits(t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23);

@@ -10,4 +10,3 @@ pub mod linear;
 pub mod swiglu;
 #[cfg(test)]
 mod test_util;
-
