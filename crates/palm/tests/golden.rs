@@ -69,21 +69,29 @@ fn check_causal_case(name: &str) {
         c.tol("rotary"),
     );
 
-    // loss and every parameter gradient
-    let loss = model.loss(&tokens, &opts).unwrap();
-    assert_close(&format!("{name} loss"), &loss, c.get("loss"), c.tol("loss"));
-    let grads = loss.backward().unwrap();
-    let mut checked = 0;
-    for (pname, var) in model.vars.iter() {
-        let want = c.get(&format!("grad.{pname}"));
-        let got = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
-        assert_close(&format!("{name} grad.{pname}"), got, want, c.tol("grads"));
-        checked += 1;
+    // loss and every parameter gradient, through composed blocks and through fused blocks
+    // (one graph node per block, weight gradients collected by Palm::backward)
+    for fused_blocks in [false, true] {
+        let opts = Forward {
+            fused_blocks,
+            ..opts
+        };
+        let loss = model.loss(&tokens, &opts).unwrap();
+        let tag = format!("{name} (fused_blocks {fused_blocks})");
+        assert_close(&format!("{tag} loss"), &loss, c.get("loss"), c.tol("loss"));
+        let grads = model.backward(&loss).unwrap();
+        let mut checked = 0;
+        for (pname, var) in model.vars.iter() {
+            let want = c.get(&format!("grad.{pname}"));
+            let got = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{tag}: no gradient for {pname}"));
+            assert_close(&format!("{tag} grad.{pname}"), got, want, c.tol("grads"));
+            checked += 1;
+        }
+        let expected = c.io.keys().filter(|k| k.starts_with("grad.")).count();
+        assert_eq!(checked, expected, "every stored gradient is checked");
     }
-    let expected = c.io.keys().filter(|k| k.starts_with("grad.")).count();
-    assert_eq!(checked, expected, "every stored gradient is checked");
 }
 
 #[test]
@@ -318,8 +326,22 @@ fn reward_model_trunk_pooling_and_scalar_head() {
 
 #[test]
 fn adamw_with_clipping_five_steps() {
+    adamw_steps(false);
+}
+
+/// The same five steps with every block as one fused node.
+#[test]
+fn adamw_with_clipping_five_steps_fused_blocks() {
+    adamw_steps(true);
+}
+
+fn adamw_steps(fused_blocks: bool) {
     use palm::train::optim::{clip_grad_norm, grads_of, OptimConfig, Optimizer};
     let Some(c) = case("adamw_steps") else { return };
+    let opts = Forward {
+        fused_blocks,
+        ..Forward::default()
+    };
     let model = model_from(
         c.config(),
         &c.dir
@@ -337,14 +359,14 @@ fn adamw_with_clipping_five_steps() {
         .collect();
     let mut opt = Optimizer::new(params.clone(), OptimConfig::adamw());
     for step in 0..losses.len() {
-        let loss = model.loss(&batch, &Forward::default()).unwrap();
+        let loss = model.loss(&batch, &opts).unwrap();
         let l = loss.to_scalar::<f32>().unwrap();
         assert!(
             (l - losses[step]).abs() <= c.tol("adamw_losses"),
             "step {step}: loss {l} vs {}",
             losses[step]
         );
-        let mut g = grads_of(&params, &loss.backward().unwrap()).unwrap();
+        let mut g = grads_of(&params, &model.backward(&loss).unwrap()).unwrap();
         let total = clip_grad_norm(&mut g, 0.5) as f32;
         assert!(
             (total - norms[step]).abs() <= c.tol("adamw_grad_norms"),
@@ -353,7 +375,7 @@ fn adamw_with_clipping_five_steps() {
         );
         opt.step(&g, 1e-3).unwrap();
     }
-    let final_loss = model.loss(&batch, &Forward::default()).unwrap();
+    let final_loss = model.loss(&batch, &opts).unwrap();
     assert_close(
         "final_loss",
         &final_loss,

@@ -191,6 +191,100 @@ fn every_trainable_parameter_gets_a_nonzero_gradient() {
     }
 }
 
+/// Fused blocks (one graph node per block, weight gradients through Palm::backward) give the
+/// composed blocks' loss and gradients: causal with a left-padding key mask, and non-causal
+/// with padding ids; with trained-looking (non-zero) norm gains. A plain Tensor::backward after
+/// a fused forward leaves the weight gradients waiting, and the next fused forward refuses to run.
+#[test]
+fn fused_blocks_equal_composed_blocks() {
+    for causal in [true, false] {
+        let m = Palm::new(&tiny(causal, false), 7, &Device::Cpu).unwrap();
+        for (name, var) in m.vars.iter() {
+            if name.ends_with("gamma") {
+                let c = var.dim(0).unwrap();
+                let g: Vec<f32> = (0..c).map(|i| (i as f32 * 0.7).sin() * 0.3).collect();
+                var.set(&Tensor::from_vec(g, c, &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        let (x, mask) = if causal {
+            let x = ids(&[&[0, 0, 3, 4, 5, 6, 7, 8, 9], &[9, 8, 7, 6, 5, 4, 3, 2, 1]]);
+            let mask: Vec<u8> = [[0, 0, 1, 1, 1, 1, 1, 1], [1; 8]].concat(); // the inputs are x[:, :-1]
+            (
+                x,
+                Some(Tensor::from_vec(mask, (2, 8), &Device::Cpu).unwrap()),
+            )
+        } else {
+            (
+                ids(&[&[1, 2, 3, 4, 5, 6, -1, -1], &[8, 7, 6, 5, 4, 3, 2, 1]]),
+                None,
+            )
+        };
+        let run = |fused_blocks: bool| {
+            let opts = Forward {
+                key_mask: mask.as_ref(),
+                fused_blocks,
+                ..Default::default()
+            };
+            let loss = if causal {
+                m.loss(&x, &opts).unwrap()
+            } else {
+                // a loss over every position's logits (the LM loss needs causal)
+                let l = m.forward(&x, &opts).unwrap();
+                let w = Tensor::arange(0f32, l.elem_count() as f32, &Device::Cpu)
+                    .unwrap()
+                    .reshape(l.shape())
+                    .unwrap()
+                    .affine(1e-3, 0.0)
+                    .unwrap()
+                    .sin()
+                    .unwrap();
+                (l * w).unwrap().sum_all().unwrap()
+            };
+            let g = m.backward(&loss).unwrap();
+            (loss, g)
+        };
+        let (l0, g0) = run(false);
+        let (l1, g1) = run(true);
+        assert!(max_diff(&l0, &l1) < 1e-5, "causal {causal}: loss");
+        for (name, var) in m.vars.iter() {
+            let (a, b) = (g0.get(var.as_tensor()), g1.get(var.as_tensor()));
+            let (Some(a), Some(b)) = (a, b) else {
+                panic!("causal {causal}: {name}: gradient missing in one path")
+            };
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_diff(a, b);
+            assert!(
+                d <= 1e-5 * scale.max(1.0),
+                "causal {causal}: {name}: differs by {d}"
+            );
+            let n: f32 = b.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(n > 0.0 && n.is_finite(), "{name}: fused gradient norm {n}");
+        }
+    }
+    // misuse: Tensor::backward leaves the block weights' gradients uncollected
+    let m = Palm::new(&tiny(true, false), 7, &Device::Cpu).unwrap();
+    let x = ids(&[&[1, 2, 3, 4, 5]]);
+    let fused = Forward {
+        fused_blocks: true,
+        ..Default::default()
+    };
+    let g = m.loss(&x, &fused).unwrap().backward().unwrap();
+    let w = m.vars.get("layers.0.fn.fused_attn_ff_proj.weight").unwrap();
+    assert!(
+        g.get(w.as_tensor()).is_none(),
+        "the fused path was not taken"
+    );
+    let err = m.loss(&x, &fused).unwrap_err().to_string();
+    assert!(err.contains("never collected"), "{err}");
+}
+
 #[test]
 fn gradient_matches_finite_differences() {
     // d loss / d (one element) of a few parameters, central differences in f64 terms

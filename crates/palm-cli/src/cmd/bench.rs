@@ -124,8 +124,14 @@ pub fn run(a: Args) -> Result<()> {
                     b * t,
                     flops,
                     Box::new(move || {
-                        // the graph is freed with the loss at the end of this statement
-                        let store = model.lm_loss(&ids, &Forward::default())?.backward()?;
+                        // each block one graph node; the graph is freed with the loss
+                        let opts = Forward {
+                            fused_blocks: true,
+                            ..Default::default()
+                        };
+                        let loss = model.lm_loss(&ids, &opts)?;
+                        let store = model.backward(&loss)?;
+                        drop(loss);
                         let mut g = grads_take(&params, store)?;
                         clip_grad_norm(&mut g, 1.0);
                         opt.step(&g, 1e-4)?;

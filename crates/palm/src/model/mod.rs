@@ -86,6 +86,15 @@ impl Model {
         palm::next_token_loss(ids, self.ignore_index(), |inp| self.forward(inp, opts))
     }
 
+    /// `loss.backward()`; for PaLM also the weight gradients of fused blocks
+    /// ([`Forward::fused_blocks`], see [`Palm::backward`]).
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        match self {
+            Model::Palm(m) => m.backward(loss),
+            Model::Hf(_) => Ok(loss.backward()?),
+        }
+    }
+
     pub fn vars(&self) -> &VarStore {
         match self {
             Model::Palm(m) => &m.vars,

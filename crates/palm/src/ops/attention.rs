@@ -136,20 +136,56 @@ pub fn mqa_attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Res
             );
         }
     }
-    q.apply_op3(
+    Ok(mqa_attention_saved(q, k, v, spec)?.0)
+}
+
+/// What the forward of [`mqa_attention`] keeps for the backward (rotated q, k, v and the
+/// logsumexp), for callers that run the backward themselves ([`super::block`]).
+pub(crate) struct AttnSaved(Arc<Saved>);
+
+/// [`mqa_attention`] (q, k, v already checked f32 CPU tensors), also returning its saved state.
+pub(crate) fn mqa_attention_saved(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    spec: &AttnSpec,
+) -> Result<(Tensor, AttnSaved)> {
+    let slot = Arc::new(Mutex::new(None));
+    let o = q.apply_op3(
         k,
         v,
         MqaAttention {
             spec: spec.clone(),
-            saved: Mutex::new(None),
+            saved: slot.clone(),
         },
-    )
+    )?;
+    let saved = slot
+        .lock()
+        .map_err(|_| candle_core::Error::msg("mqa_attention: saved state poisoned"))?
+        .clone()
+        .ok_or_else(|| candle_core::Error::msg("mqa_attention: no saved state"))?;
+    Ok((o, AttnSaved(saved)))
+}
+
+/// The backward of [`mqa_attention_saved`]: from its output o [B, T, H*D] and the output
+/// gradient (both contiguous), dq [B, T, H*D], dk [B, S, D], dv [B, S, D].
+pub(crate) fn attention_backward(
+    saved: &AttnSaved,
+    spec: &AttnSpec,
+    o: &[f32],
+    dout: &[f32],
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let Dims { b, t, h, d, .. } = saved.0.dims;
+    if o.len() != b * t * h * d || dout.len() != o.len() {
+        bail!("mqa_attention: output or its gradient has the wrong size");
+    }
+    Ok(backward(&saved.0, spec, o, dout))
 }
 
 /// The op: the spec, plus what the forward leaves for the backward.
 struct MqaAttention {
     spec: AttnSpec,
-    saved: Mutex<Option<Arc<Saved>>>,
+    saved: Arc<Mutex<Option<Arc<Saved>>>>,
 }
 
 #[derive(Debug, Clone, Copy)]

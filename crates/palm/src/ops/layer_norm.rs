@@ -94,7 +94,7 @@ impl CustomOp2 for LayerNormOp {
 }
 
 /// (dx [.., C], dgamma [C]) from x [.., C], gamma [C] and dy [.., C].
-fn layer_norm_backward(
+pub(crate) fn layer_norm_backward(
     x: &Tensor,
     gamma: &Tensor,
     dy: &Tensor,

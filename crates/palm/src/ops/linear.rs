@@ -82,7 +82,7 @@ fn gemm_new(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> Vec<f32> {
     let mut dst: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
     // SAFETY: `dst` has room for m*n elements, all written by `gemm_crate`.
     unsafe {
-        gemm_crate(m, n, k, lhs, rhs, dst.as_mut_ptr() as *mut f32);
+        gemm_crate(m, n, k, lhs, rhs, dst.as_mut_ptr() as *mut f32, false);
         dst.set_len(m * n);
         std::mem::transmute::<Vec<std::mem::MaybeUninit<f32>>, Vec<f32>>(dst)
     }
@@ -93,17 +93,21 @@ fn gemm_new(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> Vec<f32> {
 /// # Safety
 /// `dst` has room for m*n elements; the operands' pointers and strides address elements inside
 /// their storages (the layouts were checked by candle and by `linear`). With read_dst = false
-/// gemm writes every element of `dst` and reads none, so `dst` may be uninitialised.
-unsafe fn gemm_crate(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, dst: *mut f32) {
+/// gemm writes every element of `dst` and reads none, so `dst` may be uninitialised. With `acc`,
+/// dst += lhs rhs (then `dst` must be initialised).
+unsafe fn gemm_crate(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, dst: *mut f32, acc: bool) {
     let threads = candle_core::utils::get_num_threads();
     let par = if threads > 1 && m * n * k >= 1 << 15 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
+    // gemm's argument order: dst (column stride, row stride), read_dst, lhs and rhs (column
+    // stride, row stride), alpha (the factor of dst), beta (the factor of the product)
+    let alpha = if acc { 1.0f32 } else { 0.0 };
     gemm::gemm(
-        m, n, k, dst, 1, n as isize, false, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs,
-        0.0f32, 1.0f32, false, false, false, par,
+        m, n, k, dst, 1, n as isize, acc, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, alpha,
+        1.0f32, false, false, false, par,
     );
 }
 
@@ -150,176 +154,101 @@ impl CustomOp2 for LinearOp {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (o, k) = w.dims2()?;
-        let n = x.elem_count() / k.max(1);
-        let dy = dy.contiguous()?;
-        let (dys, dyl) = dy.storage_and_layout();
-        let dy_data = match &*dys {
-            Storage::Cpu(cs) => rows_contiguous(cs, dyl)?,
-            _ => bail!("{NAME}: CPU tensors only"),
-        };
-        if dy_data.len() != n * o {
-            bail!("{NAME}: gradient {:?} does not match [.., {o}]", dy.dims())
-        }
-        // dx [N, K] = dy [N, O] W [O, K]
-        let dx = if x.track_op() {
-            let (ws, wl) = w.storage_and_layout();
-            let wm = match &*ws {
-                Storage::Cpu(cs) => weight(f32_data(cs)?, wl)?,
-                _ => bail!("{NAME}: CPU tensors only"),
-            };
-            let dym = Mat {
-                ptr: dy_data.as_ptr(),
-                rs: o as isize,
-                cs: 1,
-            };
-            let dx = gemm_new(n, k, o, dym, wm);
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-        } else {
-            None
-        };
-        // dW [O, K] = dy^T [O, N] x [N, K]
-        let dw = if w.track_op() {
-            let (xs, xl) = x.storage_and_layout();
-            let xd = match &*xs {
-                Storage::Cpu(cs) => rows_contiguous(cs, xl)?,
-                _ => bail!("{NAME}: CPU tensors only"),
-            };
-            let dyt = Mat {
-                ptr: dy_data.as_ptr(),
-                rs: 1,
-                cs: o as isize,
-            };
-            let xm = Mat {
-                ptr: xd.as_ptr(),
-                rs: k as isize,
-                cs: 1,
-            };
-            let dw = gemm_new(o, k, n, dyt, xm);
-            Some(Tensor::from_vec(dw, (o, k), w.device())?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        linear_backward(x, w, dy, x.track_op(), w.track_op())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ops::test_util::max_diff;
-    use candle_core::{Device, Var};
-
-    fn rand(shape: &[usize], seed: u64) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| {
-                let x = (i as u64 ^ (seed << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
-                (x as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+/// y [N, O] += x [N, K] W^T for W [O, K] (`y` row-major, initialised). f32 CPU tensors.
+pub(crate) fn linear_acc(y: &mut [f32], x: &Tensor, w: &Tensor) -> Result<()> {
+    let (o, k) = w.dims2()?;
+    let n = x.elem_count() / k.max(1);
+    if y.len() != n * o {
+        bail!(
+            "{NAME}: output buffer has {} values, expected {}",
+            y.len(),
+            n * o
+        )
     }
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (Storage::Cpu(xs), Storage::Cpu(ws)) = (&*xs, &*ws) else {
+        bail!("{NAME}: CPU tensors only")
+    };
+    let xd = rows_contiguous(xs, xl)?;
+    let wm = weight(f32_data(ws)?, wl)?;
+    let wt = Mat {
+        ptr: wm.ptr,
+        rs: wm.cs,
+        cs: wm.rs,
+    };
+    let xm = Mat {
+        ptr: xd.as_ptr(),
+        rs: k as isize,
+        cs: 1,
+    };
+    // SAFETY: y holds n*o initialised values; the operands address their storages.
+    unsafe { gemm_crate(n, o, k, xm, wt, y.as_mut_ptr(), true) };
+    Ok(())
+}
 
-    fn composed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        x.broadcast_matmul(&w.t()?)
+/// The gradients of y = x W^T: dx [.., K] = dy W (when `want_dx`) and dW [O, K] = dy^T x (when
+/// `want_dw`), for dy [.., O].
+pub(crate) fn linear_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    want_dx: bool,
+    want_dw: bool,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (o, k) = w.dims2()?;
+    let n = x.elem_count() / k.max(1);
+    let dy = dy.contiguous()?;
+    let (dys, dyl) = dy.storage_and_layout();
+    let dy_data = match &*dys {
+        Storage::Cpu(cs) => rows_contiguous(cs, dyl)?,
+        _ => bail!("{NAME}: CPU tensors only"),
+    };
+    if dy_data.len() != n * o {
+        bail!("{NAME}: gradient {:?} does not match [.., {o}]", dy.dims())
     }
-
-    /// Forward and both gradients equal the composed matmul, for a 3-D x, a weight that is a row
-    /// block of a wider weight (strided view), and a transposed (non-contiguous) x.
-    #[test]
-    fn matches_composed_forward_and_backward() {
-        let big = Var::from_tensor(&rand(&[11, 6], 1)).unwrap();
-        let w = big.narrow(0, 3, 5).unwrap(); // [O 5, K 6], row offset 3
-        let x = Var::from_tensor(&rand(&[2, 4, 6], 2)).unwrap();
-        let xt = Var::from_tensor(&rand(&[2, 6, 4], 3)).unwrap();
-        for xin in [x.as_tensor().clone(), xt.transpose(1, 2).unwrap()] {
-            let dy = rand(&[2, 4, 5], 4);
-            let y = linear(&xin, &w).unwrap();
-            let yc = composed(&xin, &w).unwrap();
-            assert!(max_diff(&y, &yc) < 1e-6);
-            let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-            let gc = (yc * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-            for v in [&big, &x, &xt] {
-                match (g.get(v), gc.get(v)) {
-                    (Some(a), Some(b)) => assert!(max_diff(a, b) < 1e-5, "{}", max_diff(a, b)),
-                    (None, None) => {}
-                    _ => panic!("gradient present in one path only"),
-                }
-            }
-        }
-    }
-
-    /// Central finite differences of sum(y * dy) with respect to x and W.
-    #[test]
-    fn finite_differences() {
-        let x = rand(&[3, 4], 5);
-        let w = rand(&[2, 4], 6);
-        let dy = rand(&[3, 2], 7);
-        let f = |x: &Tensor, w: &Tensor| -> f64 {
-            (linear(x, w).unwrap() * &dy)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap() as f64
+    // dx [N, K] = dy [N, O] W [O, K]
+    let dx = if want_dx {
+        let (ws, wl) = w.storage_and_layout();
+        let wm = match &*ws {
+            Storage::Cpu(cs) => weight(f32_data(cs)?, wl)?,
+            _ => bail!("{NAME}: CPU tensors only"),
         };
-        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
-        let g = (linear(&xv, &wv).unwrap() * &dy)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let eps = 1e-2f32;
-        for (t, var, which) in [(&x, &xv, 0), (&w, &wv, 1)] {
-            let grad: Vec<f32> = g
-                .get(var)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let base: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            for i in [0, base.len() / 2, base.len() - 1] {
-                let bump = |d: f32| {
-                    let mut v = base.clone();
-                    v[i] += d;
-                    Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
-                };
-                let (p, m) = (bump(eps), bump(-eps));
-                let fd = if which == 0 {
-                    (f(&p, &w) - f(&m, &w)) / (2.0 * eps as f64)
-                } else {
-                    (f(&x, &p) - f(&x, &m)) / (2.0 * eps as f64)
-                };
-                assert!(
-                    (fd - grad[i] as f64).abs() < 1e-3,
-                    "{which}/{i}: {fd} vs {}",
-                    grad[i]
-                );
-            }
-        }
-    }
-
-    /// A detached weight (frozen base) gets no gradient and x still does.
-    #[test]
-    fn frozen_weight_has_no_gradient() {
-        let x = Var::from_tensor(&rand(&[3, 4], 8)).unwrap();
-        let w = Var::from_tensor(&rand(&[2, 4], 9)).unwrap();
-        let g = linear(&x, &w.detach())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        assert!(g.get(&w).is_none());
-        assert!(g.get(&x).is_some());
-    }
-
-    #[test]
-    fn wrong_sizes_are_errors() {
-        let e = linear(&rand(&[3, 5], 1), &rand(&[2, 4], 2)).unwrap_err();
-        assert!(e.to_string().contains("input size 4"), "{e}");
-    }
+        let dym = Mat {
+            ptr: dy_data.as_ptr(),
+            rs: o as isize,
+            cs: 1,
+        };
+        let dx = gemm_new(n, k, o, dym, wm);
+        Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+    } else {
+        None
+    };
+    // dW [O, K] = dy^T [O, N] x [N, K]
+    let dw = if want_dw {
+        let (xs, xl) = x.storage_and_layout();
+        let xd = match &*xs {
+            Storage::Cpu(cs) => rows_contiguous(cs, xl)?,
+            _ => bail!("{NAME}: CPU tensors only"),
+        };
+        let dyt = Mat {
+            ptr: dy_data.as_ptr(),
+            rs: 1,
+            cs: o as isize,
+        };
+        let xm = Mat {
+            ptr: xd.as_ptr(),
+            rs: k as isize,
+            cs: 1,
+        };
+        let dw = gemm_new(o, k, n, dyt, xm);
+        Some(Tensor::from_vec(dw, (o, k), w.device())?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
 }

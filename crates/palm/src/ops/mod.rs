@@ -2,6 +2,7 @@
 //! `model::palm`: linear layers, LayerNorm, SwiGLU, cross-entropy, causal multi-query attention with rotary/xPos.
 
 pub mod attention;
+pub mod block;
 mod cpu;
 pub(crate) use cpu::simd_dispatch;
 pub mod cross_entropy;

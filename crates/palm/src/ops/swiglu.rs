@@ -36,7 +36,7 @@ cpu::simd_dispatch! {
 
 cpu::simd_dispatch! {
     /// da = dout * silu(g), dg = dout * a * s * (1 + g (1 - s)) with s = sigmoid(g).
-    fn backward_row(a: &[f32], g: &[f32], dout: &[f32], da: &mut [f32], dg: &mut [f32]) {
+    pub(crate) fn backward_row(a: &[f32], g: &[f32], dout: &[f32], da: &mut [f32], dg: &mut [f32]) {
         let n = da.len();
         let (a, g, dout, dg) = (&a[..n], &g[..n], &dout[..n], &mut dg[..n]);
         for j in 0..n {

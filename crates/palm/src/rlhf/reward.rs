@@ -396,6 +396,7 @@ impl RewardModel {
             key_mask: Some(&batch.mask),
             freeze_base: self.cfg.scope.is_some(),
             train: opts.train,
+            fused_blocks: false,
         };
         let emb = self.trunk.embeddings(&batch.ids, &fwd, None)?;
 
