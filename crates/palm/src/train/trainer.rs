@@ -368,6 +368,8 @@ impl Trainer {
             scope: self.cfg.lora.as_ref().map(|l| l.scope.as_str()),
             freeze_base: self.cfg.lora.is_some(),
             train,
+            // one graph node per block where it applies; the loss goes through Model::backward
+            fused_blocks: train,
             ..Default::default()
         }
     }
@@ -404,7 +406,7 @@ impl Trainer {
             check_finite(step, "loss", value, self.last_checkpoint().as_deref())?;
             loss_sum += value;
             // the graph is freed with the loss at the end of this statement
-            let store = (loss / k as f64)?.backward()?;
+            let store = self.model.backward(&(loss / k as f64)?)?;
             let g = grads_take(&self.params, store)?;
             if acc.is_empty() {
                 acc = g;
