@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use palm::rlhf::ppo::{PpoConfig, PpoTrainer};
 use palm::sample::{generate, GenerateRequest, Sampling};
-use palm::train::optim::{clip_grad_norm, grads_take, OptimConfig, Optimizer};
+use palm::train::optim::{grads_take, OptimConfig, Optimizer};
 use palm::{Forward, Model, Palm, PalmConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -132,9 +132,8 @@ pub fn run(a: Args) -> Result<()> {
                         let loss = model.lm_loss(&ids, &opts)?;
                         let store = model.backward(&loss)?;
                         drop(loss);
-                        let mut g = grads_take(&params, store)?;
-                        clip_grad_norm(&mut g, 1.0);
-                        opt.step(&g, 1e-4)?;
+                        let g = grads_take(&params, store)?;
+                        opt.step_clipped(&g, 1e-4, 1.0)?;
                         Ok(())
                     }),
                 )

@@ -179,6 +179,25 @@ impl Optimizer {
 
     /// One update with learning rate `lr`. Parameters without a gradient are left untouched.
     pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`clip_grad_norm`] and [`Optimizer::step`] in one pass over the gradients: the clip
+    /// factor is applied inside the update (the same f32 products, so the same result), and
+    /// `grads` are left as they were. `max_norm` <= 0: no clipping. Returns the norm before
+    /// clipping.
+    pub fn step_clipped(&mut self, grads: &Grads, lr: f64, max_norm: f64) -> Result<f64> {
+        let total = grad_norm(grads);
+        let c = if max_norm > 0.0 {
+            (max_norm / (total + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        self.step_scaled(grads, lr, c as f32)?;
+        Ok(total)
+    }
+
+    fn step_scaled(&mut self, grads: &Grads, lr: f64, gscale: f32) -> Result<()> {
         if grads.len() != self.params.len() {
             return Err(Error::msg(
                 "gradient list does not match the optimiser's parameters",
@@ -211,7 +230,7 @@ impl Optimizer {
                 Some(v) => v,
                 None => &mut [],
             };
-            update_param(name, var, g, &mut self.m[i], v, rule)?;
+            update_param(name, var, g, &mut self.m[i], v, rule, gscale)?;
         }
         Ok(())
     }
@@ -285,9 +304,10 @@ const CHUNK: usize = 1 << 14;
 
 crate::ops::simd_dispatch! {
     /// torch's AdamW on one chunk (see [`Rule::AdamW`]).
-    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: [f32; 6]) {
-        let [decay, b1, b2, eps, step_size, bc2_sqrt] = k;
+    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: [f32; 7]) {
+        let [decay, b1, b2, eps, step_size, bc2_sqrt, gscale] = k;
         for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g * gscale;
             *p *= decay;
             *m += (1.0 - b1) * (g - *m);
             *v = b2 * *v + (1.0 - b2) * g * g;
@@ -299,9 +319,10 @@ crate::ops::simd_dispatch! {
 
 crate::ops::simd_dispatch! {
     /// Lion on one chunk (see [`Rule::Lion`]).
-    fn lion_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], k: [f32; 4]) {
-        let [decay, b1, b2, lr] = k;
+    fn lion_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], k: [f32; 5]) {
+        let [decay, b1, b2, lr, gscale] = k;
         for ((p, &g), m) in p.iter_mut().zip(g).zip(m.iter_mut()) {
+            let g = g * gscale;
             *p *= decay;
             let c = b1 * *m + (1.0 - b1) * g;
             let u = if c > 0.0 {
@@ -317,8 +338,8 @@ crate::ops::simd_dispatch! {
     }
 }
 
-/// Applies `rule` to p [n] with gradient g [n] and state m [n], v [n] (v empty for Lion).
-fn apply_rule(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], rule: Rule) {
+/// Applies `rule` to p [n] with gradient gscale * g [n] and state m [n], v [n] (v empty for Lion).
+fn apply_rule(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], rule: Rule, gscale: f32) {
     match rule {
         Rule::AdamW {
             decay,
@@ -333,13 +354,19 @@ fn apply_rule(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], rule: Rule
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .for_each(|(((p, g), m), v)| {
-                adamw_chunk(p, g, m, v, [decay, b1, b2, eps, step_size, bc2_sqrt])
+                adamw_chunk(
+                    p,
+                    g,
+                    m,
+                    v,
+                    [decay, b1, b2, eps, step_size, bc2_sqrt, gscale],
+                )
             }),
         Rule::Lion { decay, b1, b2, lr } => p
             .par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK))
-            .for_each(|((p, g), m)| lion_chunk(p, g, m, [decay, b1, b2, lr])),
+            .for_each(|((p, g), m)| lion_chunk(p, g, m, [decay, b1, b2, lr, gscale])),
     }
 }
 
@@ -350,6 +377,7 @@ struct InPlaceStep<'a> {
     m: Mutex<&'a mut [f32]>,
     v: Mutex<&'a mut [f32]>,
     rule: Rule,
+    gscale: f32,
 }
 
 impl InplaceOp1 for InPlaceStep<'_> {
@@ -367,7 +395,14 @@ impl InplaceOp1 for InPlaceStep<'_> {
         let poisoned = |_| candle_core::Error::Msg("optimizer_step: state lock poisoned".into());
         let mut m = self.m.lock().map_err(poisoned)?;
         let mut v = self.v.lock().map_err(poisoned)?;
-        apply_rule(&mut data[a..b], self.g, &mut m, &mut v, self.rule);
+        apply_rule(
+            &mut data[a..b],
+            self.g,
+            &mut m,
+            &mut v,
+            self.rule,
+            self.gscale,
+        );
         Ok(())
     }
 }
@@ -381,6 +416,7 @@ fn update_param(
     m: &mut [f32],
     v: &mut [f32],
     rule: Rule,
+    gscale: f32,
 ) -> Result<()> {
     let n = var.elem_count();
     let need_v = matches!(rule, Rule::AdamW { .. });
@@ -396,11 +432,12 @@ fn update_param(
             m: Mutex::new(m),
             v: Mutex::new(v),
             rule,
+            gscale,
         };
         t.inplace_op1(&op)?;
     } else {
         let mut p: Vec<f32> = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-        apply_rule(&mut p, g, m, v, rule);
+        apply_rule(&mut p, g, m, v, rule, gscale);
         let p = Tensor::from_vec(p, var.shape(), var.device())?.to_dtype(var.dtype())?;
         var.set(&p)?;
     }
@@ -447,6 +484,42 @@ mod tests {
         let d = 1.0 - 1e-2 * 0.1;
         assert!((p[0] - (1.0 * d - 1e-2) as f32).abs() < 1e-6, "{p:?}");
         assert!((p[1] - (-2.0 * d + 1e-2) as f32).abs() < 1e-6, "{p:?}");
+    }
+
+    /// step_clipped (the clip factor inside the update) gives bit-for-bit the parameters of
+    /// clip_grad_norm followed by step, for AdamW and Lion, clipping on and off.
+    #[test]
+    fn step_clipped_equals_clip_then_step() {
+        let dev = candle_core::Device::Cpu;
+        for cfg in [OptimConfig::adamw(), OptimConfig::lion()] {
+            for max_norm in [0.3, 1e9] {
+                let init: Vec<f32> = (0..70_000).map(|i| (i as f32 * 0.01).sin()).collect();
+                let grads = |s: usize| -> Grads {
+                    let g = (0..70_000)
+                        .map(|i| ((i * (s + 2)) as f32 * 0.003).cos())
+                        .collect();
+                    vec![Some(g), None]
+                };
+                let mk = || {
+                    let a = Var::from_tensor(&Tensor::new(init.as_slice(), &dev).unwrap()).unwrap();
+                    let b = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &dev).unwrap()).unwrap();
+                    Optimizer::new(vec![("a".into(), a), ("b".into(), b)], cfg)
+                };
+                let (mut o1, mut o2) = (mk(), mk());
+                for s in 0..3 {
+                    let mut g = grads(s);
+                    let n1 = clip_grad_norm(&mut g, max_norm);
+                    o1.step(&g, 1e-2).unwrap();
+                    let n2 = o2.step_clipped(&grads(s), 1e-2, max_norm).unwrap();
+                    assert_eq!(n1, n2);
+                }
+                for ((_, v1), (_, v2)) in o1.params.iter().zip(&o2.params) {
+                    let a: Vec<f32> = v1.as_tensor().to_vec1().unwrap();
+                    let b: Vec<f32> = v2.as_tensor().to_vec1().unwrap();
+                    assert_eq!(a, b, "{:?} max_norm {max_norm}", cfg.kind);
+                }
+            }
+        }
     }
 
     #[test]

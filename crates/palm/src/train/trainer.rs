@@ -29,7 +29,7 @@ use crate::tokenizer::Tokenizer;
 use crate::train::data::{Batch, BatchOrder, Corpus, DataLoader, DataState};
 use crate::train::metrics::MetricsLog;
 use crate::train::optim::{
-    accumulate, clip_grad_norm, grads_non_finite, grads_take, lr_at, Grads, OptimConfig, Optimizer,
+    accumulate, grads_non_finite, grads_take, lr_at, Grads, OptimConfig, Optimizer,
 };
 use crate::train::run::{check_finite, progress_bar, Checkpoints};
 
@@ -422,14 +422,8 @@ impl Trainer {
                 self.last_checkpoint().as_deref(),
             )?;
         }
-        // 4. clipping (the norm is reported before clipping)
-        let norm = if self.cfg.max_grad_norm > 0.0 {
-            clip_grad_norm(&mut acc, self.cfg.max_grad_norm)
-        } else {
-            crate::train::optim::grad_norm(&acc)
-        };
-        // 5. update
-        self.opt.step(&acc, lr)?;
+        // 4-5. clipping (the norm is reported before clipping) and the update, in one pass
+        let norm = self.opt.step_clipped(&acc, lr, self.cfg.max_grad_norm)?;
         self.step = step;
         Ok((loss_sum / k as f64, norm, lr))
     }
