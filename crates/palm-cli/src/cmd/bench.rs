@@ -47,6 +47,9 @@ pub struct Args {
     pub runs: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Matrix-product precision of the linear layers (bf16: AMX, f32 master weights).
+    #[arg(long, value_enum, default_value_t = super::Precision::F32)]
+    pub precision: super::Precision,
 }
 
 /// Peak resident set size of this process in MiB (Linux; 0 elsewhere).
@@ -86,6 +89,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    a.precision.apply();
     let cfg = match std::path::Path::new(&a.config).extension() {
         Some(_) => PalmConfig::load(std::path::Path::new(&a.config))?,
         None => PalmConfig::preset(&a.config)?,
@@ -249,6 +253,7 @@ pub fn run(a: Args) -> Result<()> {
         "median_seconds": secs,
         "tokens_per_sec": tokens_per_run as f64 / secs,
         "gflops": flops_per_run / secs / 1e9,
+        "precision": format!("{:?}", palm::ops::linear::matmul_precision()).to_lowercase(),
         "peak_rss_mb": peak_rss_mb(),
         "all_seconds": times,
     });

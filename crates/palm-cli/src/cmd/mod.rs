@@ -14,3 +14,32 @@ use candle_core::Device;
 pub fn device() -> Device {
     Device::Cpu
 }
+
+/// `--precision`: the precision of the linear layers' matrix products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// bf16 operands, f32 accumulation and f32 master weights (Intel AMX; f32 where the CPU has
+    /// no AMX, with a warning).
+    Bf16,
+}
+
+impl Precision {
+    /// Sets the process-wide matmul precision; warns when bf16 is asked for without AMX.
+    pub fn apply(self) {
+        use palm::ops::linear::{set_matmul_precision, MatmulPrecision};
+        match self {
+            Precision::F32 => set_matmul_precision(MatmulPrecision::F32),
+            Precision::Bf16 => {
+                set_matmul_precision(MatmulPrecision::Bf16);
+                if !palm::ops::amx::available() {
+                    tracing::warn!(
+                        "--precision bf16: this CPU (or kernel) has no AMX-BF16; running in f32"
+                    );
+                }
+            }
+        }
+    }
+}

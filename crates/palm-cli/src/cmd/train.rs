@@ -49,6 +49,10 @@ pub struct Args {
     /// Run directory (metrics, plots, checkpoints, final model).
     #[arg(long)]
     pub out: PathBuf,
+    /// Matrix-product precision of the linear layers: bf16 rounds their operands to bf16 and
+    /// accumulates in f32 on Intel AMX (weights, gradients and optimiser state stay f32).
+    #[arg(long, value_enum, default_value_t = super::Precision::F32)]
+    pub precision: super::Precision,
     /// Start from this model (checkpoint directory or weights file with config.json beside it).
     #[arg(long, conflicts_with = "config")]
     pub model: Option<PathBuf>,
@@ -204,6 +208,7 @@ fn read_data(files: &[PathBuf], tokenizer: &str, val_fraction: f64) -> Result<Da
 }
 
 pub fn run(a: Args) -> Result<()> {
+    a.precision.apply();
     let stop = palm::train::run::stop_flag();
     let mut trainer = if a.resume {
         let (ckpt, st) = Trainer::resume_state(&a.out)?;

@@ -77,12 +77,60 @@ fn rows_contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow
     }
 }
 
+/// The precision of the matrix products of [`linear`] (forward and backward), set for the
+/// whole process like PyTorch's `torch.set_float32_matmul_precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MatmulPrecision {
+    /// f32 operands and accumulation (the default).
+    #[default]
+    F32,
+    /// Operands rounded to bf16, products accumulated in f32, on Intel AMX ([`super::amx`]);
+    /// parameters, gradients and optimiser state stay f32. Where the CPU has no AMX this is F32.
+    Bf16,
+}
+
+static PRECISION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets the precision of every later [`linear`] product in this process.
+pub fn set_matmul_precision(p: MatmulPrecision) {
+    PRECISION.store(p as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The precision [`linear`] runs at now: Bf16 only when it was asked for and AMX is there.
+pub fn matmul_precision() -> MatmulPrecision {
+    if PRECISION.load(std::sync::atomic::Ordering::Relaxed) == MatmulPrecision::Bf16 as u8
+        && super::amx::available()
+    {
+        MatmulPrecision::Bf16
+    } else {
+        MatmulPrecision::F32
+    }
+}
+
+/// dst [m, n] (row-major) = lhs [m, k] rhs [k, n] (+ dst with `acc`) at the process precision.
+///
+/// # Safety
+/// As for [`gemm_crate`].
+unsafe fn gemm_any(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, dst: *mut f32, acc: bool) {
+    if matmul_precision() == MatmulPrecision::Bf16 {
+        let am = |a: Mat| super::amx::Mat {
+            ptr: a.ptr,
+            rs: a.rs,
+            cs: a.cs,
+        };
+        if super::amx::gemm_bf16(m, n, k, am(lhs), am(rhs), dst, acc) {
+            return;
+        }
+    }
+    gemm_crate(m, n, k, lhs, rhs, dst, acc)
+}
+
 /// dst [m, n] (row-major, freshly allocated) = lhs [m, k] rhs [k, n].
 fn gemm_new(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat) -> Vec<f32> {
     let mut dst: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(m * n);
-    // SAFETY: `dst` has room for m*n elements, all written by `gemm_crate`.
+    // SAFETY: `dst` has room for m*n elements, all written by `gemm_any`.
     unsafe {
-        gemm_crate(m, n, k, lhs, rhs, dst.as_mut_ptr() as *mut f32, false);
+        gemm_any(m, n, k, lhs, rhs, dst.as_mut_ptr() as *mut f32, false);
         dst.set_len(m * n);
         std::mem::transmute::<Vec<std::mem::MaybeUninit<f32>>, Vec<f32>>(dst)
     }
@@ -187,7 +235,7 @@ pub(crate) fn linear_acc(y: &mut [f32], x: &Tensor, w: &Tensor) -> Result<()> {
         cs: 1,
     };
     // SAFETY: y holds n*o initialised values; the operands address their storages.
-    unsafe { gemm_crate(n, o, k, xm, wt, y.as_mut_ptr(), true) };
+    unsafe { gemm_any(n, o, k, xm, wt, y.as_mut_ptr(), true) };
     Ok(())
 }
 

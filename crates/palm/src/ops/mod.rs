@@ -1,6 +1,7 @@
 //! Fused CPU kernels (f32) with their backward passes, as candle custom ops, used by
 //! `model::palm`: linear layers, LayerNorm, SwiGLU, cross-entropy, causal multi-query attention with rotary/xPos.
 
+pub mod amx;
 pub mod attention;
 pub mod block;
 mod cpu;

@@ -1,0 +1,418 @@
+//! bf16 matrix products on Intel AMX (Sapphire Rapids and later), for the `bf16` matmul
+//! precision ([`super::linear::set_matmul_precision`]): f32 operands are rounded to bf16
+//! (round to nearest even) while they are packed into tiles, the tile unit multiplies and
+//! accumulates in f32, and the result is f32: mixed precision with f32 master weights, as
+//! PyTorch's bf16 autocast does for its linear layers.
+//!
+//! The kernel: C [M, N] is cut into 32 x 32 blocks, each held in four 16 x 16 f32 tiles
+//! (tmm0-3) while K runs through in steps of 32: two A tiles (16 rows x 32 bf16, tmm4-5), two B
+//! tiles (16 pairs of K rows x 16 columns, interleaved by pairs, tmm6-7), four `tdpbf16ps`.
+//! A is packed as [M/16][K/32] tiles of [16][32], B as [N/16][K/32] tiles of [16][16][2]
+//! (zero-padded at the edges); blocks run in parallel with rayon. The AMX instructions are
+//! inline assembly (Rust has no stable AMX intrinsics); the CPU is detected with `cpuid` and the
+//! kernel asked for the tile state (`arch_prctl(ARCH_REQ_XCOMP_PERM)`) once, so a CPU or kernel
+//! without AMX simply never takes this path.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// A matrix operand: base pointer and (row, column) strides in elements.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+// SAFETY: a Mat is only read, inside calls whose caller guarantees the memory lives.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+impl Mat {
+    /// Element (i, j).
+    ///
+    /// # Safety
+    /// (i, j) is inside the operand.
+    #[inline(always)]
+    unsafe fn at(&self, i: usize, j: usize) -> f32 {
+        *self.ptr.offset(i as isize * self.rs + j as isize * self.cs)
+    }
+}
+
+/// True when the CPU has AMX-BF16 and the kernel granted this process the tile state.
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(detect)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+    let (amx_bf16, amx_tile) = (leaf7.edx & (1 << 22) != 0, leaf7.edx & (1 << 24) != 0);
+    if !(amx_bf16 && amx_tile) {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain syscall with integer arguments; it fails cleanly where unsupported.
+    unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        ) == 0
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// f32 -> bf16 bits, round to nearest even (NaN stays NaN: its quiet bit is kept).
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return ((b >> 16) | 0x40) as u16;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// bf16 bits -> f32.
+#[cfg(test)]
+fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+const TILE: usize = 512; // u16 values in one packed 16 x 32 tile
+
+super::cpu::simd_dispatch! {
+    /// dst[j] = bf16(src[j]).
+    fn to_bf16(src: &[f32], dst: &mut [u16]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = bf16_bits(x);
+        }
+    }
+}
+
+super::cpu::simd_dispatch! {
+    /// dst[2j] = bf16(even[j]), dst[2j + 1] = bf16(odd[j]): one k-pair row of a B tile.
+    fn to_bf16_pairs(even: &[f32], odd: &[f32], dst: &mut [u16]) {
+        for ((d, &e), &o) in dst.chunks_exact_mut(2).zip(even).zip(odd) {
+            d[0] = bf16_bits(e);
+            d[1] = bf16_bits(o);
+        }
+    }
+}
+
+/// A [m, k] -> [mb][kb] tiles of [16 rows][32 k].
+fn pack_a(a: Mat, m: usize, k: usize) -> (Vec<u16>, usize, usize) {
+    let (mb, kb) = (m.div_ceil(16), k.div_ceil(32));
+    let mut p = vec![0u16; mb * kb * TILE];
+    let a = &a;
+    p.par_chunks_mut(kb * TILE)
+        .enumerate()
+        .for_each(|(ib, blk)| {
+            let rows = 16.min(m - ib * 16);
+            if a.cs == 1 {
+                // rows contiguous: 32 values at a time
+                for r in 0..rows {
+                    // SAFETY: row ib*16 + r has k contiguous elements.
+                    let src = unsafe {
+                        std::slice::from_raw_parts(a.ptr.offset((ib * 16 + r) as isize * a.rs), k)
+                    };
+                    for (kc, chunk) in src.chunks(32).enumerate() {
+                        to_bf16(chunk, &mut blk[kc * TILE + r * 32..][..chunk.len()]);
+                    }
+                }
+            } else {
+                for kk in 0..k {
+                    for r in 0..rows {
+                        // SAFETY: (row, kk) is inside the [m, k] operand.
+                        let v = unsafe { a.at(ib * 16 + r, kk) };
+                        blk[(kk / 32) * TILE + r * 32 + kk % 32] = bf16_bits(v);
+                    }
+                }
+            }
+        });
+    (p, mb, kb)
+}
+
+/// B [k, n] -> [nb][kb] tiles of [16 k-pairs][16 columns][2].
+fn pack_b(b: Mat, k: usize, n: usize) -> (Vec<u16>, usize) {
+    let (nb, kb) = (n.div_ceil(16), k.div_ceil(32));
+    let mut p = vec![0u16; nb * kb * TILE];
+    let b = &b;
+    let zeros = [0f32; 16];
+    p.par_chunks_mut(kb * TILE)
+        .enumerate()
+        .for_each(|(jb, blk)| {
+            let cols = 16.min(n - jb * 16);
+            if b.cs == 1 {
+                // rows of B contiguous: a k pair of 16-column runs becomes one 32-value tile row
+                for kk in (0..k).step_by(2) {
+                    // SAFETY: rows kk (and kk + 1 when < k) have the block's `cols` columns.
+                    let row = |r: usize| unsafe {
+                        std::slice::from_raw_parts(
+                            b.ptr.offset(r as isize * b.rs + (jb * 16) as isize),
+                            cols,
+                        )
+                    };
+                    let odd = if kk + 1 < k {
+                        row(kk + 1)
+                    } else {
+                        &zeros[..cols]
+                    };
+                    let dst = &mut blk[(kk / 32) * TILE + ((kk % 32) / 2) * 32..][..2 * cols];
+                    to_bf16_pairs(row(kk), odd, dst);
+                }
+            } else {
+                for c in 0..cols {
+                    for kk in 0..k {
+                        // SAFETY: (kk, column) is inside the [k, n] operand.
+                        let v = unsafe { b.at(kk, jb * 16 + c) };
+                        blk[(kk / 32) * TILE + ((kk % 32) / 2) * 32 + c * 2 + kk % 2] =
+                            bf16_bits(v);
+                    }
+                }
+            }
+        });
+    (p, nb)
+}
+
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+/// Loads the tile configuration: palette 1, tiles 0-7 of 16 rows x 64 bytes.
+///
+/// # Safety
+/// Only on a CPU with AMX whose kernel granted the tile state ([`available`]).
+#[cfg(target_arch = "x86_64")]
+unsafe fn load_config() {
+    let mut c = TileConfig([0; 64]);
+    c.0[0] = 1;
+    for t in 0..8 {
+        c.0[16 + 2 * t] = 64; // bytes per row
+        c.0[48 + t] = 16; // rows
+    }
+    std::arch::asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack));
+}
+
+/// out [4][16][16] = the 32 x 32 block of A row blocks (a0, a1) times B column blocks (b0, b1),
+/// over kb K-steps of 32.
+///
+/// # Safety
+/// The tile configuration is loaded; each pointer addresses kb packed tiles; out has 1024 f32.
+#[cfg(target_arch = "x86_64")]
+unsafe fn block(
+    a0: *const u16,
+    a1: *const u16,
+    b0: *const u16,
+    b1: *const u16,
+    kb: usize,
+    out: *mut f32,
+) {
+    use std::arch::asm;
+    let stride: usize = 64;
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack)
+    );
+    for kc in 0..kb {
+        let o = kc * TILE;
+        asm!(
+            "tileloadd tmm4, [{a0} + {s}*1]",
+            "tileloadd tmm5, [{a1} + {s}*1]",
+            "tileloadd tmm6, [{b0} + {s}*1]",
+            "tileloadd tmm7, [{b1} + {s}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a0.add(o),
+            a1 = in(reg) a1.add(o),
+            b0 = in(reg) b0.add(o),
+            b1 = in(reg) b1.add(o),
+            s = in(reg) stride,
+            options(nostack)
+        );
+    }
+    asm!(
+        "tilestored [{o0} + {s}*1], tmm0",
+        "tilestored [{o1} + {s}*1], tmm1",
+        "tilestored [{o2} + {s}*1], tmm2",
+        "tilestored [{o3} + {s}*1], tmm3",
+        o0 = in(reg) out,
+        o1 = in(reg) out.add(256),
+        o2 = in(reg) out.add(512),
+        o3 = in(reg) out.add(768),
+        s = in(reg) stride,
+        options(nostack)
+    );
+}
+
+/// dst [m, n] (row-major, row stride n) = lhs [m, k] rhs [k, n] in bf16 x bf16 -> f32, or
+/// dst += that with `acc`. Returns false (nothing written) when AMX is not available.
+///
+/// # Safety
+/// The operands address m x k and k x n f32 elements with their strides; dst has m*n elements
+/// (initialised when `acc`).
+pub(crate) unsafe fn gemm_bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Mat,
+    rhs: Mat,
+    dst: *mut f32,
+    acc: bool,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !available() || m == 0 || n == 0 {
+            return available();
+        }
+        if k == 0 {
+            if !acc {
+                std::ptr::write_bytes(dst, 0, m * n);
+            }
+            return true;
+        }
+        let (pa, mb, kb) = pack_a(lhs, m, k);
+        let (pb, nb) = pack_b(rhs, k, n);
+        let (mb2, nb2) = (mb.div_ceil(2), nb.div_ceil(2));
+        let dst = dst as usize;
+        (0..mb2 * nb2).into_par_iter().for_each(|task| {
+            let (ii, jj) = (task / nb2, task % nb2);
+            let (ib0, jb0) = (ii * 2, jj * 2);
+            // a lone last block pairs with itself; its copy is not stored twice
+            let (ib1, jb1) = ((ib0 + 1).min(mb - 1), (jb0 + 1).min(nb - 1));
+            let mut tmp = [0f32; 1024];
+            // SAFETY: available() checked; the packed buffers hold mb (nb) blocks of kb tiles.
+            unsafe {
+                load_config();
+                block(
+                    pa.as_ptr().add(ib0 * kb * TILE),
+                    pa.as_ptr().add(ib1 * kb * TILE),
+                    pb.as_ptr().add(jb0 * kb * TILE),
+                    pb.as_ptr().add(jb1 * kb * TILE),
+                    kb,
+                    tmp.as_mut_ptr(),
+                );
+            }
+            let dst = dst as *mut f32;
+            for (t, ib, jb) in [(0, ib0, jb0), (1, ib0, jb1), (2, ib1, jb0), (3, ib1, jb1)] {
+                if (t % 2 == 1 && jb1 == jb0) || (t >= 2 && ib1 == ib0) {
+                    continue;
+                }
+                let rows = 16.min(m - ib * 16);
+                let cols = 16.min(n - jb * 16);
+                for r in 0..rows {
+                    let src = &tmp[t * 256 + r * 16..][..cols];
+                    // SAFETY: row ib*16 + r < m, columns jb*16 .. +cols <= n; each (i, j) of
+                    // dst belongs to exactly one task.
+                    let row = unsafe {
+                        std::slice::from_raw_parts_mut(dst.add((ib * 16 + r) * n + jb * 16), cols)
+                    };
+                    if acc {
+                        row.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                    } else {
+                        row.copy_from_slice(src);
+                    }
+                }
+            }
+        });
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, n, k, lhs, rhs, dst, acc);
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mat(v: &[f32], rs: usize, cs: usize) -> Mat {
+        Mat {
+            ptr: v.as_ptr(),
+            rs: rs as isize,
+            cs: cs as isize,
+        }
+    }
+
+    /// Against an f64 product of the bf16-rounded operands, for ragged shapes (edges in every
+    /// dimension, odd k), both layouts of each operand (rows or columns contiguous: the two
+    /// packing paths), and accumulation. Skipped where AMX is absent.
+    #[test]
+    fn bf16_gemm_matches_reference_of_rounded_operands() {
+        if !available() {
+            eprintln!("SKIP: this CPU or kernel has no AMX-BF16");
+            return;
+        }
+        let r = |x: f32| bf16_to_f32(bf16_bits(x)) as f64;
+        for &(m, n, k) in &[
+            (37usize, 21usize, 45usize),
+            (64, 64, 64),
+            (16, 48, 33),
+            (1, 5, 70),
+        ] {
+            // values of a[i][kk] and b[kk][j]
+            let av = |i: usize, kk: usize| ((i * 37 + kk * 11) % 101) as f32 / 17.0 - 3.0;
+            let bv = |kk: usize, j: usize| ((kk * 53 + j * 7) % 89) as f32 / 13.0 - 3.4;
+            for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+                // stored row-major, or transposed (columns contiguous)
+                let a: Vec<f32> = (0..m * k)
+                    .map(|x| {
+                        if a_t {
+                            av(x % m, x / m)
+                        } else {
+                            av(x / k, x % k)
+                        }
+                    })
+                    .collect();
+                let b: Vec<f32> = (0..k * n)
+                    .map(|x| {
+                        if b_t {
+                            bv(x % k, x / k)
+                        } else {
+                            bv(x / n, x % n)
+                        }
+                    })
+                    .collect();
+                let am = if a_t { mat(&a, 1, m) } else { mat(&a, k, 1) };
+                let bm = if b_t { mat(&b, 1, k) } else { mat(&b, n, 1) };
+                let mut c = vec![1f32; m * n];
+                // SAFETY: shapes and strides as allocated.
+                assert!(unsafe { gemm_bf16(m, n, k, am, bm, c.as_mut_ptr(), true) });
+                for i in 0..m {
+                    for j in 0..n {
+                        let want = 1.0 + (0..k).map(|kk| r(av(i, kk)) * r(bv(kk, j))).sum::<f64>();
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "({m},{n},{k}) a_t {a_t} b_t {b_t} [{i},{j}] {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_is_to_nearest_even() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0)
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 and 1 + 2^-6: ties to even (1 + 2^-6)
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(bf16_to_f32(bf16_bits(-2.5)), -2.5);
+    }
+}
