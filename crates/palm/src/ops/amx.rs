@@ -107,10 +107,35 @@ super::cpu::simd_dispatch! {
     }
 }
 
+/// A buffer of `len` values for packing, reused across calls on this thread (no fresh pages
+/// and no zero-fill per product); zeroed only when the shape leaves padding in the tiles.
+fn pack_buffer(
+    cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u16>>>,
+    len: usize,
+    padded: bool,
+) -> Vec<u16> {
+    let mut v = cell.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    if padded {
+        v.clear();
+    }
+    v.resize(len, 0);
+    v
+}
+
+thread_local! {
+    static BUF_A: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BUF_B: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Returns a packing buffer to this thread's cache.
+fn recycle(cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u16>>>, v: Vec<u16>) {
+    cell.with(|c| *c.borrow_mut() = v);
+}
+
 /// A [m, k] -> [mb][kb] tiles of [16 rows][32 k].
 fn pack_a(a: Mat, m: usize, k: usize) -> (Vec<u16>, usize, usize) {
     let (mb, kb) = (m.div_ceil(16), k.div_ceil(32));
-    let mut p = vec![0u16; mb * kb * TILE];
+    let mut p = pack_buffer(&BUF_A, mb * kb * TILE, m % 16 != 0 || k % 32 != 0);
     let a = &a;
     p.par_chunks_mut(kb * TILE)
         .enumerate()
@@ -127,9 +152,26 @@ fn pack_a(a: Mat, m: usize, k: usize) -> (Vec<u16>, usize, usize) {
                         to_bf16(chunk, &mut blk[kc * TILE + r * 32..][..chunk.len()]);
                     }
                 }
-            } else {
+            } else if a.rs == 1 {
+                // columns contiguous: the block's 16 rows of one k are adjacent
+                let mut h = [0u16; 16];
                 for kk in 0..k {
-                    for r in 0..rows {
+                    // SAFETY: column kk has the block's `rows` rows contiguous.
+                    let src = unsafe {
+                        std::slice::from_raw_parts(
+                            a.ptr.offset(kk as isize * a.cs + (ib * 16) as isize),
+                            rows,
+                        )
+                    };
+                    to_bf16(src, &mut h[..rows]);
+                    let base = (kk / 32) * TILE + kk % 32;
+                    for (r, &v) in h[..rows].iter().enumerate() {
+                        blk[base + r * 32] = v;
+                    }
+                }
+            } else {
+                for r in 0..rows {
+                    for kk in 0..k {
                         // SAFETY: (row, kk) is inside the [m, k] operand.
                         let v = unsafe { a.at(ib * 16 + r, kk) };
                         blk[(kk / 32) * TILE + r * 32 + kk % 32] = bf16_bits(v);
@@ -143,7 +185,7 @@ fn pack_a(a: Mat, m: usize, k: usize) -> (Vec<u16>, usize, usize) {
 /// B [k, n] -> [nb][kb] tiles of [16 k-pairs][16 columns][2].
 fn pack_b(b: Mat, k: usize, n: usize) -> (Vec<u16>, usize) {
     let (nb, kb) = (n.div_ceil(16), k.div_ceil(32));
-    let mut p = vec![0u16; nb * kb * TILE];
+    let mut p = pack_buffer(&BUF_B, nb * kb * TILE, n % 16 != 0 || k % 32 != 0);
     let b = &b;
     let zeros = [0f32; 16];
     p.par_chunks_mut(kb * TILE)
@@ -168,6 +210,25 @@ fn pack_b(b: Mat, k: usize, n: usize) -> (Vec<u16>, usize) {
                     let dst = &mut blk[(kk / 32) * TILE + ((kk % 32) / 2) * 32..][..2 * cols];
                     to_bf16_pairs(row(kk), odd, dst);
                 }
+            } else if b.rs == 1 {
+                // columns of B contiguous (e.g. W^T): each column's k values, converted 32 at a
+                // time, go out as 16 pairs, one per tile row
+                let mut h = [0u16; 32];
+                for c in 0..cols {
+                    // SAFETY: column jb*16 + c has k contiguous elements.
+                    let src = unsafe {
+                        std::slice::from_raw_parts(b.ptr.offset((jb * 16 + c) as isize * b.cs), k)
+                    };
+                    for (kc, chunk) in src.chunks(32).enumerate() {
+                        h.fill(0);
+                        to_bf16(chunk, &mut h[..chunk.len()]);
+                        let t = &mut blk[kc * TILE..][..TILE];
+                        for pr in 0..16 {
+                            t[pr * 32 + c * 2] = h[2 * pr];
+                            t[pr * 32 + c * 2 + 1] = h[2 * pr + 1];
+                        }
+                    }
+                }
             } else {
                 for c in 0..cols {
                     for kk in 0..k {
@@ -180,6 +241,25 @@ fn pack_b(b: Mat, k: usize, n: usize) -> (Vec<u16>, usize) {
             }
         });
     (p, nb)
+}
+
+/// A packed operand, handed back to its thread-local cache when dropped.
+struct Packed(
+    Vec<u16>,
+    &'static std::thread::LocalKey<std::cell::RefCell<Vec<u16>>>,
+);
+
+impl Drop for Packed {
+    fn drop(&mut self) {
+        recycle(self.1, std::mem::take(&mut self.0));
+    }
+}
+
+impl std::ops::Deref for Packed {
+    type Target = [u16];
+    fn deref(&self) -> &[u16] {
+        &self.0
+    }
 }
 
 #[repr(C, align(64))]
@@ -284,6 +364,7 @@ pub(crate) unsafe fn gemm_bf16(
         }
         let (pa, mb, kb) = pack_a(lhs, m, k);
         let (pb, nb) = pack_b(rhs, k, n);
+        let (pa, pb) = (Packed(pa, &BUF_A), Packed(pb, &BUF_B));
         let (mb2, nb2) = (mb.div_ceil(2), nb.div_ceil(2));
         let dst = dst as usize;
         (0..mb2 * nb2).into_par_iter().for_each(|task| {
