@@ -135,7 +135,11 @@ fn recycle(cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u16>>>, v
 /// A [m, k] -> [mb][kb] tiles of [16 rows][32 k].
 fn pack_a(a: Mat, m: usize, k: usize) -> (Vec<u16>, usize, usize) {
     let (mb, kb) = (m.div_ceil(16), k.div_ceil(32));
-    let mut p = pack_buffer(&BUF_A, mb * kb * TILE, m % 16 != 0 || k % 32 != 0);
+    let mut p = pack_buffer(
+        &BUF_A,
+        mb * kb * TILE,
+        !m.is_multiple_of(16) || !k.is_multiple_of(32),
+    );
     let a = &a;
     p.par_chunks_mut(kb * TILE)
         .enumerate()
@@ -185,7 +189,11 @@ fn pack_a(a: Mat, m: usize, k: usize) -> (Vec<u16>, usize, usize) {
 /// B [k, n] -> [nb][kb] tiles of [16 k-pairs][16 columns][2].
 fn pack_b(b: Mat, k: usize, n: usize) -> (Vec<u16>, usize) {
     let (nb, kb) = (n.div_ceil(16), k.div_ceil(32));
-    let mut p = pack_buffer(&BUF_B, nb * kb * TILE, n % 16 != 0 || k % 32 != 0);
+    let mut p = pack_buffer(
+        &BUF_B,
+        nb * kb * TILE,
+        !n.is_multiple_of(16) || !k.is_multiple_of(32),
+    );
     let b = &b;
     let zeros = [0f32; 16];
     p.par_chunks_mut(kb * TILE)
