@@ -5,6 +5,8 @@
 #
 #   scripts/bench-vs-pytorch.sh                 # all workloads, 3 rounds
 #   ROUNDS=5 WORKLOADS="train:small train:base" scripts/bench-vs-pytorch.sh
+#   WORKLOADS="train-bf16:small train-bf16:base" scripts/bench-vs-pytorch.sh   # ours --precision bf16
+#                                                  # (AMX) against PyTorch's bf16 autocast
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-bench}
@@ -24,14 +26,18 @@ PY="$VENV/bin/python scripts/bench_pytorch.py"
 declare -A OURS THEIRS ORSS TRSS
 for w in $WORKLOADS; do
   kind=${w%%:*}; cfg=${w##*:}
+  ours_args=(); theirs_args=()
+  if [ "$kind" = train-bf16 ]; then
+    kind=train; ours_args=(--precision bf16); theirs_args=(--bf16)
+  fi
   for r in $(seq "$ROUNDS"); do
     if [ "$kind" != generate ]; then
-      o=$($PALM bench "$kind" --config "$cfg" --runs "$RUNS")
+      o=$($PALM bench "$kind" --config "$cfg" --runs "$RUNS" "${ours_args[@]}")
       echo "ours    $w round $r: $o" >&2
       OURS[$w]+="$(echo "$o" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])') "
       ORSS[$w]=$(echo "$o" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["peak_rss_mb"]))')
     fi
-    t=$($PY "$kind" --config "$cfg" --runs "$RUNS")
+    t=$($PY "$kind" --config "$cfg" --runs "$RUNS" "${theirs_args[@]}")
     echo "pytorch $w round $r: $t" >&2
     THEIRS[$w]+="$(echo "$t" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])') "
     TRSS[$w]=$(echo "$t" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["peak_rss_mb"]))')
