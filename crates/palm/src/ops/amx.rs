@@ -88,21 +88,128 @@ fn bf16_to_f32(h: u16) -> f32 {
 
 const TILE: usize = 512; // u16 values in one packed 16 x 32 tile
 
+/// Two bf16 values as one u32 (`lo` first in memory), each rounded to nearest even.
+#[inline(always)]
+fn bf16_pair(lo: f32, hi: f32) -> u32 {
+    bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
+}
+
+/// The u32 view of a u16 slice of even length starting at a 4-byte-aligned address; None
+/// otherwise.
+fn as_u32(v: &mut [u16]) -> Option<&mut [u32]> {
+    // SAFETY: any bit pattern is a valid u32; align_to_mut only hands out aligned middles.
+    let (pre, mid, post) = unsafe { v.align_to_mut::<u32>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
 super::cpu::simd_dispatch! {
-    /// dst[j] = bf16(src[j]).
-    fn to_bf16(src: &[f32], dst: &mut [u16]) {
-        for (d, &x) in dst.iter_mut().zip(src) {
-            *d = bf16_bits(x);
+    /// Row block `ib` of A [m, k] into its kb tiles (`blk`).
+    fn pack_a_block(a: &Mat, ib: usize, m: usize, k: usize, blk: &mut [u16]) {
+        let rows = 16.min(m - ib * 16);
+        if a.cs == 1 {
+            // rows contiguous: 32 values at a time
+            for r in 0..rows {
+                // SAFETY: row ib*16 + r has k contiguous elements.
+                let src = unsafe {
+                    std::slice::from_raw_parts(a.ptr.offset((ib * 16 + r) as isize * a.rs), k)
+                };
+                for (kc, chunk) in src.chunks(32).enumerate() {
+                    let dst = &mut blk[kc * TILE + r * 32..][..chunk.len()];
+                    for (d, &x) in dst.iter_mut().zip(chunk) {
+                        *d = bf16_bits(x);
+                    }
+                }
+            }
+        } else if a.rs == 1 {
+            // columns contiguous: the block's rows of one k are adjacent
+            let mut h = [0u16; 16];
+            for kk in 0..k {
+                // SAFETY: column kk has the block's `rows` rows contiguous.
+                let src = unsafe {
+                    std::slice::from_raw_parts(a.ptr.offset(kk as isize * a.cs + (ib * 16) as isize), rows)
+                };
+                for (d, &x) in h.iter_mut().zip(src) {
+                    *d = bf16_bits(x);
+                }
+                let base = (kk / 32) * TILE + kk % 32;
+                for (r, &v) in h[..rows].iter().enumerate() {
+                    blk[base + r * 32] = v;
+                }
+            }
+        } else {
+            for r in 0..rows {
+                for kk in 0..k {
+                    // SAFETY: (row, kk) is inside the [m, k] operand.
+                    let v = unsafe { a.at(ib * 16 + r, kk) };
+                    blk[(kk / 32) * TILE + r * 32 + kk % 32] = bf16_bits(v);
+                }
+            }
         }
     }
 }
 
 super::cpu::simd_dispatch! {
-    /// dst[2j] = bf16(even[j]), dst[2j + 1] = bf16(odd[j]): one k-pair row of a B tile.
-    fn to_bf16_pairs(even: &[f32], odd: &[f32], dst: &mut [u16]) {
-        for ((d, &e), &o) in dst.chunks_exact_mut(2).zip(even).zip(odd) {
-            d[0] = bf16_bits(e);
-            d[1] = bf16_bits(o);
+    /// Column block `jb` of B [k, n] into its kb tiles (`blk`).
+    fn pack_b_block(b: &Mat, jb: usize, n: usize, k: usize, blk: &mut [u16]) {
+        let cols = 16.min(n - jb * 16);
+        if b.cs == 1 {
+            // rows of B contiguous: a k pair of column runs becomes one tile row of pairs
+            let zeros = [0f32; 16];
+            for kk in (0..k).step_by(2) {
+                // SAFETY: rows kk (and kk + 1 when < k) have the block's `cols` columns.
+                let row = |r: usize| unsafe {
+                    std::slice::from_raw_parts(b.ptr.offset(r as isize * b.rs + (jb * 16) as isize), cols)
+                };
+                let (even, odd) = (row(kk), if kk + 1 < k { row(kk + 1) } else { &zeros[..cols] });
+                let dst = &mut blk[(kk / 32) * TILE + ((kk % 32) / 2) * 32..][..2 * cols];
+                match as_u32(dst) {
+                    Some(d32) => {
+                        for ((d, &e), &o) in d32.iter_mut().zip(even).zip(odd) {
+                            *d = bf16_pair(e, o);
+                        }
+                    }
+                    None => {
+                        for ((d, &e), &o) in dst.chunks_exact_mut(2).zip(even).zip(odd) {
+                            d[0] = bf16_bits(e);
+                            d[1] = bf16_bits(o);
+                        }
+                    }
+                }
+            }
+        } else if b.rs == 1 {
+            // columns of B contiguous (e.g. W^T): each column's k values go out as pairs, one
+            // per tile row
+            for c in 0..cols {
+                // SAFETY: column jb*16 + c has k contiguous elements.
+                let src = unsafe {
+                    std::slice::from_raw_parts(b.ptr.offset((jb * 16 + c) as isize * b.cs), k)
+                };
+                for (kc, chunk) in src.chunks(32).enumerate() {
+                    let mut h = [0u32; 16];
+                    if chunk.len() == 32 {
+                        for (p, d) in h.iter_mut().enumerate() {
+                            *d = bf16_pair(chunk[2 * p], chunk[2 * p + 1]);
+                        }
+                    } else {
+                        for (j, &x) in chunk.iter().enumerate() {
+                            h[j / 2] |= (bf16_bits(x) as u32) << (16 * (j % 2));
+                        }
+                    }
+                    let t = &mut blk[kc * TILE..][..TILE];
+                    for (pr, &v) in h.iter().enumerate() {
+                        t[pr * 32 + c * 2] = v as u16;
+                        t[pr * 32 + c * 2 + 1] = (v >> 16) as u16;
+                    }
+                }
+            }
+        } else {
+            for c in 0..cols {
+                for kk in 0..k {
+                    // SAFETY: (kk, column) is inside the [k, n] operand.
+                    let v = unsafe { b.at(kk, jb * 16 + c) };
+                    blk[(kk / 32) * TILE + ((kk % 32) / 2) * 32 + c * 2 + kk % 2] = bf16_bits(v);
+                }
+            }
         }
     }
 }
@@ -132,6 +239,77 @@ fn recycle(cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u16>>>, v
     cell.with(|c| *c.borrow_mut() = v);
 }
 
+/// A raw pointer that rayon tasks may share: each task writes its own tiles only.
+#[derive(Clone, Copy)]
+struct TilesPtr(*mut u16);
+// SAFETY: the tasks that share it write disjoint tiles (see the callers).
+unsafe impl Send for TilesPtr {}
+unsafe impl Sync for TilesPtr {}
+
+super::cpu::simd_dispatch! {
+    /// For A with contiguous columns (a transposed row-major matrix, e.g. dy^T): k-chunk `kc`
+    /// of every row block, reading the source rows kk in order (the cache-friendly direction),
+    /// 16 of them at a time, transposed 16 x 16 through a small buffer.
+    fn pack_a_kchunk(a: &Mat, kc: usize, m: usize, k: usize, kb: usize, out: TilesPtr) {
+        let mut h = [[0u16; 16]; 16]; // [kk - k0][r]
+        let k_end = k.min(kc * 32 + 32);
+        for k0 in (kc * 32..k_end).step_by(16) {
+            let nk = 16.min(k_end - k0);
+            for ib in 0..m.div_ceil(16) {
+                let rows = 16.min(m - ib * 16);
+                for (j, hj) in h[..nk].iter_mut().enumerate() {
+                    // SAFETY: source row k0 + j has the block's rows contiguous.
+                    let src = unsafe {
+                        std::slice::from_raw_parts(
+                            a.ptr.offset((k0 + j) as isize * a.cs + (ib * 16) as isize),
+                            rows,
+                        )
+                    };
+                    for (d, &x) in hj.iter_mut().zip(src) {
+                        *d = bf16_bits(x);
+                    }
+                }
+                // SAFETY: tile (ib, kc) belongs to this task; row r holds k0 % 32 .. + nk.
+                unsafe {
+                    let t = out.0.add((ib * kb + kc) * TILE + k0 % 32);
+                    for r in 0..rows {
+                        for (j, hj) in h[..nk].iter().enumerate() {
+                            *t.add(r * 32 + j) = hj[r];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+super::cpu::simd_dispatch! {
+    /// For B with contiguous rows (row-major, e.g. W in dx = dy W, or x in dW = dy^T x): k-chunk
+    /// `kc` of every column block, reading each pair of source rows in order.
+    fn pack_b_kchunk(b: &Mat, kc: usize, n: usize, k: usize, kb: usize, out: TilesPtr) {
+        let zeros = vec![0f32; n];
+        for kk in (kc * 32..k.min(kc * 32 + 32)).step_by(2) {
+            // SAFETY: rows kk and kk + 1 (when < k) have n contiguous elements.
+            let row = |r: usize| unsafe { std::slice::from_raw_parts(b.ptr.offset(r as isize * b.rs), n) };
+            let (even, odd) = (row(kk), if kk + 1 < k { row(kk + 1) } else { &zeros[..] });
+            for (jb, (e, o)) in even.chunks(16).zip(odd.chunks(16)).enumerate() {
+                let mut h = [0u32; 16];
+                for ((d, &x), &y) in h.iter_mut().zip(e).zip(o) {
+                    *d = bf16_pair(x, y);
+                }
+                // SAFETY: tile (jb, kc) belongs to this task; row (kk % 32) / 2 of 16 pairs.
+                unsafe {
+                    let t = out.0.add((jb * kb + kc) * TILE + ((kk % 32) / 2) * 32);
+                    for (c, &v) in h[..e.len()].iter().enumerate() {
+                        *t.add(2 * c) = v as u16;
+                        *t.add(2 * c + 1) = (v >> 16) as u16;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A [m, k] -> [mb][kb] tiles of [16 rows][32 k].
 fn pack_a(a: Mat, m: usize, k: usize) -> (Vec<u16>, usize, usize) {
     let (mb, kb) = (m.div_ceil(16), k.div_ceil(32));
@@ -141,48 +319,16 @@ fn pack_a(a: Mat, m: usize, k: usize) -> (Vec<u16>, usize, usize) {
         !m.is_multiple_of(16) || !k.is_multiple_of(32),
     );
     let a = &a;
-    p.par_chunks_mut(kb * TILE)
-        .enumerate()
-        .for_each(|(ib, blk)| {
-            let rows = 16.min(m - ib * 16);
-            if a.cs == 1 {
-                // rows contiguous: 32 values at a time
-                for r in 0..rows {
-                    // SAFETY: row ib*16 + r has k contiguous elements.
-                    let src = unsafe {
-                        std::slice::from_raw_parts(a.ptr.offset((ib * 16 + r) as isize * a.rs), k)
-                    };
-                    for (kc, chunk) in src.chunks(32).enumerate() {
-                        to_bf16(chunk, &mut blk[kc * TILE + r * 32..][..chunk.len()]);
-                    }
-                }
-            } else if a.rs == 1 {
-                // columns contiguous: the block's 16 rows of one k are adjacent
-                let mut h = [0u16; 16];
-                for kk in 0..k {
-                    // SAFETY: column kk has the block's `rows` rows contiguous.
-                    let src = unsafe {
-                        std::slice::from_raw_parts(
-                            a.ptr.offset(kk as isize * a.cs + (ib * 16) as isize),
-                            rows,
-                        )
-                    };
-                    to_bf16(src, &mut h[..rows]);
-                    let base = (kk / 32) * TILE + kk % 32;
-                    for (r, &v) in h[..rows].iter().enumerate() {
-                        blk[base + r * 32] = v;
-                    }
-                }
-            } else {
-                for r in 0..rows {
-                    for kk in 0..k {
-                        // SAFETY: (row, kk) is inside the [m, k] operand.
-                        let v = unsafe { a.at(ib * 16 + r, kk) };
-                        blk[(kk / 32) * TILE + r * 32 + kk % 32] = bf16_bits(v);
-                    }
-                }
-            }
-        });
+    if a.rs == 1 && a.cs != 1 {
+        let out = TilesPtr(p.as_mut_ptr());
+        (0..kb)
+            .into_par_iter()
+            .for_each(|kc| pack_a_kchunk(a, kc, m, k, kb, out));
+    } else {
+        p.par_chunks_mut(kb * TILE)
+            .enumerate()
+            .for_each(|(ib, blk)| pack_a_block(a, ib, m, k, blk));
+    }
     (p, mb, kb)
 }
 
@@ -195,59 +341,16 @@ fn pack_b(b: Mat, k: usize, n: usize) -> (Vec<u16>, usize) {
         !n.is_multiple_of(16) || !k.is_multiple_of(32),
     );
     let b = &b;
-    let zeros = [0f32; 16];
-    p.par_chunks_mut(kb * TILE)
-        .enumerate()
-        .for_each(|(jb, blk)| {
-            let cols = 16.min(n - jb * 16);
-            if b.cs == 1 {
-                // rows of B contiguous: a k pair of 16-column runs becomes one 32-value tile row
-                for kk in (0..k).step_by(2) {
-                    // SAFETY: rows kk (and kk + 1 when < k) have the block's `cols` columns.
-                    let row = |r: usize| unsafe {
-                        std::slice::from_raw_parts(
-                            b.ptr.offset(r as isize * b.rs + (jb * 16) as isize),
-                            cols,
-                        )
-                    };
-                    let odd = if kk + 1 < k {
-                        row(kk + 1)
-                    } else {
-                        &zeros[..cols]
-                    };
-                    let dst = &mut blk[(kk / 32) * TILE + ((kk % 32) / 2) * 32..][..2 * cols];
-                    to_bf16_pairs(row(kk), odd, dst);
-                }
-            } else if b.rs == 1 {
-                // columns of B contiguous (e.g. W^T): each column's k values, converted 32 at a
-                // time, go out as 16 pairs, one per tile row
-                let mut h = [0u16; 32];
-                for c in 0..cols {
-                    // SAFETY: column jb*16 + c has k contiguous elements.
-                    let src = unsafe {
-                        std::slice::from_raw_parts(b.ptr.offset((jb * 16 + c) as isize * b.cs), k)
-                    };
-                    for (kc, chunk) in src.chunks(32).enumerate() {
-                        h.fill(0);
-                        to_bf16(chunk, &mut h[..chunk.len()]);
-                        let t = &mut blk[kc * TILE..][..TILE];
-                        for pr in 0..16 {
-                            t[pr * 32 + c * 2] = h[2 * pr];
-                            t[pr * 32 + c * 2 + 1] = h[2 * pr + 1];
-                        }
-                    }
-                }
-            } else {
-                for c in 0..cols {
-                    for kk in 0..k {
-                        // SAFETY: (kk, column) is inside the [k, n] operand.
-                        let v = unsafe { b.at(kk, jb * 16 + c) };
-                        blk[(kk / 32) * TILE + ((kk % 32) / 2) * 32 + c * 2 + kk % 2] =
-                            bf16_bits(v);
-                    }
-                }
-            }
-        });
+    if b.cs == 1 && b.rs != 1 {
+        let out = TilesPtr(p.as_mut_ptr());
+        (0..kb)
+            .into_par_iter()
+            .for_each(|kc| pack_b_kchunk(b, kc, n, k, kb, out));
+    } else {
+        p.par_chunks_mut(kb * TILE)
+            .enumerate()
+            .for_each(|(jb, blk)| pack_b_block(b, jb, n, k, blk));
+    }
     (p, nb)
 }
 

@@ -466,18 +466,19 @@ impl Mask<'_> {
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+cpu::simd_dispatch! {
 /// One query tile (positions [t0, t1) of batch b, all H heads): out [R, D], lse [R].
-#[allow(clippy::too_many_arguments)]
 fn forward_tile(
     sv: &Saved,
     mask: &Mask,
     scale: f32,
     k_tile: usize,
     b: usize,
-    (t0, t1): (usize, usize),
+    t01: (usize, usize),
     out: &mut [f32],
     lse: &mut [f32],
 ) {
+    let (t0, t1) = t01;
     let Dims { t, s, h, d, .. } = sv.dims;
     let r = (t1 - t0) * h;
     let q = &sv.q[(b * t * h + t0 * h) * d..][..r * d]; // [R, D]
@@ -502,7 +503,7 @@ fn forward_tile(
                 continue;
             }
             let alpha = cpu::exp_f32(m[i] - m_new);
-            let sum = cpu::exp_sub_sum(row, m_new);
+            let sum = cpu::exp_sub_sum_inline(row, m_new);
             l[i] = l[i] * alpha + sum;
             m[i] = m_new;
             if alpha != 1.0 {
@@ -516,6 +517,7 @@ fn forward_tile(
         orow.iter_mut().for_each(|o| *o /= l[i]);
         lse[i] = m[i] + l[i].ln();
     }
+}
 }
 
 impl MqaAttention {
@@ -710,8 +712,8 @@ struct ChunkGrads {
     dv: Vec<f32>,
 }
 
+cpu::simd_dispatch! {
 /// Gradients through the query tiles c, c+nc, c+2nc, .. of batch b.
-#[allow(clippy::too_many_arguments)]
 fn backward_chunk(
     sv: &Saved,
     mask: &Mask,
@@ -719,8 +721,9 @@ fn backward_chunk(
     o: &[f32],
     dout: &[f32],
     b: usize,
-    (c, nc): (usize, usize),
+    cnc: (usize, usize),
 ) -> ChunkGrads {
+    let (c, nc) = cnc;
     let Dims { t, s, h, d, .. } = sv.dims;
     let tq = spec.q_positions_per_tile();
     let n_qt = t.div_ceil(tq);
@@ -757,7 +760,7 @@ fn backward_chunk(
             matmul(p, n, (r, n, d), q, (d, 1), kb, (1, d), scale, false);
             mask.apply(b, t0, t1, s0, n, p);
             for (row, &l) in p.chunks_exact_mut(n).zip(lse) {
-                cpu::exp_sub_sum(row, l);
+                cpu::exp_sub_sum_inline(row, l);
             }
             // dP [R, n] = dO [R, D] . v^T [D, n]; dS = P * (dP - delta)
             matmul(ds, n, (r, n, d), dot, (d, 1), vb, (1, d), 1.0, false);
@@ -778,6 +781,7 @@ fn backward_chunk(
         dqs.push((t0 * h, dq));
     }
     ChunkGrads { dq: dqs, dk, dv }
+}
 }
 
 /// dq [B, T, H*D], dk [B, S, D], dv [B, S, D] (before rotary: the transpose applied).

@@ -220,24 +220,24 @@ macro_rules! simd_dispatch {
 }
 pub(crate) use simd_dispatch;
 
-simd_dispatch! {
-    /// row[j] = exp(row[j] - c) for every j; returns the sum of the new values (8 lanes).
-    pub(crate) fn exp_sub_sum(row: &mut [f32], c: f32) -> f32 {
-        let mut acc = [0f32; 8];
-        let mut ch = row.chunks_exact_mut(8);
-        for v in &mut ch {
-            for k in 0..8 {
-                v[k] = exp_f32(v[k] - c);
-                acc[k] += v[k];
-            }
+/// row[j] = exp(row[j] - c) for every j; returns the sum of the new values (16 lanes). Inlined
+/// into callers that are themselves compiled per instruction set ([`simd_dispatch`]).
+#[inline(always)]
+pub(crate) fn exp_sub_sum_inline(row: &mut [f32], c: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut ch = row.chunks_exact_mut(16);
+    for v in &mut ch {
+        for k in 0..16 {
+            v[k] = exp_f32(v[k] - c);
+            acc[k] += v[k];
         }
-        let mut tail = 0f32;
-        for v in ch.into_remainder() {
-            *v = exp_f32(*v - c);
-            tail += *v;
-        }
-        acc.iter().sum::<f32>() + tail
     }
+    let mut tail = 0f32;
+    for v in ch.into_remainder() {
+        *v = exp_f32(*v - c);
+        tail += *v;
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Output rows [nrows, n] filled in parallel by `f(r, out_row)`.
@@ -284,7 +284,7 @@ mod tests {
         let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
         row[3] = f32::NEG_INFINITY; // a masked score
         let want: Vec<f64> = row.iter().map(|&v| ((v - 1.5) as f64).exp()).collect();
-        let s = exp_sub_sum(&mut row, 1.5);
+        let s = exp_sub_sum_inline(&mut row, 1.5);
         for (g, w) in row.iter().zip(&want) {
             assert!((*g as f64 - w).abs() <= 3e-7 * w.max(1e-30), "{g} vs {w}");
         }

@@ -300,3 +300,138 @@ pub(crate) fn linear_backward(
     };
     Ok((dx, dw))
 }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::test_util::max_diff;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| {
+                let x = (i as u64 ^ (seed << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+                (x as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn composed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        x.broadcast_matmul(&w.t()?)
+    }
+
+    /// Forward and both gradients equal the composed matmul, for a 3-D x, a weight that is a row
+    /// block of a wider weight (strided view), and a transposed (non-contiguous) x.
+    #[test]
+    fn matches_composed_forward_and_backward() {
+        let big = Var::from_tensor(&rand(&[11, 6], 1)).unwrap();
+        let w = big.narrow(0, 3, 5).unwrap(); // [O 5, K 6], row offset 3
+        let x = Var::from_tensor(&rand(&[2, 4, 6], 2)).unwrap();
+        let xt = Var::from_tensor(&rand(&[2, 6, 4], 3)).unwrap();
+        for xin in [x.as_tensor().clone(), xt.transpose(1, 2).unwrap()] {
+            let dy = rand(&[2, 4, 5], 4);
+            let y = linear(&xin, &w).unwrap();
+            let yc = composed(&xin, &w).unwrap();
+            assert!(max_diff(&y, &yc) < 1e-6);
+            let g = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            let gc = (yc * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&big, &x, &xt] {
+                match (g.get(v), gc.get(v)) {
+                    (Some(a), Some(b)) => assert!(max_diff(a, b) < 1e-5, "{}", max_diff(a, b)),
+                    (None, None) => {}
+                    _ => panic!("gradient present in one path only"),
+                }
+            }
+        }
+    }
+
+    /// linear_acc adds x W^T to what the buffer holds, for a strided (row block) weight.
+    #[test]
+    fn linear_acc_adds_the_product() {
+        let big = rand(&[9, 6], 11);
+        let w = big.narrow(0, 2, 5).unwrap(); // [O 5, K 6]
+        let x = rand(&[2, 3, 6], 12);
+        let y0 = rand(&[2, 3, 5], 13);
+        let mut y = y0.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        linear_acc(&mut y, &x, &w).unwrap();
+        let got = Tensor::from_vec(y, (2, 3, 5), &Device::Cpu).unwrap();
+        let want = (y0 + composed(&x, &w).unwrap()).unwrap();
+        assert!(max_diff(&got, &want) < 1e-6);
+        let mut short = vec![0f32; 7];
+        assert!(linear_acc(&mut short, &x, &w).is_err());
+    }
+
+    /// Central finite differences of sum(y * dy) with respect to x and W.
+    #[test]
+    fn finite_differences() {
+        let x = rand(&[3, 4], 5);
+        let w = rand(&[2, 4], 6);
+        let dy = rand(&[3, 2], 7);
+        let f = |x: &Tensor, w: &Tensor| -> f64 {
+            (linear(x, w).unwrap() * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        };
+        let (xv, wv) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&w).unwrap());
+        let g = (linear(&xv, &wv).unwrap() * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let eps = 1e-2f32;
+        for (t, var, which) in [(&x, &xv, 0), (&w, &wv, 1)] {
+            let grad: Vec<f32> = g
+                .get(var)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let base: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            for i in [0, base.len() / 2, base.len() - 1] {
+                let bump = |d: f32| {
+                    let mut v = base.clone();
+                    v[i] += d;
+                    Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
+                };
+                let (p, m) = (bump(eps), bump(-eps));
+                let fd = if which == 0 {
+                    (f(&p, &w) - f(&m, &w)) / (2.0 * eps as f64)
+                } else {
+                    (f(&x, &p) - f(&x, &m)) / (2.0 * eps as f64)
+                };
+                assert!(
+                    (fd - grad[i] as f64).abs() < 1e-3,
+                    "{which}/{i}: {fd} vs {}",
+                    grad[i]
+                );
+            }
+        }
+    }
+
+    /// A detached weight (frozen base) gets no gradient and x still does.
+    #[test]
+    fn frozen_weight_has_no_gradient() {
+        let x = Var::from_tensor(&rand(&[3, 4], 8)).unwrap();
+        let w = Var::from_tensor(&rand(&[2, 4], 9)).unwrap();
+        let g = linear(&x, &w.detach())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(g.get(&w).is_none());
+        assert!(g.get(&x).is_some());
+    }
+
+    #[test]
+    fn wrong_sizes_are_errors() {
+        let e = linear(&rand(&[3, 5], 1), &rand(&[2, 4], 2)).unwrap_err();
+        assert!(e.to_string().contains("input size 4"), "{e}");
+    }
+}
