@@ -214,18 +214,20 @@ super::cpu::simd_dispatch! {
     }
 }
 
-/// A buffer of `len` values for packing, reused across calls on this thread (no fresh pages
-/// and no zero-fill per product); zeroed only when the shape leaves padding in the tiles.
+/// A buffer of at least `len` values for packing, reused across calls on this thread (no fresh
+/// pages, and no zero-fill when products of different sizes alternate); its first `len` values
+/// are zeroed only when the shape leaves padding in the tiles.
 fn pack_buffer(
     cell: &'static std::thread::LocalKey<std::cell::RefCell<Vec<u16>>>,
     len: usize,
     padded: bool,
 ) -> Vec<u16> {
     let mut v = cell.with(|c| std::mem::take(&mut *c.borrow_mut()));
-    if padded {
-        v.clear();
+    if v.len() < len {
+        v.resize(len, 0);
+    } else if padded {
+        v[..len].fill(0);
     }
-    v.resize(len, 0);
     v
 }
 
@@ -310,7 +312,7 @@ super::cpu::simd_dispatch! {
     }
 }
 
-/// A [m, k] -> [mb][kb] tiles of [16 rows][32 k].
+/// A [m, k] -> [mb][kb] tiles of [16 rows][32 k] (the buffer may be longer; the rest is unused).
 fn pack_a(a: Mat, m: usize, k: usize) -> (Vec<u16>, usize, usize) {
     let (mb, kb) = (m.div_ceil(16), k.div_ceil(32));
     let mut p = pack_buffer(
@@ -325,14 +327,15 @@ fn pack_a(a: Mat, m: usize, k: usize) -> (Vec<u16>, usize, usize) {
             .into_par_iter()
             .for_each(|kc| pack_a_kchunk(a, kc, m, k, kb, out));
     } else {
-        p.par_chunks_mut(kb * TILE)
+        p[..mb * kb * TILE]
+            .par_chunks_mut(kb * TILE)
             .enumerate()
             .for_each(|(ib, blk)| pack_a_block(a, ib, m, k, blk));
     }
     (p, mb, kb)
 }
 
-/// B [k, n] -> [nb][kb] tiles of [16 k-pairs][16 columns][2].
+/// B [k, n] -> [nb][kb] tiles of [16 k-pairs][16 columns][2] (the buffer may be longer).
 fn pack_b(b: Mat, k: usize, n: usize) -> (Vec<u16>, usize) {
     let (nb, kb) = (n.div_ceil(16), k.div_ceil(32));
     let mut p = pack_buffer(
@@ -347,7 +350,8 @@ fn pack_b(b: Mat, k: usize, n: usize) -> (Vec<u16>, usize) {
             .into_par_iter()
             .for_each(|kc| pack_b_kchunk(b, kc, n, k, kb, out));
     } else {
-        p.par_chunks_mut(kb * TILE)
+        p[..nb * kb * TILE]
+            .par_chunks_mut(kb * TILE)
             .enumerate()
             .for_each(|(jb, blk)| pack_b_block(b, jb, n, k, blk));
     }
