@@ -157,23 +157,16 @@ pub fn parallel_block(
         spec: spec.clone(),
         side: side.clone(),
         y: Mutex::new(Some(y)),
-        saved: Mutex::new(Some(Saved {
-            xn,
-            proj,
-            o,
-            g,
-            attn,
-        })),
+        saved: Mutex::new(Some(Saved { xn, proj, o, attn })),
     };
     x.apply_op1(op)
 }
 
-/// Activations the backward needs.
+/// Activations the backward needs (g = SwiGLU(ff) is recomputed from `proj`).
 struct Saved {
     xn: Tensor,   // [B, T, C]
     proj: Tensor, // [B, T, W]
     o: Tensor,    // [B, T, H*D]
-    g: Tensor,    // [B, T, F]
     attn: AttnSaved,
 }
 
@@ -231,12 +224,15 @@ impl CustomOp1 for BlockOp {
         let dy = dy.contiguous()?; // [B, T, C]
 
         // 1. output projections: dg [B, T, F], dWff [C, F]; do [B, T, H*D], dWo [C, H*D]
-        let (dg, dwff) = linear::linear_backward(&sv.g, &p.w_ff.detach(), &dy, true, true)?;
+        //    g = SwiGLU(ff) is recomputed from the saved projection rather than kept from the
+        //    forward: one cheap element-wise pass instead of [B, T, F] held per block (peak RSS)
+        let g = swiglu::swiglu(&sv.proj.narrow(2, hd + 2 * d, 2 * f)?)?;
+        let (dg, dwff) = linear::linear_backward(&g, &p.w_ff.detach(), &dy, true, true)?;
         let (d_o, dwo) = linear::linear_backward(&sv.o, &p.w_out.detach(), &dy, true, true)?;
         let (Some(dg), Some(d_o)) = (dg, d_o) else {
             bail!("{NAME}: missing activation gradient")
         };
-        drop(sv.g);
+        drop(g);
 
         // 2. dproj [N, W] = [dq | dk | dv | dff]: attention backward, then SwiGLU backward
         let (dq, dk, dv) = with_data(&sv.o, |o| {
