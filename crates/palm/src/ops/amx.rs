@@ -17,28 +17,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-/// A matrix operand: base pointer and (row, column) strides in elements.
-#[derive(Clone, Copy)]
-pub(crate) struct Mat {
-    pub ptr: *const f32,
-    pub rs: isize,
-    pub cs: isize,
-}
-
-// SAFETY: a Mat is only read, inside calls whose caller guarantees the memory lives.
-unsafe impl Send for Mat {}
-unsafe impl Sync for Mat {}
-
-impl Mat {
-    /// Element (i, j).
-    ///
-    /// # Safety
-    /// (i, j) is inside the operand.
-    #[inline(always)]
-    unsafe fn at(&self, i: usize, j: usize) -> f32 {
-        *self.ptr.offset(i as isize * self.rs + j as isize * self.cs)
-    }
-}
+use super::cpu::Mat;
 
 /// True when the CPU has AMX-BF16 and the kernel granted this process the tile state.
 pub fn available() -> bool {
@@ -94,16 +73,9 @@ fn bf16_pair(lo: f32, hi: f32) -> u32 {
     bf16_bits(lo) as u32 | (bf16_bits(hi) as u32) << 16
 }
 
-/// The u32 view of a u16 slice of even length starting at a 4-byte-aligned address; None
-/// otherwise.
-fn as_u32(v: &mut [u16]) -> Option<&mut [u32]> {
-    // SAFETY: any bit pattern is a valid u32; align_to_mut only hands out aligned middles.
-    let (pre, mid, post) = unsafe { v.align_to_mut::<u32>() };
-    (pre.is_empty() && post.is_empty()).then_some(mid)
-}
-
 super::cpu::simd_dispatch! {
-    /// Row block `ib` of A [m, k] into its kb tiles (`blk`).
+    /// Row block `ib` of A [m, k] into its kb tiles (`blk`); for rows-contiguous or other
+    /// strides (columns-contiguous A goes through [`pack_a_kchunk`]).
     fn pack_a_block(a: &Mat, ib: usize, m: usize, k: usize, blk: &mut [u16]) {
         let rows = 16.min(m - ib * 16);
         if a.cs == 1 {
@@ -120,22 +92,6 @@ super::cpu::simd_dispatch! {
                     }
                 }
             }
-        } else if a.rs == 1 {
-            // columns contiguous: the block's rows of one k are adjacent
-            let mut h = [0u16; 16];
-            for kk in 0..k {
-                // SAFETY: column kk has the block's `rows` rows contiguous.
-                let src = unsafe {
-                    std::slice::from_raw_parts(a.ptr.offset(kk as isize * a.cs + (ib * 16) as isize), rows)
-                };
-                for (d, &x) in h.iter_mut().zip(src) {
-                    *d = bf16_bits(x);
-                }
-                let base = (kk / 32) * TILE + kk % 32;
-                for (r, &v) in h[..rows].iter().enumerate() {
-                    blk[base + r * 32] = v;
-                }
-            }
         } else {
             for r in 0..rows {
                 for kk in 0..k {
@@ -149,34 +105,11 @@ super::cpu::simd_dispatch! {
 }
 
 super::cpu::simd_dispatch! {
-    /// Column block `jb` of B [k, n] into its kb tiles (`blk`).
+    /// Column block `jb` of B [k, n] into its kb tiles (`blk`); for columns-contiguous or
+    /// other strides (rows-contiguous B goes through [`pack_b_kchunk`]).
     fn pack_b_block(b: &Mat, jb: usize, n: usize, k: usize, blk: &mut [u16]) {
         let cols = 16.min(n - jb * 16);
-        if b.cs == 1 {
-            // rows of B contiguous: a k pair of column runs becomes one tile row of pairs
-            let zeros = [0f32; 16];
-            for kk in (0..k).step_by(2) {
-                // SAFETY: rows kk (and kk + 1 when < k) have the block's `cols` columns.
-                let row = |r: usize| unsafe {
-                    std::slice::from_raw_parts(b.ptr.offset(r as isize * b.rs + (jb * 16) as isize), cols)
-                };
-                let (even, odd) = (row(kk), if kk + 1 < k { row(kk + 1) } else { &zeros[..cols] });
-                let dst = &mut blk[(kk / 32) * TILE + ((kk % 32) / 2) * 32..][..2 * cols];
-                match as_u32(dst) {
-                    Some(d32) => {
-                        for ((d, &e), &o) in d32.iter_mut().zip(even).zip(odd) {
-                            *d = bf16_pair(e, o);
-                        }
-                    }
-                    None => {
-                        for ((d, &e), &o) in dst.chunks_exact_mut(2).zip(even).zip(odd) {
-                            d[0] = bf16_bits(e);
-                            d[1] = bf16_bits(o);
-                        }
-                    }
-                }
-            }
-        } else if b.rs == 1 {
+        if b.rs == 1 {
             // columns of B contiguous (e.g. W^T): each column's k values go out as pairs, one
             // per tile row
             for c in 0..cols {

@@ -14,6 +14,48 @@ pub(crate) fn min_rows(n: usize) -> usize {
 /// deterministic whatever the thread count.
 pub(crate) const BLOCK_ROWS: usize = 64;
 
+/// A matrix operand: base pointer and (row, column) strides in elements (the `gemm` crate's
+/// operands in `ops::linear`, the AMX kernel's in `ops::amx`).
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+// SAFETY: a Mat is only read, inside calls whose caller guarantees the memory lives.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
+impl Mat {
+    /// A row-major matrix with `cols` columns (row stride `cols`, unit column stride).
+    pub(crate) fn row_major(ptr: *const f32, cols: usize) -> Self {
+        Self {
+            ptr,
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose: the same elements with the strides swapped (no copy).
+    pub(crate) fn t(self) -> Self {
+        Self {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Element (i, j).
+    ///
+    /// # Safety
+    /// (i, j) is inside the operand.
+    #[inline(always)]
+    pub(crate) unsafe fn at(&self, i: usize, j: usize) -> f32 {
+        *self.ptr.offset(i as isize * self.rs + j as isize * self.cs)
+    }
+}
+
 /// Fails unless `t` is f32 on the CPU.
 pub(crate) fn check_cpu_f32(t: &Tensor, op: &str, what: &str) -> Result<()> {
     if !t.device().is_cpu() {

@@ -10,7 +10,7 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
-use super::cpu;
+use super::cpu::{self, Mat};
 
 const NAME: &str = "linear";
 
@@ -31,14 +31,6 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 struct LinearOp;
-
-/// A matrix operand for `gemm`: base pointer and (row, column) strides in elements.
-#[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
-}
 
 fn f32_data(s: &CpuStorage) -> Result<&[f32]> {
     match s {
@@ -112,15 +104,10 @@ pub fn matmul_precision() -> MatmulPrecision {
 /// # Safety
 /// As for [`gemm_crate`].
 unsafe fn gemm_any(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, dst: *mut f32, acc: bool) {
-    if matmul_precision() == MatmulPrecision::Bf16 {
-        let am = |a: Mat| super::amx::Mat {
-            ptr: a.ptr,
-            rs: a.rs,
-            cs: a.cs,
-        };
-        if super::amx::gemm_bf16(m, n, k, am(lhs), am(rhs), dst, acc) {
-            return;
-        }
+    if matmul_precision() == MatmulPrecision::Bf16
+        && super::amx::gemm_bf16(m, n, k, lhs, rhs, dst, acc)
+    {
+        return;
     }
     gemm_crate(m, n, k, lhs, rhs, dst, acc)
 }
@@ -176,18 +163,8 @@ impl CustomOp2 for LinearOp {
         let x = rows_contiguous(xs, xl)?;
         let n = x.len() / k.max(1);
         let w = weight(f32_data(ws)?, wl)?;
-        // W^T [K, O]: element (k, o) is W[o, k]
-        let wt = Mat {
-            ptr: w.ptr,
-            rs: w.cs,
-            cs: w.rs,
-        };
-        let xm = Mat {
-            ptr: x.as_ptr(),
-            rs: k as isize,
-            cs: 1,
-        };
-        let y = gemm_new(n, o, k, xm, wt);
+        // y [N, O] = x [N, K] W^T [K, O]
+        let y = gemm_new(n, o, k, Mat::row_major(x.as_ptr(), k), w.t());
         let mut dims = xl.dims().to_vec();
         if let Some(last) = dims.last_mut() {
             *last = o;
@@ -223,17 +200,8 @@ pub(crate) fn linear_acc(y: &mut [f32], x: &Tensor, w: &Tensor) -> Result<()> {
         bail!("{NAME}: CPU tensors only")
     };
     let xd = rows_contiguous(xs, xl)?;
-    let wm = weight(f32_data(ws)?, wl)?;
-    let wt = Mat {
-        ptr: wm.ptr,
-        rs: wm.cs,
-        cs: wm.rs,
-    };
-    let xm = Mat {
-        ptr: xd.as_ptr(),
-        rs: k as isize,
-        cs: 1,
-    };
+    let wt = weight(f32_data(ws)?, wl)?.t();
+    let xm = Mat::row_major(xd.as_ptr(), k);
     // SAFETY: y holds n*o initialised values; the operands address their storages.
     unsafe { gemm_any(n, o, k, xm, wt, y.as_mut_ptr(), true) };
     Ok(())
@@ -266,11 +234,7 @@ pub(crate) fn linear_backward(
             Storage::Cpu(cs) => weight(f32_data(cs)?, wl)?,
             _ => bail!("{NAME}: CPU tensors only"),
         };
-        let dym = Mat {
-            ptr: dy_data.as_ptr(),
-            rs: o as isize,
-            cs: 1,
-        };
+        let dym = Mat::row_major(dy_data.as_ptr(), o);
         let dx = gemm_new(n, k, o, dym, wm);
         Some(Tensor::from_vec(dx, x.shape(), x.device())?)
     } else {
@@ -283,16 +247,8 @@ pub(crate) fn linear_backward(
             Storage::Cpu(cs) => rows_contiguous(cs, xl)?,
             _ => bail!("{NAME}: CPU tensors only"),
         };
-        let dyt = Mat {
-            ptr: dy_data.as_ptr(),
-            rs: 1,
-            cs: o as isize,
-        };
-        let xm = Mat {
-            ptr: xd.as_ptr(),
-            rs: k as isize,
-            cs: 1,
-        };
+        let dyt = Mat::row_major(dy_data.as_ptr(), o).t();
+        let xm = Mat::row_major(xd.as_ptr(), k);
         let dw = gemm_new(o, k, n, dyt, xm);
         Some(Tensor::from_vec(dw, (o, k), w.device())?)
     } else {
