@@ -122,11 +122,16 @@ pub fn grad_norm(grads: &Grads) -> f64 {
         .sqrt()
 }
 
+/// torch's clip coefficient: min(max_norm / (total + 1e-6), 1).
+fn clip_factor(total: f64, max_norm: f64) -> f64 {
+    (max_norm / (total + 1e-6)).min(1.0)
+}
+
 /// torch's `clip_grad_norm_`: total = ||(||g_p||)||, every g *= min(max / (total + 1e-6), 1)
 /// (the product in f32, as torch's `mul_`). Returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> f64 {
     let total = grad_norm(grads);
-    let c = (max_norm / (total + 1e-6)).min(1.0);
+    let c = clip_factor(total, max_norm);
     if c < 1.0 {
         let c = c as f32;
         for g in grads.iter_mut().flatten() {
@@ -189,7 +194,7 @@ impl Optimizer {
     pub fn step_clipped(&mut self, grads: &Grads, lr: f64, max_norm: f64) -> Result<f64> {
         let total = grad_norm(grads);
         let c = if max_norm > 0.0 {
-            (max_norm / (total + 1e-6)).min(1.0)
+            clip_factor(total, max_norm)
         } else {
             1.0
         };
