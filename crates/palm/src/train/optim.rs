@@ -193,13 +193,24 @@ impl Optimizer {
     /// clipping.
     pub fn step_clipped(&mut self, grads: &Grads, lr: f64, max_norm: f64) -> Result<f64> {
         let total = grad_norm(grads);
+        self.step_clipped_with_norm(grads, lr, max_norm, total)?;
+        Ok(total)
+    }
+
+    /// [`Optimizer::step_clipped`] with the gradients' norm ([`grad_norm`]) already computed.
+    pub fn step_clipped_with_norm(
+        &mut self,
+        grads: &Grads,
+        lr: f64,
+        max_norm: f64,
+        total: f64,
+    ) -> Result<()> {
         let c = if max_norm > 0.0 {
             clip_factor(total, max_norm)
         } else {
             1.0
         };
-        self.step_scaled(grads, lr, c as f32)?;
-        Ok(total)
+        self.step_scaled(grads, lr, c as f32)
     }
 
     fn step_scaled(&mut self, grads: &Grads, lr: f64, gscale: f32) -> Result<()> {
@@ -524,6 +535,19 @@ mod tests {
                     assert_eq!(a, b, "{:?} max_norm {max_norm}", cfg.kind);
                 }
             }
+        }
+    }
+
+    /// The Trainer's guard relies on it: the norm is non-finite exactly when a gradient is,
+    /// even for gradients at f32's largest magnitude.
+    #[test]
+    fn grad_norm_is_finite_exactly_when_every_gradient_is() {
+        let big: Grads = vec![Some(vec![f32::MAX; 100_000]), Some(vec![-f32::MAX; 3])];
+        assert!(grad_norm(&big).is_finite() && !grads_non_finite(&big));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut g = big.clone();
+            g[1].as_mut().unwrap()[2] = bad;
+            assert!(!grad_norm(&g).is_finite() && grads_non_finite(&g), "{bad}");
         }
     }
 

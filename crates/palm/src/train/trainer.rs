@@ -29,7 +29,7 @@ use crate::tokenizer::Tokenizer;
 use crate::train::data::{Batch, BatchOrder, Corpus, DataLoader, DataState};
 use crate::train::metrics::MetricsLog;
 use crate::train::optim::{
-    accumulate, grads_non_finite, grads_take, lr_at, Grads, OptimConfig, Optimizer,
+    accumulate, grad_norm, grads_take, lr_at, Grads, OptimConfig, Optimizer,
 };
 use crate::train::run::{check_finite, progress_bar, Checkpoints};
 
@@ -414,7 +414,10 @@ impl Trainer {
                 accumulate(&mut acc, &g, 1.0);
             }
         }
-        if grads_non_finite(&acc) {
+        // the norm is NaN or infinite exactly when a gradient is (f32 squares cannot overflow
+        // an f64 sum), so one pass serves the guard, the report and the clipping
+        let norm = grad_norm(&acc);
+        if !norm.is_finite() {
             check_finite(
                 step,
                 "gradient",
@@ -423,7 +426,8 @@ impl Trainer {
             )?;
         }
         // 4-5. clipping (the norm is reported before clipping) and the update, in one pass
-        let norm = self.opt.step_clipped(&acc, lr, self.cfg.max_grad_norm)?;
+        self.opt
+            .step_clipped_with_norm(&acc, lr, self.cfg.max_grad_norm, norm)?;
         self.step = step;
         Ok((loss_sum / k as f64, norm, lr))
     }
