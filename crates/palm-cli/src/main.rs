@@ -64,7 +64,9 @@ fn main() {
         .with_target(false)
         .without_time()
         .init();
-    let result = match cli.command {
+    let command = cli.command;
+    // on a worker of rayon's pool: every parallel op forks from inside it (see on_rayon_worker)
+    let result = palm::ops::on_rayon_worker(move || match command {
         Command::Info(a) => cmd::info::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Bench(a) => cmd::bench::run(a),
@@ -72,7 +74,7 @@ fn main() {
         Command::Reward(a) => cmd::reward::run(a),
         Command::Ppo(a) => cmd::ppo::run(*a),
         Command::Quickstart(a) => cmd::quickstart::run(a),
-    };
+    });
     if let Err(e) = result {
         eprintln!("error: {e}");
         // Print each cause once: library errors often already end with their source's text.

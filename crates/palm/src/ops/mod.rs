@@ -5,6 +5,7 @@ pub mod amx;
 pub mod attention;
 pub mod block;
 mod cpu;
+pub use cpu::on_rayon_worker;
 pub(crate) use cpu::simd_dispatch;
 pub mod cross_entropy;
 pub mod layer_norm;
