@@ -415,15 +415,21 @@ pub(crate) unsafe fn gemm_bf16(
         let (pa, pb) = (Packed(pa, &BUF_A), Packed(pb, &BUF_B));
         let (mb2, nb2) = (mb.div_ceil(2), nb.div_ceil(2));
         let dst = dst as usize;
-        (0..mb2 * nb2).into_par_iter().for_each(|task| {
+        let tasks = mb2 * nb2;
+        // tasks in runs: the tile configuration is loaded once per run and the tile state handed
+        // back (`tilerelease`) at its end, so no thread keeps AMX state between GEMMs (it would
+        // be saved and restored at every context switch); several runs per thread still balance
+        // the load
+        let run = tasks.div_ceil(4 * rayon::current_num_threads()).max(1);
+        let one = |task: usize| {
             let (ii, jj) = (task / nb2, task % nb2);
             let (ib0, jb0) = (ii * 2, jj * 2);
             // a lone last block pairs with itself; its copy is not stored twice
             let (ib1, jb1) = ((ib0 + 1).min(mb - 1), (jb0 + 1).min(nb - 1));
             let mut tmp = [0f32; 1024];
-            // SAFETY: available() checked; the packed buffers hold mb (nb) blocks of kb tiles.
+            // SAFETY: available() checked and the configuration loaded by the caller; the packed
+            // buffers hold mb (nb) blocks of kb tiles.
             unsafe {
-                load_config();
                 block(
                     pa.as_ptr().add(ib0 * kb * TILE),
                     pa.as_ptr().add(ib1 * kb * TILE),
@@ -454,6 +460,13 @@ pub(crate) unsafe fn gemm_bf16(
                     }
                 }
             }
+        };
+        (0..tasks.div_ceil(run)).into_par_iter().for_each(|r| {
+            // SAFETY: available() checked.
+            unsafe { load_config() };
+            (r * run..tasks.min((r + 1) * run)).for_each(one);
+            // SAFETY: as above; no tile is live after the run.
+            unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
         });
         true
     }
