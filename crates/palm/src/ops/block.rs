@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
-use rayon::prelude::*;
 
 use super::attention::{self, AttnSaved, AttnSpec};
 use super::{cpu, layer_norm, linear, swiglu};
@@ -241,23 +240,17 @@ impl CustomOp1 for BlockOp {
             })
         })?;
         drop(sv.attn);
-        let mut dproj = vec![0f32; n * w];
-        with_data(&sv.proj, |proj| {
+        let dproj = with_data(&sv.proj, |proj| {
             with_data(&dg, |dg| {
-                dproj
-                    .par_chunks_mut(w)
-                    .zip(proj.par_chunks(w))
-                    .enumerate()
-                    .for_each(|(r, (dp, pr))| {
-                        let (dqkv, dff) = dp.split_at_mut(hd + 2 * d);
-                        dqkv[..hd].copy_from_slice(&dq[r * hd..][..hd]);
-                        dqkv[hd..hd + d].copy_from_slice(&dk[r * d..][..d]);
-                        dqkv[hd + d..].copy_from_slice(&dv[r * d..][..d]);
-                        let ff = &pr[hd + 2 * d..];
-                        let (da, dgate) = dff.split_at_mut(f);
-                        swiglu::backward_row(&ff[..f], &ff[f..], &dg[r * f..][..f], da, dgate);
-                    });
-                Ok(())
+                Ok(cpu::par_rows(n, w, |r, dp| {
+                    let (dqkv, dff) = dp.split_at_mut(hd + 2 * d);
+                    dqkv[..hd].copy_from_slice(&dq[r * hd..][..hd]);
+                    dqkv[hd..hd + d].copy_from_slice(&dk[r * d..][..d]);
+                    dqkv[hd + d..].copy_from_slice(&dv[r * d..][..d]);
+                    let ff = &proj[r * w + hd + 2 * d..][..2 * f];
+                    let (da, dgate) = dff.split_at_mut(f);
+                    swiglu::backward_row(&ff[..f], &ff[f..], &dg[r * f..][..f], da, dgate);
+                }))
             })
         })?;
         drop((dq, dk, dv, dg, sv.proj));

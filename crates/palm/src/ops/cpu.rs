@@ -307,13 +307,25 @@ pub(crate) fn par_rows(
     f: impl Fn(usize, &mut [f32]) + Sync + Send,
 ) -> Vec<f32> {
     use rayon::prelude::*;
-    let mut out = vec![0f32; nrows * n];
+    use std::mem::MaybeUninit;
+    let mut out: Vec<f32> = Vec::with_capacity(nrows * n);
     if n > 0 {
-        out.par_chunks_mut(n)
+        out.spare_capacity_mut()[..nrows * n]
+            .par_chunks_mut(n)
             .with_min_len(min_rows(n))
             .enumerate()
-            .for_each(|(r, y)| f(r, y));
+            .for_each(|(r, y)| {
+                // each row zeroed just before `f` writes it, while it is in cache, instead of a
+                // separate pass over the whole buffer (a memset of every output was 4 % of a
+                // training step)
+                y.fill(MaybeUninit::new(0.0));
+                // SAFETY: every element of `y` was initialised on the line above.
+                let y = unsafe { &mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                f(r, y)
+            });
     }
+    // SAFETY: the nrows * n elements were initialised row by row above (none when n == 0).
+    unsafe { out.set_len(nrows * n) };
     out
 }
 
