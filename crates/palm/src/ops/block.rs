@@ -264,9 +264,8 @@ impl CustomOp1 for BlockOp {
         drop(dproj);
 
         // 4. pre-norm: dx = dy + LayerNorm'(dxn), dgamma [C]
-        let (dx_ln, dgamma) =
-            layer_norm::layer_norm_backward(&x.detach(), &p.gamma.detach(), &dxn, EPS)?;
-        let dx = (dy + dx_ln)?;
+        let (dx, dgamma) =
+            layer_norm::layer_norm_backward(&x.detach(), &p.gamma.detach(), &dxn, Some(&dy), EPS)?;
 
         for (param, grad) in [
             (&p.gamma, Some(dgamma)),

@@ -88,16 +88,18 @@ impl CustomOp2 for LayerNormOp {
         if !want_dx && !want_dg {
             return Ok((None, None));
         }
-        let (dx, dg) = layer_norm_backward(x, gamma, dy, self.eps)?;
+        let (dx, dg) = layer_norm_backward(x, gamma, dy, None, self.eps)?;
         Ok((want_dx.then_some(dx), want_dg.then_some(dg)))
     }
 }
 
-/// (dx [.., C], dgamma [C]) from x [.., C], gamma [C] and dy [.., C].
+/// (dx [.., C], dgamma [C]) from x [.., C], gamma [C] and dy [.., C]; with `residual` [.., C],
+/// dx is residual + the LayerNorm gradient (a pre-norm block's input gradient, in one pass).
 pub(crate) fn layer_norm_backward(
     x: &Tensor,
     gamma: &Tensor,
     dy: &Tensor,
+    residual: Option<&Tensor>,
     eps: f32,
 ) -> Result<(Tensor, Tensor)> {
     let (xs, xl) = x.storage_and_layout();
@@ -113,6 +115,19 @@ pub(crate) fn layer_norm_backward(
             dy.dims(),
             x.dims()
         )
+    }
+    let res = residual.map(|t| t.storage_and_layout());
+    let rr = match &res {
+        Some((s, l)) => Some(cpu::storage_rows(s, l, NAME)?),
+        None => None,
+    };
+    if let Some(rr) = &rr {
+        if rr.n != c || rr.len() != xr.len() {
+            bail!(
+                "{NAME}: residual gradient does not match input shape {:?}",
+                x.dims()
+            )
+        }
     }
     let nrows = xr.len();
     let inv_c = 1.0 / c as f32;
@@ -151,6 +166,9 @@ pub(crate) fn layer_norm_backward(
                         let xhat = (x[j] - mean) * rstd;
                         dxr[j] = rstd * (dy[j] * w[j] - a - xhat * b);
                         dg[j] += dy[j] * xhat;
+                    }
+                    if let Some(rr) = &rr {
+                        dxr.iter_mut().zip(rr.row(r)).for_each(|(d, res)| *d += res);
                     }
                 }
                 dg
@@ -211,6 +229,32 @@ mod tests {
             let d = max_diff(gf.get(v).unwrap(), gc.get(v).unwrap());
             assert!(d < 1e-5, "{d}");
         }
+    }
+
+    #[test]
+    fn backward_with_residual_adds_it_to_dx() {
+        // the pre-norm residual: d/dx of sum(r * LN(x)) + sum(res * x) is LN'(r) + res
+        let x = Var::from_tensor(&randn(&[3, 5, 19], 30)).unwrap();
+        let g = randn(&[19], 31);
+        let (r, res) = (randn(&[3, 5, 19], 32), randn(&[3, 5, 19], 33));
+        let (dx, dg) = layer_norm_backward(&x, &g, &r, Some(&res), 1e-5).unwrap();
+        let loss = ((composed(&x, &g, 1e-5).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            + (x.as_tensor() * &res).unwrap().sum_all().unwrap())
+        .unwrap();
+        let want = loss.backward().unwrap();
+        assert!(max_diff(&dx, want.get(x.as_tensor()).unwrap()) < 1e-5);
+        let (_, dg0) = layer_norm_backward(&x, &g, &r, None, 1e-5).unwrap();
+        assert_eq!(
+            max_diff(&dg, &dg0),
+            0.0,
+            "the residual must not change dgamma"
+        );
+        // a residual of the wrong shape is refused
+        let bad = randn(&[3, 5, 18], 34);
+        assert!(layer_norm_backward(&x, &g, &r, Some(&bad), 1e-5).is_err());
     }
 
     #[test]
