@@ -176,34 +176,44 @@ fn palm_lora_scoped_disabled_merged_and_grads() {
     let loss_base = model.loss(&tokens, &Forward::default()).unwrap();
     assert_close("loss_base", &loss_base, c.get("loss_base"), c.tol("loss"));
 
-    // LoRA gradients, with the base frozen (as when only the scope is trained)
-    let frozen = Forward {
-        freeze_base: true,
-        ..scoped
-    };
-    let loss = model.loss(&tokens, &frozen).unwrap();
-    let grads = loss.backward().unwrap();
-    let mut n = 0;
-    for (pname, var) in model.vars.iter() {
-        if pname.starts_with("finetune_modules.") {
-            let got = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no grad for {pname}"));
-            assert_close(
-                &format!("grad.{pname}"),
-                got,
-                c.get(&format!("grad.{pname}")),
-                c.tol("grads"),
-            );
-            n += 1;
-        } else {
-            assert!(
-                grads.get(var.as_tensor()).is_none(),
-                "frozen base param {pname} got a gradient"
-            );
+    // LoRA gradients, with the base frozen (as when only the scope is trained), through
+    // composed blocks and through fused blocks (LoRA inside the block node)
+    for fused_blocks in [false, true] {
+        let frozen = Forward {
+            freeze_base: true,
+            fused_blocks,
+            ..scoped
+        };
+        let loss = model.loss(&tokens, &frozen).unwrap();
+        assert_close(
+            &format!("loss_scoped (fused_blocks {fused_blocks})"),
+            &loss,
+            c.get("loss_scoped"),
+            c.tol("loss"),
+        );
+        let grads = model.backward(&loss).unwrap();
+        let mut n = 0;
+        for (pname, var) in model.vars.iter() {
+            if pname.starts_with("finetune_modules.") {
+                let got = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("no grad for {pname} (fused_blocks {fused_blocks})"));
+                assert_close(
+                    &format!("grad.{pname} (fused_blocks {fused_blocks})"),
+                    got,
+                    c.get(&format!("grad.{pname}")),
+                    c.tol("grads"),
+                );
+                n += 1;
+            } else {
+                assert!(
+                    grads.get(var.as_tensor()).is_none(),
+                    "frozen base param {pname} got a gradient (fused_blocks {fused_blocks})"
+                );
+            }
         }
+        assert_eq!(n, 16);
     }
-    assert_eq!(n, 16);
 
     model.merge_scope("actor").unwrap();
     assert!(model.scopes.is_empty());

@@ -176,8 +176,8 @@ fn padding_contributes_nothing() {
     };
     let (a, _) = rollout::response_logprobs(&t.model, &lay, policy, 1.0).unwrap();
     let (b, _) = rollout::response_logprobs(&t.model, &garbage, policy, 1.0).unwrap();
-    let (va, _) = t.critic.values(&t.model, &lay, true).unwrap();
-    let (vb, _) = t.critic.values(&t.model, &garbage, true).unwrap();
+    let (va, _) = t.critic.values(&t.model, &lay, true, false).unwrap();
+    let (vb, _) = t.critic.values(&t.model, &garbage, true, false).unwrap();
     let (a, b, va, vb) = (to_vec(&a), to_vec(&b), to_vec(&va), to_vec(&vb));
     for i in 0..a.len() {
         if lay.mask[i] > 0.0 {
@@ -388,7 +388,10 @@ fn critic_from_the_reward_model_starts_at_its_scores() {
         let resp = vec![vec![1, 2, 0], vec![5], vec![7, 8, 7, 9, 0], vec![4, 4]];
         let ps = prompts();
         let lay = Layout::new(&ps, &resp).unwrap();
-        let (v, _) = t.critic.values(t.frozen_model(), &lay, false).unwrap();
+        let (v, _) = t
+            .critic
+            .values(t.frozen_model(), &lay, false, false)
+            .unwrap();
         let v = to_vec(&v);
         let r = lay.r;
         let mut checked = 0;
@@ -478,7 +481,10 @@ fn critic_from_the_reward_model_learns_in_normalised_score_units() {
     assert!(gain != 1.0 && bias != 0.0);
     let resp = vec![vec![1, 2, 0], vec![5], vec![7, 8, 7, 9, 0], vec![4, 4]];
     let lay = Layout::new(&ps, &resp).unwrap();
-    let (v, _) = t.critic.values(t.frozen_model(), &lay, false).unwrap();
+    let (v, _) = t
+        .critic
+        .values(t.frozen_model(), &lay, false, false)
+        .unwrap();
     let v = to_vec(&v);
     for (row, (p, rs)) in ps.iter().zip(&resp).enumerate() {
         for k in 0..rs.len() {

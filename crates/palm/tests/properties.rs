@@ -285,6 +285,79 @@ fn fused_blocks_equal_composed_blocks() {
     assert!(err.contains("never collected"), "{err}");
 }
 
+/// Fused blocks with LoRA (q, k, v, o and both feed-forward projections, B perturbed away from
+/// zero) give the composed blocks' loss and every gradient: over a frozen base (only the LoRA
+/// factors train; the frozen embedding makes the first block's input a constant, so the node
+/// must stay in the graph through a LoRA factor) and over a trainable base.
+#[test]
+fn fused_blocks_with_lora_equal_composed_blocks() {
+    use palm::config::{LoraSpec, LoraTargets};
+    for freeze_base in [true, false] {
+        let mut m = Palm::new(&tiny(true, false), 11, &Device::Cpu).unwrap();
+        let spec = LoraSpec {
+            alpha: Some(6.0),
+            targets: LoraTargets::AttentionAndFf,
+            ..LoraSpec::new(3)
+        };
+        m.add_scope("s", spec, 5).unwrap();
+        perturb_scope(&m, "s", 9);
+        let x = ids(&[&[0, 0, 3, 4, 5, 6, 7, 8, 9], &[9, 8, 7, 6, 5, 4, 3, 2, 1]]);
+        let mask: Vec<u8> = [[0, 0, 1, 1, 1, 1, 1, 1], [1; 8]].concat();
+        let mask = Tensor::from_vec(mask, (2, 8), &Device::Cpu).unwrap();
+        let run = |fused_blocks: bool| {
+            let opts = Forward {
+                key_mask: Some(&mask),
+                scope: Some("s"),
+                freeze_base,
+                fused_blocks,
+                ..Default::default()
+            };
+            let loss = m.loss(&x, &opts).unwrap();
+            let g = m.backward(&loss).unwrap();
+            (loss, g)
+        };
+        let (l0, g0) = run(false);
+        let (l1, g1) = run(true);
+        assert!(max_diff(&l0, &l1) < 1e-5, "freeze {freeze_base}: loss");
+        let mut lora_seen = 0;
+        for (name, var) in m.vars.iter() {
+            let (a, b) = (g0.get(var.as_tensor()), g1.get(var.as_tensor()));
+            let is_lora = name.starts_with("finetune_modules.s.");
+            if freeze_base && !is_lora {
+                assert!(b.is_none(), "{name}: a frozen parameter got a gradient");
+                assert!(
+                    a.is_none(),
+                    "{name}: composed path trained a frozen parameter"
+                );
+                continue;
+            }
+            let (Some(a), Some(b)) = (a, b) else {
+                panic!("freeze {freeze_base}: {name}: gradient missing in one path")
+            };
+            lora_seen += is_lora as usize;
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_diff(a, b);
+            assert!(
+                d <= 1e-5 * scale.max(1.0),
+                "freeze {freeze_base}: {name}: differs by {d}"
+            );
+            let n: f32 = b.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(n > 0.0 && n.is_finite(), "{name}: fused gradient norm {n}");
+        }
+        // 2 layers x 6 targets x (A, B)
+        assert_eq!(
+            lora_seen, 24,
+            "freeze {freeze_base}: LoRA factors with a gradient"
+        );
+    }
+}
+
 #[test]
 fn gradient_matches_finite_differences() {
     // d loss / d (one element) of a few parameters, central differences in f64 terms

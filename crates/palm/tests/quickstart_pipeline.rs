@@ -82,7 +82,10 @@ fn tiny_quickstart_runs_every_stage_on_the_library() {
     let p = task.prompt_ids(task.queries()[3]);
     let resp = train[0].chosen.clone();
     let lay = Layout::new(std::slice::from_ref(&p), std::slice::from_ref(&resp)).unwrap();
-    let (v, _) = t.critic.values(t.frozen_model(), &lay, false).unwrap();
+    let (v, _) = t
+        .critic
+        .values(t.frozen_model(), &lay, false, false)
+        .unwrap();
     let v: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
     let k = resp.len() - 1; // the value before the last token (EOS) = score of prompt ++ path
     let want = scorer.model.score(&[(&p, &resp[..k])], 1).unwrap()[0];

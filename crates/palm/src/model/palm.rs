@@ -40,7 +40,7 @@ pub struct Forward<'a> {
     /// Dropout on (training). Off by default.
     pub train: bool,
     /// Run each block as one graph node ([`ops::block`]) where it applies (f32 on the CPU, no
-    /// LoRA, no KV cache, no dropout, no qk-RMSNorm, base weights trained): a faster backward
+    /// KV cache, no dropout, no qk-RMSNorm; LoRA and a frozen base included): a faster backward
     /// with less memory. The blocks' weight gradients then reach the `GradStore` only through
     /// [`Palm::backward`] / [`crate::model::Model::backward`], so set this only where the loss
     /// goes through that call.
@@ -326,12 +326,14 @@ impl Block {
         // 0. the whole block as one node, when it applies (see `Forward::fused_blocks`)
         if let (Some(side), Some(spec), None) = (ctx.side, ctx.attn, &cache) {
             let dropout = ctx.opts.train && (cfg.attn_dropout > 0.0 || cfg.ff_dropout > 0.0);
-            if !fz && ctx.lora.is_none() && !cfg.qk_rmsnorm && !dropout && fused_ok(x) {
+            if !cfg.qk_rmsnorm && !dropout && fused_ok(x) {
                 let p = ops::block::BlockParams {
                     gamma: self.norm.gamma.clone(),
                     w_fused: self.fused_attn_ff_proj.clone(),
                     w_out: self.attn_out.clone(),
                     w_ff: self.ff_out.clone(),
+                    frozen: fz,
+                    lora: ctx.lora.cloned(),
                 };
                 return Ok(ops::block::parallel_block(x, &p, spec, side)?);
             }

@@ -9,6 +9,12 @@
 //!             dxn = dproj Wf,  dWf = dproj^T xn
 //!             dx = dy + LayerNorm'(x, dxn),  dgamma
 //!
+//! With a LoRA layer, each targeted projection adds s (in A) B (A [in, r], B [r, out]): q, k,
+//! v and the ff input add into their columns of the projection, o and the ff output into y. Its
+//! backward, for the upstream gradient dout of that projection: u = s in A, e = s dout B^T,
+//! dA = in^T e, dB = u^T dout, din += e A^T. With `frozen`, the base weights and gamma get no
+//! gradient and their dW GEMMs are skipped (LoRA over a frozen base).
+//!
 //! Why: candle's backward gives every intermediate tensor of a composed block its own gradient
 //! slot, zero-filled and then added into (`GradStore::or_insert` + `add`), and zero-pads the
 //! gradient of every `narrow`. Over a block's intermediates ([B, T, 2F] is the largest) that is
@@ -17,17 +23,21 @@
 //! [`super::layer_norm`]) on the saved activations and writes each gradient once.
 //!
 //! The weights are not inputs of the node (a candle custom op takes at most three), so their
-//! gradients are handed to a [`SideGrads`] store, and [`SideGrads::drain_into`] moves them into
+//! gradients are handed to a [`SideGrads`] store (except one trainable parameter, the node's
+//! second input, which keeps the node in the graph when x itself is constant, as under a frozen
+//! embedding), and [`SideGrads::drain_into`] moves them into
 //! the `GradStore` after `backward()` ([`crate::model::palm::Palm::backward`] does both). A
 //! forward with pending, uncollected gradients is refused, so they cannot be lost silently.
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
 use super::attention::{self, AttnSaved, AttnSpec};
+use super::linear::{matmul_into, View};
 use super::{cpu, layer_norm, linear, swiglu};
+use crate::lora::{Lora, LoraLayer};
 
 const NAME: &str = "parallel_block";
 const EPS: f32 = 1e-5;
@@ -88,6 +98,149 @@ pub struct BlockParams {
     pub w_out: Tensor,
     /// [C, F] feed-forward output projection.
     pub w_ff: Tensor,
+    /// The four above get no gradient (LoRA over a frozen base).
+    pub frozen: bool,
+    /// LoRA updates of the projections.
+    pub lora: Option<LoraLayer>,
+}
+
+impl BlockParams {
+    /// (name, tensor) of every parameter: the base ones, then the LoRA factors.
+    fn all(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut v = vec![
+            ("gamma", &self.gamma),
+            ("w_fused", &self.w_fused),
+            ("w_out", &self.w_out),
+            ("w_ff", &self.w_ff),
+        ];
+        if let Some(l) = &self.lora {
+            for lo in lora_targets(l) {
+                v.extend([("lora A", &lo.a), ("lora B", &lo.b)]);
+            }
+        }
+        v
+    }
+
+    /// The node's second input: gamma, or with a frozen base the first LoRA factor (its
+    /// gradient goes through the graph, the others' to the side store), or with a frozen base
+    /// and no LoRA a constant copy of gamma (nothing in the block trains).
+    fn anchor(&self) -> Tensor {
+        match (&self.lora, self.frozen) {
+            (Some(l), true) => l.q.a.clone(),
+            (None, true) => self.gamma.detach(),
+            (_, false) => self.gamma.clone(),
+        }
+    }
+}
+
+/// The LoRA targets of a layer that exist: q, k, v, o, then ff_in and ff_out when present.
+fn lora_targets(l: &LoraLayer) -> Vec<&Lora> {
+    let mut v = vec![&l.q, &l.k, &l.v, &l.o];
+    v.extend(l.ff_in.iter().chain(l.ff_out.iter()));
+    v
+}
+
+/// One LoRA update's factors as plain buffers: A [in, r], B [r, out], and the scale.
+struct LoraData {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    r: usize,
+    inp: usize,
+    out: usize,
+    scale: f32,
+}
+
+impl LoraData {
+    fn new(lo: &Lora) -> Result<Self> {
+        let (inp, r) = lo.a.dims2()?;
+        let (r2, out) = lo.b.dims2()?;
+        if r2 != r {
+            bail!(
+                "{NAME}: LoRA A {:?} and B {:?} do not chain",
+                lo.a.dims(),
+                lo.b.dims()
+            )
+        }
+        let data = |t: &Tensor| t.detach().flatten_all()?.to_vec1::<f32>();
+        Ok(Self {
+            a: data(&lo.a)?,
+            b: data(&lo.b)?,
+            r,
+            inp,
+            out,
+            scale: lo.scale as f32,
+        })
+    }
+
+    /// u [N, r] = s x A for x [N, in].
+    fn down(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let mut u = vec![0f32; n * self.r];
+        matmul_into(
+            (n, self.r, self.inp),
+            View::rows(x, self.inp),
+            View::rows(&self.a, self.r),
+            &mut u,
+            false,
+        )?;
+        u.iter_mut().for_each(|v| *v *= self.scale);
+        Ok(u)
+    }
+
+    /// s (x A) B [N, out] for x [N, in].
+    fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let u = self.down(x, n)?;
+        let mut y = vec![0f32; n * self.out];
+        matmul_into(
+            (n, self.out, self.r),
+            View::rows(&u, self.r),
+            View::rows(&self.b, self.out),
+            &mut y,
+            false,
+        )?;
+        Ok(y)
+    }
+
+    /// (dA [in, r], dB [r, out]) for input x [N, in] and upstream gradient dout [N, out] (a view,
+    /// e.g. a column block of a wider gradient); adds the input gradient s dout B^T A^T to `dx`.
+    fn backward(
+        &self,
+        x: &[f32],
+        n: usize,
+        dout: View,
+        dx: &mut [f32],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (r, inp, out) = (self.r, self.inp, self.out);
+        // e [N, r] = s dout B^T
+        let mut e = vec![0f32; n * r];
+        matmul_into(
+            (n, r, out),
+            dout,
+            View::rows(&self.b, out).t(),
+            &mut e,
+            false,
+        )?;
+        e.iter_mut().for_each(|v| *v *= self.scale);
+        // dA [in, r] = x^T e;  dB [r, out] = u^T dout;  dx [N, in] += e A^T
+        let mut da = vec![0f32; inp * r];
+        matmul_into(
+            (inp, r, n),
+            View::rows(x, inp).t(),
+            View::rows(&e, r),
+            &mut da,
+            false,
+        )?;
+        let u = self.down(x, n)?;
+        let mut db = vec![0f32; r * out];
+        matmul_into((r, out, n), View::rows(&u, r).t(), dout, &mut db, false)?;
+        matmul_into(
+            (n, inp, r),
+            View::rows(&e, r),
+            View::rows(&self.a, r).t(),
+            dx,
+            true,
+        )?;
+        Ok((da, db))
+    }
 }
 
 /// y [B, T, C] = the parallel block of x [B, T, C] (see the module docs). `spec` is the fused
@@ -99,15 +252,10 @@ pub fn parallel_block(
     spec: &AttnSpec,
     side: &Arc<SideGrads>,
 ) -> Result<Tensor> {
-    for (name, t) in [
-        ("x", x),
-        ("gamma", &p.gamma),
-        ("w_fused", &p.w_fused),
-        ("w_out", &p.w_out),
-        ("w_ff", &p.w_ff),
-    ] {
+    cpu::check_cpu_f32(x, NAME, "x")?;
+    for (name, t) in p.all() {
         cpu::check_cpu_f32(t, NAME, name)?;
-        if name != "x" && t.track_op() && !t.is_variable() {
+        if t.track_op() && !t.is_variable() {
             bail!("{NAME}: `{name}` must be a variable or a constant (its gradient goes to the side store, not further back through the graph)")
         }
     }
@@ -116,6 +264,7 @@ pub fn parallel_block(
     let hd = h * d;
     let (w, c2) = p.w_fused.dims2()?;
     let f = p.w_ff.dim(1)?;
+    let n = b * t;
     if c2 != c || w != hd + 2 * d + 2 * f || p.w_out.dims() != [c, hd] || p.gamma.dims() != [c] {
         bail!(
             "{NAME}: weights do not fit x {:?} with H={h}, D={d}: gamma {:?}, w_fused {:?}, w_out {:?}, w_ff {:?}",
@@ -136,7 +285,28 @@ pub fn parallel_block(
 
     // 1. pre-norm and the fused projection [B, T, W], W = H*D + 2D + 2F
     let xn = layer_norm::layer_norm(&xd, &gamma, EPS as f64)?;
-    let proj = linear::linear(&xn, &wf)?;
+    let mut proj = linear::linear(&xn, &wf)?;
+    let lora = match &p.lora {
+        Some(l) => Some(BlockLora::new(l, (c, hd, d, f))?),
+        None => None,
+    };
+    //    LoRA of q, k, v (and the ff input) into their columns of the projection
+    if let Some(lo) = &lora {
+        let mut pv = proj.flatten_all()?.to_vec1::<f32>()?;
+        with_data(&xn, |xn| {
+            for (ld, off) in &lo.inputs {
+                let add = ld.forward(xn, n)?; // [N, width]
+                for (prow, arow) in pv.chunks_exact_mut(w).zip(add.chunks_exact(ld.out)) {
+                    prow[*off..*off + ld.out]
+                        .iter_mut()
+                        .zip(arow)
+                        .for_each(|(p, a)| *p += a);
+                }
+            }
+            Ok(())
+        })?;
+        proj = Tensor::from_vec(pv, (b, t, w), x.device())?;
+    }
     // 2. attention on the q, k, v columns -> o [B, T, H*D]
     let q = proj.narrow(2, 0, hd)?;
     let k = proj.narrow(2, hd, d)?;
@@ -149,6 +319,15 @@ pub fn parallel_block(
     let mut y = xd.flatten_all()?.to_vec1::<f32>()?;
     linear::linear_acc(&mut y, &o, &wo)?;
     linear::linear_acc(&mut y, &g, &wff)?;
+    //    LoRA of the attention output and the ff output
+    if let Some(lo) = &lora {
+        for (ld, inp) in [(&lo.o, &o), (&lo.ff_out, &g)] {
+            if let Some(ld) = ld {
+                let add = with_data(inp, |v| ld.forward(v, n))?;
+                y.iter_mut().zip(&add).for_each(|(y, a)| *y += a);
+            }
+        }
+    }
 
     let op = BlockOp {
         dims: (b, t, c, h, d, f),
@@ -156,9 +335,60 @@ pub fn parallel_block(
         spec: spec.clone(),
         side: side.clone(),
         y: Mutex::new(Some(y)),
-        saved: Mutex::new(Some(Saved { xn, proj, o, attn })),
+        saved: Mutex::new(Some(Saved {
+            xn,
+            proj,
+            o,
+            attn,
+            lora,
+        })),
     };
-    x.apply_op1(op)
+    x.apply_op2(&p.anchor(), op)
+}
+
+/// A layer's LoRA updates as buffers: the input-side ones with their column offset in the
+/// projection (q, k, v, ff_in), and the output-side ones (o, ff_out).
+struct BlockLora {
+    inputs: Vec<(LoraData, usize)>,
+    o: Option<LoraData>,
+    ff_out: Option<LoraData>,
+}
+
+impl BlockLora {
+    fn new(l: &LoraLayer, (c, hd, d, f): (usize, usize, usize, usize)) -> Result<Self> {
+        let mut inputs = vec![
+            (LoraData::new(&l.q)?, 0),
+            (LoraData::new(&l.k)?, hd),
+            (LoraData::new(&l.v)?, hd + d),
+        ];
+        if let Some(ffi) = &l.ff_in {
+            inputs.push((LoraData::new(ffi)?, hd + 2 * d));
+        }
+        let o = Some(LoraData::new(&l.o)?);
+        let ff_out = l.ff_out.as_ref().map(LoraData::new).transpose()?;
+        let widths = [hd, d, d, 2 * f];
+        for ((ld, _), want) in inputs.iter().zip(widths) {
+            if ld.inp != c || ld.out != want {
+                bail!(
+                    "{NAME}: a LoRA input factor is {} -> {}, expected {c} -> {want}",
+                    ld.inp,
+                    ld.out
+                )
+            }
+        }
+        for (ld, inp) in [(&o, hd), (&ff_out, f)] {
+            if let Some(ld) = ld {
+                if ld.inp != inp || ld.out != c {
+                    bail!(
+                        "{NAME}: a LoRA output factor is {} -> {}, expected {inp} -> {c}",
+                        ld.inp,
+                        ld.out
+                    )
+                }
+            }
+        }
+        Ok(Self { inputs, o, ff_out })
+    }
 }
 
 /// Activations the backward needs (g = SwiGLU(ff) is recomputed from `proj`).
@@ -167,6 +397,7 @@ struct Saved {
     proj: Tensor, // [B, T, W]
     o: Tensor,    // [B, T, H*D]
     attn: AttnSaved,
+    lora: Option<BlockLora>,
 }
 
 struct BlockOp {
@@ -197,40 +428,81 @@ fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     f(&v[a..z])
 }
 
-impl CustomOp1 for BlockOp {
+impl CustomOp2 for BlockOp {
     fn name(&self) -> &'static str {
         NAME
     }
 
-    fn cpu_fwd(&self, _s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _s: &CpuStorage,
+        l: &Layout,
+        _anchor: &CpuStorage,
+        _anchor_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let y = self.y.lock().map_err(poisoned)?.take().ok_or_else(|| {
             candle_core::Error::msg(format!("{NAME}: the output was already taken"))
         })?;
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        anchor: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let sv = self
             .saved
             .lock()
             .map_err(poisoned)?
             .take()
             .ok_or_else(|| candle_core::Error::msg(format!("{NAME}: backward ran twice")))?;
-        let (b, t, _c, h, d, f) = self.dims;
+        let (b, t, c, h, d, f) = self.dims;
         let (hd, n) = (h * d, b * t);
         let w = hd + 2 * d + 2 * f;
         let p = &self.params;
+        let want_w = !p.frozen;
+        let dev = x.device();
         let dy = dy.contiguous()?; // [B, T, C]
+
+        // (parameter, gradient) of every parameter that gets one
+        let mut grads: Vec<(&Tensor, Tensor)> = Vec::new();
+        // the input-side LoRA targets, in the order of BlockLora::inputs
+        let lora_inputs: Vec<&Lora> = match &p.lora {
+            Some(l) => [&l.q, &l.k, &l.v].into_iter().chain(&l.ff_in).collect(),
+            None => vec![],
+        };
 
         // 1. output projections: dg [B, T, F], dWff [C, F]; do [B, T, H*D], dWo [C, H*D]
         //    g = SwiGLU(ff) is recomputed from the saved projection rather than kept from the
         //    forward: one cheap element-wise pass instead of [B, T, F] held per block (peak RSS)
         let g = swiglu::swiglu(&sv.proj.narrow(2, hd + 2 * d, 2 * f)?)?;
-        let (dg, dwff) = linear::linear_backward(&g, &p.w_ff.detach(), &dy, true, true)?;
-        let (d_o, dwo) = linear::linear_backward(&sv.o, &p.w_out.detach(), &dy, true, true)?;
-        let (Some(dg), Some(d_o)) = (dg, d_o) else {
+        let (dg, dwff) = linear::linear_backward(&g, &p.w_ff.detach(), &dy, true, want_w)?;
+        let (d_o, dwo) = linear::linear_backward(&sv.o, &p.w_out.detach(), &dy, true, want_w)?;
+        let (Some(mut dg), Some(mut d_o)) = (dg, d_o) else {
             bail!("{NAME}: missing activation gradient")
         };
+        //    LoRA of the attention output and the ff output: dA, dB; their input gradients
+        //    are added into do and dg
+        if let (Some(lo), Some(l)) = (&sv.lora, &p.lora) {
+            let outs = [(&lo.o, Some(&l.o)), (&lo.ff_out, l.ff_out.as_ref())];
+            for ((ld, param), (inp, din)) in
+                outs.into_iter().zip([(&sv.o, &mut d_o), (&g, &mut dg)])
+            {
+                let (Some(ld), Some(param)) = (ld, param) else {
+                    continue;
+                };
+                let mut dv = din.flatten_all()?.to_vec1::<f32>()?;
+                let (da, db) = with_data(inp, |x| {
+                    with_data(&dy, |dyv| ld.backward(x, n, View::rows(dyv, c), &mut dv))
+                })?;
+                *din = Tensor::from_vec(dv, din.shape(), dev)?;
+                grads.push((&param.a, Tensor::from_vec(da, (ld.inp, ld.r), dev)?));
+                grads.push((&param.b, Tensor::from_vec(db, (ld.r, ld.out), dev)?));
+            }
+        }
         drop(g);
 
         // 2. dproj [N, W] = [dq | dk | dv | dff]: attention backward, then SwiGLU backward
@@ -254,31 +526,69 @@ impl CustomOp1 for BlockOp {
             })
         })?;
         drop((dq, dk, dv, dg, sv.proj));
-        let dproj = Tensor::from_vec(dproj, (b, t, w), x.device())?;
+        //    LoRA of q, k, v (and the ff input), reading their column blocks of dproj; their
+        //    input gradients are summed into dxn_lora [N, C]
+        let mut dxn_lora = None;
+        if let Some(lo) = &sv.lora {
+            let mut acc = vec![0f32; n * c];
+            with_data(&sv.xn, |xn| {
+                for ((ld, off), param) in lo.inputs.iter().zip(&lora_inputs) {
+                    let dout = View {
+                        data: &dproj,
+                        off: *off,
+                        rs: w,
+                        cs: 1,
+                    };
+                    let (da, db) = ld.backward(xn, n, dout, &mut acc)?;
+                    grads.push((&param.a, Tensor::from_vec(da, (ld.inp, ld.r), dev)?));
+                    grads.push((&param.b, Tensor::from_vec(db, (ld.r, ld.out), dev)?));
+                }
+                Ok(())
+            })?;
+            dxn_lora = Some(Tensor::from_vec(acc, (b, t, c), dev)?);
+        }
+        let dproj = Tensor::from_vec(dproj, (b, t, w), dev)?;
 
-        // 3. fused projection: dxn [B, T, C], dWf [W, C]
-        let (dxn, dwf) = linear::linear_backward(&sv.xn, &p.w_fused.detach(), &dproj, true, true)?;
-        let Some(dxn) = dxn else {
-            bail!("{NAME}: missing activation gradient")
-        };
+        // 3. fused projection: dxn [B, T, C] (needed for dx or dgamma), dWf [W, C]
+        let need_dxn = x.track_op() || want_w;
+        let (dxn, dwf) =
+            linear::linear_backward(&sv.xn, &p.w_fused.detach(), &dproj, need_dxn, want_w)?;
         drop(dproj);
 
         // 4. pre-norm: dx = dy + LayerNorm'(dxn), dgamma [C]
-        let (dx, dgamma) =
-            layer_norm::layer_norm_backward(&x.detach(), &p.gamma.detach(), &dxn, Some(&dy), EPS)?;
-
-        for (param, grad) in [
-            (&p.gamma, Some(dgamma)),
-            (&p.w_fused, dwf),
-            (&p.w_out, dwo),
-            (&p.w_ff, dwff),
-        ] {
-            if let Some(grad) = grad {
-                if param.is_variable() {
-                    self.side.push(param, grad)?;
-                }
+        let mut dx = None;
+        if let Some(dxn) = dxn {
+            let dxn = match dxn_lora {
+                Some(extra) => (dxn + extra)?,
+                None => dxn,
+            };
+            let (dx_, dgamma) = layer_norm::layer_norm_backward(
+                &x.detach(),
+                &p.gamma.detach(),
+                &dxn,
+                Some(&dy),
+                EPS,
+            )?;
+            dx = x.track_op().then_some(dx_);
+            if want_w {
+                grads.push((&p.gamma, dgamma));
             }
         }
-        Ok(Some(dx))
+        for (param, grad) in [(&p.w_fused, dwf), (&p.w_out, dwo), (&p.w_ff, dwff)] {
+            if let Some(grad) = grad {
+                grads.push((param, grad));
+            }
+        }
+
+        // the anchor's gradient goes through the graph, the others' to the side store
+        let mut d_anchor = None;
+        for (param, grad) in grads {
+            if param.id() == anchor.id() {
+                d_anchor = param.is_variable().then_some(grad);
+            } else if param.is_variable() {
+                self.side.push(param, grad)?;
+            }
+        }
+        Ok((dx, d_anchor))
     }
 }

@@ -207,6 +207,85 @@ pub(crate) fn linear_acc(y: &mut [f32], x: &Tensor, w: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// A matrix inside a slice: element (i, j) at `off + i * rs + j * cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub data: &'a [f32],
+    pub off: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// A row-major matrix with `cols` columns.
+    pub(crate) fn rows(data: &'a [f32], cols: usize) -> Self {
+        Self {
+            data,
+            off: 0,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (no copy).
+    pub(crate) fn t(self) -> Self {
+        Self {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// The operand for `gemm_any`, after checking that `r` x `c` elements lie inside the slice.
+    fn mat(&self, r: usize, c: usize) -> Result<Mat> {
+        if r > 0 && c > 0 && self.off + (r - 1) * self.rs + (c - 1) * self.cs >= self.data.len() {
+            bail!(
+                "{NAME}: a {r} x {c} view (offset {}, strides {}, {}) reaches past its {} values",
+                self.off,
+                self.rs,
+                self.cs,
+                self.data.len()
+            )
+        }
+        Ok(Mat {
+            ptr: self.data[self.off..].as_ptr(),
+            rs: self.rs as isize,
+            cs: self.cs as isize,
+        })
+    }
+}
+
+/// dst [m, n] (row-major) = lhs [m, k] rhs [k, n], or dst += that with `acc`, at the process
+/// precision.
+pub(crate) fn matmul_into(
+    (m, n, k): (usize, usize, usize),
+    lhs: View,
+    rhs: View,
+    dst: &mut [f32],
+    acc: bool,
+) -> Result<()> {
+    if dst.len() != m * n {
+        bail!(
+            "{NAME}: output has {} values, expected {m} x {n}",
+            dst.len()
+        )
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        if !acc {
+            dst.fill(0.0);
+        }
+        return Ok(());
+    }
+    let (a, b) = (lhs.mat(m, k)?, rhs.mat(k, n)?);
+    // SAFETY: both operands were checked to lie inside their slices; dst holds m*n initialised
+    // values.
+    unsafe { gemm_any(m, n, k, a, b, dst.as_mut_ptr(), acc) };
+    Ok(())
+}
+
 /// The gradients of y = x W^T: dx [.., K] = dy W (when `want_dx`) and dW [O, K] = dy^T x (when
 /// `want_dw`), for dy [.., O].
 pub(crate) fn linear_backward(

@@ -922,9 +922,11 @@ impl PpoTrainer {
 
         // actor: clipped surrogate - entropy bonus
         if train_actor {
+            // each block one graph node; the gradients come from Model::backward
             let opts = Forward {
                 scope: self.policy_scope(),
                 freeze_base: cfg.actor == ActorMode::Lora,
+                fused_blocks: true,
                 ..Default::default()
             };
             let (logp, logits) =
@@ -941,7 +943,7 @@ impl PpoTrainer {
                     "ppo step {step}: policy loss is {lv}; stopping"
                 )));
             }
-            let grads = loss.backward()?;
+            let grads = self.model.backward(&loss)?;
             let mut g = optim::grads_of(&self.actor_opt.params, &grads)?;
             optim::clip_grad_norm(&mut g, cfg.max_grad_norm);
             self.actor_opt.step(&g, cfg.actor_lr)?;
@@ -952,7 +954,7 @@ impl PpoTrainer {
         }
 
         // critic: clipped value loss
-        let (v, logits) = self.critic.values(self.frozen_model(), &lay, true)?;
+        let (v, logits) = self.critic.values(self.frozen_model(), &lay, true, true)?;
         let (vloss, vclip) = if cfg.pooled_values {
             let old = Tensor::from_vec(take_seq(&ro.values), n, &dev)?;
             let ret = take_seq(&tg.returns);
@@ -997,7 +999,7 @@ impl PpoTrainer {
                 "ppo step {step}: value loss is {lv}; stopping"
             )));
         }
-        let grads = vloss.backward()?;
+        let grads = self.frozen_model().backward(&vloss)?;
         let mut g = optim::grads_of(&self.critic_opt.params, &grads)?;
         optim::clip_grad_norm(&mut g, cfg.max_grad_norm);
         self.critic_opt.step(&g, cfg.critic_lr)?;

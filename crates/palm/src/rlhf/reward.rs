@@ -212,6 +212,9 @@ pub struct RewardForward {
     pub disable_lora: bool,
     /// Pool over every position, padding included (the original with `mask=None`).
     pub pool_all: bool,
+    /// Each trunk block as one graph node ([`Forward::fused_blocks`]): faster training; the
+    /// loss's gradients must then come from [`RewardModel::backward`].
+    pub fused_blocks: bool,
 }
 
 /// What one forward returns.
@@ -371,6 +374,12 @@ impl RewardModel {
             .clone())
     }
 
+    /// `loss.backward()`, plus the trunk's fused-block weight gradients (see
+    /// [`RewardForward::fused_blocks`]).
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        self.trunk.backward(loss)
+    }
+
     /// Pooled hidden states and the head's output.
     pub fn forward(&self, batch: &RewardBatch, opts: RewardForward) -> Result<RewardOutput> {
         let (b, t) = batch.ids.dims2()?;
@@ -396,7 +405,7 @@ impl RewardModel {
             key_mask: Some(&batch.mask),
             freeze_base: self.cfg.scope.is_some(),
             train: opts.train,
-            fused_blocks: false,
+            fused_blocks: opts.fused_blocks,
         };
         let emb = self.trunk.embeddings(&batch.ids, &fwd, None)?;
 
@@ -804,7 +813,7 @@ mod tests {
     }
 
     /// With a LoRA scope, only LoRA, the head and the segment embeddings get gradients; with full
-    /// fine-tuning every trunk parameter does too.
+    /// fine-tuning every trunk parameter does too. Fused blocks give the composed gradients.
     #[test]
     fn only_lora_head_and_segment_embeddings_receive_gradients() {
         for (segment_embeds, full) in [(true, false), (false, false), (true, true)] {
@@ -826,14 +835,35 @@ mod tests {
             perturb(&rm);
             let seqs: Vec<(&[u32], &[u32])> = vec![(&[1, 2], &[3, 4]), (&[1, 2], &[5])];
             let batch = RewardBatch::new(&seqs, Padding::Right, &Device::Cpu).unwrap();
-            let r = rm.rewards(&batch, RewardForward::default(), None).unwrap();
-            let loss = bradley_terry_loss(
-                &r.narrow(0, 0, 1).unwrap(),
-                &r.narrow(0, 1, 1).unwrap(),
-                0.0,
-            )
-            .unwrap();
-            let g = loss.backward().unwrap();
+            // composed blocks, then fused blocks (one node per block): the same gradients
+            let grads = |fused_blocks: bool| {
+                let opts = RewardForward {
+                    fused_blocks,
+                    ..Default::default()
+                };
+                let r = rm.rewards(&batch, opts, None).unwrap();
+                let loss = bradley_terry_loss(
+                    &r.narrow(0, 0, 1).unwrap(),
+                    &r.narrow(0, 1, 1).unwrap(),
+                    0.0,
+                )
+                .unwrap();
+                rm.backward(&loss).unwrap()
+            };
+            let (g, gf) = (grads(false), grads(true));
+            for (name, var) in rm.trunk.vars().iter().chain(rm.head_vars.iter()) {
+                let (a, b) = (g.get(var.as_tensor()), gf.get(var.as_tensor()));
+                assert_eq!(
+                    a.is_some(),
+                    b.is_some(),
+                    "{name}: fused and composed differ"
+                );
+                if let (Some(a), Some(b)) = (a, b) {
+                    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                    let d = d.to_scalar::<f32>().unwrap();
+                    assert!(d < 1e-5, "{name}: fused gradient differs by {d}");
+                }
+            }
             for (name, var) in rm.trunk.vars().iter() {
                 let has = g.get(var.as_tensor()).is_some();
                 let want = full || name.starts_with("finetune_modules.reward.");

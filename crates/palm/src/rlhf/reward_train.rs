@@ -565,6 +565,7 @@ pub fn train_examples(
             .set_seed(cfg.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let fwd = RewardForward {
             train: true,
+            fused_blocks: true,
             ..Default::default()
         };
         let out = match train {
@@ -580,7 +581,7 @@ pub fn train_examples(
                 "loss is {loss_v} at step {step}: stopping (lower the learning rate?)"
             )));
         }
-        let store = loss.backward()?;
+        let store = model.backward(&loss)?;
         let mut grads = grads_of(&params, &store)?;
         if grads_non_finite(&grads) {
             return Err(Error::msg(format!(

@@ -177,12 +177,14 @@ impl Critic {
         model: &Model,
         lay: &Layout,
         freeze_base: bool,
+        fused_blocks: bool,
     ) -> Result<(Tensor, Tensor)> {
         let extra = self.segment_embeds(lay, model.dim(), model.device())?;
         let opts = Forward {
             scope: Some(&self.scope),
             freeze_base,
             extra_embed: extra.as_ref(),
+            fused_blocks,
             ..Default::default()
         };
         let h = lay.response_hidden(model, opts)?; // [B, R, C]
@@ -325,7 +327,7 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
         cfg.temperature,
     )?;
     let critic = actors.critic;
-    let (values, _) = critic.values(actors.frozen, &lay, true)?;
+    let (values, _) = critic.values(actors.frozen, &lay, true, false)?;
     let logp = masked_vec(&logp, &lay.mask)?;
     let ref_logp = masked_vec(&ref_logp, &lay.mask)?;
     let values = if critic.pooled {
