@@ -184,7 +184,12 @@ pub fn run(a: Args) -> Result<()> {
                     b * t,
                     forward_flops_per_token(&cfg, t) * (b * t) as f64,
                     Box::new(move || {
-                        let emb = model.embeddings(&ids, &Forward::default(), None)?;
+                        // as RewardModel::score runs it: fused blocks, no backward
+                        let opts = Forward {
+                            fused_blocks: true,
+                            ..Default::default()
+                        };
+                        let emb = model.embeddings(&ids, &opts, None)?;
                         let _ = emb.mean(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
                         Ok(())
                     }),

@@ -475,7 +475,12 @@ impl RewardModel {
         let mut rng = rng::stream(0, 0xb1a5);
         for chunk in seqs.chunks(batch_size.max(1)) {
             let batch = RewardBatch::new(chunk, Padding::Right, self.trunk.device())?;
-            let r = self.rewards(&batch, RewardForward::default(), Some(&mut rng))?;
+            // no backward follows: fused blocks are only a faster forward here
+            let opts = RewardForward {
+                fused_blocks: true,
+                ..Default::default()
+            };
+            let r = self.rewards(&batch, opts, Some(&mut rng))?;
             out.extend(r.detach().to_vec1::<f32>()?);
         }
         Ok(out)

@@ -314,20 +314,25 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
     let generate_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let lay = Layout::new(prompts, &gen.completions)?;
-    // 2. one forward each: policy, reference (LoRA off), critic
+    // 2. one forward each: policy, reference (LoRA off), critic; no backward follows, so the
+    //    fused blocks are only a faster forward with less memory here
     let policy = Forward {
         scope: actors.policy_scope,
+        fused_blocks: true,
         ..Default::default()
     };
     let (logp, _) = response_logprobs(actors.policy, &lay, policy, cfg.temperature)?;
     let (ref_logp, _) = response_logprobs(
         actors.frozen,
         &lay,
-        actors.reference_forward(),
+        Forward {
+            fused_blocks: true,
+            ..actors.reference_forward()
+        },
         cfg.temperature,
     )?;
     let critic = actors.critic;
-    let (values, _) = critic.values(actors.frozen, &lay, true, false)?;
+    let (values, _) = critic.values(actors.frozen, &lay, true, true)?;
     let logp = masked_vec(&logp, &lay.mask)?;
     let ref_logp = masked_vec(&ref_logp, &lay.mask)?;
     let values = if critic.pooled {
