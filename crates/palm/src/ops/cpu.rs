@@ -331,21 +331,21 @@ pub(crate) fn par_rows(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn on_rayon_worker_runs_on_a_pool_thread_and_returns_the_result() {
         assert!(rayon::current_thread_index().is_none());
-        let (idx, v) = super::on_rayon_worker(|| (rayon::current_thread_index(), 6 * 7));
+        let (idx, v) = on_rayon_worker(|| (rayon::current_thread_index(), 6 * 7));
         assert!(idx.is_some(), "the closure ran outside the pool");
         assert_eq!(v, 42);
         // nested: runs inline on the same worker
-        let same = super::on_rayon_worker(|| {
+        let same = on_rayon_worker(|| {
             let outer = rayon::current_thread_index();
-            super::on_rayon_worker(|| rayon::current_thread_index() == outer)
+            on_rayon_worker(|| rayon::current_thread_index() == outer)
         });
         assert!(same);
     }
-
-    use super::*;
 
     /// exp_f32 against libm over [-87, 88] in steps that hit every binade, plus the edges.
     #[test]

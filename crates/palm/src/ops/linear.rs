@@ -356,6 +356,41 @@ mod tests {
         x.broadcast_matmul(&w.t()?)
     }
 
+    /// matmul_into against a plain triple loop, with a row-major lhs at an offset inside a wider
+    /// buffer (a column block), a transposed rhs, and accumulation; a view that reaches past its
+    /// slice is an error, not a read out of bounds.
+    #[test]
+    fn matmul_into_strided_views_and_bounds() {
+        let (m, n, k) = (5, 4, 3);
+        let wide: Vec<f32> = (0..m * 7).map(|i| (i as f32 * 0.37).sin()).collect();
+        let bt: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.91).cos()).collect(); // [n, k]
+        let lhs = View {
+            data: &wide,
+            off: 2,
+            rs: 7,
+            cs: 1,
+        }; // columns 2..5 of a [m, 7] matrix
+        let rhs = View::rows(&bt, k).t(); // [k, n]
+        let mut dst: Vec<f32> = (0..m * n).map(|i| i as f32).collect();
+        let before = dst.clone();
+        matmul_into((m, n, k), lhs, rhs, &mut dst, true).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| wide[2 + i * 7 + p] * bt[j * k + p]).sum();
+                let got = dst[i * n + j] - before[i * n + j];
+                assert!((got - want).abs() < 1e-5, "({i}, {j}): {got} vs {want}");
+            }
+        }
+        let past = View {
+            data: &wide,
+            off: 5,
+            rs: 7,
+            cs: 1,
+        }; // row 4 would end at 5 + 28 + 2 = 35 = len
+        assert!(matmul_into((m, n, k), past, rhs, &mut dst, false).is_err());
+        assert!(matmul_into((m, n, k), lhs, rhs, &mut dst[1..], false).is_err());
+    }
+
     /// Forward and both gradients equal the composed matmul, for a 3-D x, a weight that is a row
     /// block of a wider weight (strided view), and a transposed (non-contiguous) x.
     #[test]
