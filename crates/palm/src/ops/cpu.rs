@@ -5,8 +5,8 @@ use std::borrow::Cow;
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
 
-/// Runs `f` on a worker thread of rayon's global pool and returns its result (at once, on
-/// the calling thread, when that already is a worker).
+/// Runs `f` on a worker thread of this library's rayon pool and returns its result (at once,
+/// on the calling thread, when that already is a rayon worker).
 ///
 /// Every fused op, every `gemm` call and the optimiser fork into rayon's pool. Called from a
 /// thread outside the pool, each fork is a cross-thread injection: the caller queues the job,
@@ -15,13 +15,32 @@ use candle_core::{bail, CpuStorage, DType, Layout, Result, Storage, Tensor};
 /// `join` the caller takes part in. The `palm` binary runs each command through this:
 /// `palm bench train --config small` went from ~6,700 to ~7,500 tok/s and `palm bench sample`
 /// from ~6,700 to ~8,700 on 2 cores.
+///
+/// The pool's threads (as many as rayon's default: `RAYON_NUM_THREADS` or the CPUs) get
+/// [`WORKER_STACK`] bytes of stack, not std's 2 MiB: the closure runs what a main thread would,
+/// and candle's backward walks the graph recursively (a chain of 10,000 ops overflowed 2 MiB).
 pub fn on_rayon_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     if rayon::current_thread_index().is_some() {
         return f();
     }
-    // `scope` runs its closure on a worker of the current (here: the global) pool
-    rayon::scope(|_| f())
+    let pool = POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .stack_size(WORKER_STACK)
+            .thread_name(|i| format!("palm-worker-{i}"))
+            .build()
+            .ok()
+    });
+    match pool {
+        Some(pool) => pool.install(f),
+        // the threads could not be started: run here, as without the pool
+        None => f(),
+    }
 }
+
+/// Stack size of [`on_rayon_worker`]'s threads: address space reserved, not memory used (the
+/// pages a thread never touches are never mapped in).
+pub const WORKER_STACK: usize = 64 << 20;
 
 /// Rows per rayon task at least, so that small tensors are not split into tiny jobs.
 pub(crate) fn min_rows(n: usize) -> usize {
@@ -345,6 +364,21 @@ mod tests {
             on_rayon_worker(|| rayon::current_thread_index() == outer)
         });
         assert!(same);
+    }
+
+    /// candle's backward recursion over a deep graph, which overflowed std's 2 MiB worker stack.
+    #[test]
+    fn on_rayon_worker_has_room_for_a_deep_backward() {
+        let n = on_rayon_worker(|| {
+            let v = candle_core::Var::new(&[1.0f32, 2.0], &candle_core::Device::Cpu).unwrap();
+            let mut x = v.as_tensor().clone();
+            for _ in 0..20_000 {
+                x = (x * 1.0).unwrap();
+            }
+            let g = x.sum_all().unwrap().backward().unwrap();
+            g.get(v.as_tensor()).unwrap().to_vec1::<f32>().unwrap()
+        });
+        assert_eq!(n, vec![1.0, 1.0]);
     }
 
     /// exp_f32 against libm over [-87, 88] in steps that hit every binade, plus the edges.
