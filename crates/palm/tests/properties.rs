@@ -191,6 +191,22 @@ fn every_trainable_parameter_gets_a_nonzero_gradient() {
     }
 }
 
+/// A fused-block gradient `b` equals the composed one `a` within 1e-5 of a's largest magnitude
+/// (at least 1), and is non-zero and finite.
+fn assert_fused_grad_matches(tag: &str, a: &Tensor, b: &Tensor) {
+    let scale = a
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let d = max_diff(a, b);
+    assert!(d <= 1e-5 * scale.max(1.0), "{tag}: differs by {d}");
+    let n: f32 = b.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
+    assert!(n > 0.0 && n.is_finite(), "{tag}: fused gradient norm {n}");
+}
+
 /// Fused blocks (one graph node per block, weight gradients through Palm::backward) give the
 /// composed blocks' loss and gradients: causal with a left-padding key mask, and non-causal
 /// with padding ids; with trained-looking (non-zero) norm gains. A plain Tensor::backward after
@@ -252,20 +268,7 @@ fn fused_blocks_equal_composed_blocks() {
             let (Some(a), Some(b)) = (a, b) else {
                 panic!("causal {causal}: {name}: gradient missing in one path")
             };
-            let scale = a
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let d = max_diff(a, b);
-            assert!(
-                d <= 1e-5 * scale.max(1.0),
-                "causal {causal}: {name}: differs by {d}"
-            );
-            let n: f32 = b.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(n > 0.0 && n.is_finite(), "{name}: fused gradient norm {n}");
+            assert_fused_grad_matches(&format!("causal {causal}: {name}"), a, b);
         }
     }
     // misuse: Tensor::backward leaves the block weights' gradients uncollected
@@ -335,20 +338,7 @@ fn fused_blocks_with_lora_equal_composed_blocks() {
                 panic!("freeze {freeze_base}: {name}: gradient missing in one path")
             };
             lora_seen += is_lora as usize;
-            let scale = a
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let d = max_diff(a, b);
-            assert!(
-                d <= 1e-5 * scale.max(1.0),
-                "freeze {freeze_base}: {name}: differs by {d}"
-            );
-            let n: f32 = b.sqr().unwrap().sum_all().unwrap().to_scalar().unwrap();
-            assert!(n > 0.0 && n.is_finite(), "{name}: fused gradient norm {n}");
+            assert_fused_grad_matches(&format!("freeze {freeze_base}: {name}"), a, b);
         }
         // 2 layers x 6 targets x (A, B)
         assert_eq!(

@@ -140,6 +140,12 @@ fn lora_targets(l: &LoraLayer) -> Vec<&Lora> {
     v
 }
 
+/// The input-side LoRA targets (adding into the fused projection): q, k, v, then ff_in when
+/// present; the order of [`BlockLora::inputs`].
+fn lora_inputs(l: &LoraLayer) -> Vec<&Lora> {
+    [&l.q, &l.k, &l.v].into_iter().chain(&l.ff_in).collect()
+}
+
 /// One LoRA update's factors as plain buffers: A [in, r], B [r, out], and the scale.
 struct LoraData {
     a: Vec<f32>,
@@ -321,7 +327,7 @@ pub fn parallel_block(
     linear::linear_acc(&mut y, &g, &wff)?;
     //    LoRA of the attention output and the ff output
     if let Some(lo) = &lora {
-        for (ld, inp) in [(&lo.o, &o), (&lo.ff_out, &g)] {
+        for (ld, inp) in [(Some(&lo.o), &o), (lo.ff_out.as_ref(), &g)] {
             if let Some(ld) = ld {
                 let add = with_data(inp, |v| ld.forward(v, n))?;
                 y.iter_mut().zip(&add).for_each(|(y, a)| *y += a);
@@ -350,21 +356,19 @@ pub fn parallel_block(
 /// projection (q, k, v, ff_in), and the output-side ones (o, ff_out).
 struct BlockLora {
     inputs: Vec<(LoraData, usize)>,
-    o: Option<LoraData>,
+    o: LoraData,
     ff_out: Option<LoraData>,
 }
 
 impl BlockLora {
     fn new(l: &LoraLayer, (c, hd, d, f): (usize, usize, usize, usize)) -> Result<Self> {
-        let mut inputs = vec![
-            (LoraData::new(&l.q)?, 0),
-            (LoraData::new(&l.k)?, hd),
-            (LoraData::new(&l.v)?, hd + d),
-        ];
-        if let Some(ffi) = &l.ff_in {
-            inputs.push((LoraData::new(ffi)?, hd + 2 * d));
-        }
-        let o = Some(LoraData::new(&l.o)?);
+        // column offsets of q, k, v and the ff input in the projection
+        let inputs = lora_inputs(l)
+            .into_iter()
+            .zip([0, hd, hd + d, hd + 2 * d])
+            .map(|(lo, off)| Ok((LoraData::new(lo)?, off)))
+            .collect::<Result<Vec<_>>>()?;
+        let o = LoraData::new(&l.o)?;
         let ff_out = l.ff_out.as_ref().map(LoraData::new).transpose()?;
         let widths = [hd, d, d, 2 * f];
         for ((ld, _), want) in inputs.iter().zip(widths) {
@@ -376,7 +380,7 @@ impl BlockLora {
                 )
             }
         }
-        for (ld, inp) in [(&o, hd), (&ff_out, f)] {
+        for (ld, inp) in [(Some(&o), hd), (ff_out.as_ref(), f)] {
             if let Some(ld) = ld {
                 if ld.inp != inp || ld.out != c {
                     bail!(
@@ -469,11 +473,7 @@ impl CustomOp2 for BlockOp {
 
         // (parameter, gradient) of every parameter that gets one
         let mut grads: Vec<(&Tensor, Tensor)> = Vec::new();
-        // the input-side LoRA targets, in the order of BlockLora::inputs
-        let lora_inputs: Vec<&Lora> = match &p.lora {
-            Some(l) => [&l.q, &l.k, &l.v].into_iter().chain(&l.ff_in).collect(),
-            None => vec![],
-        };
+        let input_params: Vec<&Lora> = p.lora.as_ref().map(lora_inputs).unwrap_or_default();
 
         // 1. output projections: dg [B, T, F], dWff [C, F]; do [B, T, H*D], dWo [C, H*D]
         //    g = SwiGLU(ff) is recomputed from the saved projection rather than kept from the
@@ -487,7 +487,10 @@ impl CustomOp2 for BlockOp {
         //    LoRA of the attention output and the ff output: dA, dB; their input gradients
         //    are added into do and dg
         if let (Some(lo), Some(l)) = (&sv.lora, &p.lora) {
-            let outs = [(&lo.o, Some(&l.o)), (&lo.ff_out, l.ff_out.as_ref())];
+            let outs = [
+                (Some(&lo.o), Some(&l.o)),
+                (lo.ff_out.as_ref(), l.ff_out.as_ref()),
+            ];
             for ((ld, param), (inp, din)) in
                 outs.into_iter().zip([(&sv.o, &mut d_o), (&g, &mut dg)])
             {
@@ -532,7 +535,7 @@ impl CustomOp2 for BlockOp {
         if let Some(lo) = &sv.lora {
             let mut acc = vec![0f32; n * c];
             with_data(&sv.xn, |xn| {
-                for ((ld, off), param) in lo.inputs.iter().zip(&lora_inputs) {
+                for ((ld, off), param) in lo.inputs.iter().zip(&input_params) {
                     let dout = View {
                         data: &dproj,
                         off: *off,
