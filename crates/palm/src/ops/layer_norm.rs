@@ -188,7 +188,7 @@ pub(crate) fn layer_norm_backward(
 mod tests {
     use super::*;
     use crate::model::palm::layer_norm as composed;
-    use crate::ops::test_util::{self, max_diff};
+    use crate::ops::test_util::{self, assert_central_differences, max_diff};
     use candle_core::{Device, Var};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -314,28 +314,8 @@ mod tests {
             .unwrap();
         let dg = grads.get(&g).unwrap().to_vec1::<f32>().unwrap();
         let h = 1e-2f32;
-        for i in [0, 5, 13, 23] {
-            let (mut p, mut m) = (xv.clone(), xv.clone());
-            p[i] += h;
-            m[i] -= h;
-            let fd = (loss(&p, &gv) - loss(&m, &gv)) / (2.0 * h as f64);
-            assert!(
-                (fd - dx[i] as f64).abs() < 2e-3,
-                "dx[{i}]: fd {fd} vs {}",
-                dx[i]
-            );
-        }
-        for i in [0, 3, 7] {
-            let (mut p, mut m) = (gv.clone(), gv.clone());
-            p[i] += h;
-            m[i] -= h;
-            let fd = (loss(&xv, &p) - loss(&xv, &m)) / (2.0 * h as f64);
-            assert!(
-                (fd - dg[i] as f64).abs() < 2e-3,
-                "dg[{i}]: fd {fd} vs {}",
-                dg[i]
-            );
-        }
+        assert_central_differences("dx", |p| loss(p, &gv), &xv, &dx, &[0, 5, 13, 23], h, 2e-3);
+        assert_central_differences("dg", |p| loss(&xv, p), &gv, &dg, &[0, 3, 7], h, 2e-3);
     }
 
     #[test]

@@ -338,7 +338,7 @@ pub(crate) fn linear_backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::test_util::max_diff;
+    use crate::ops::test_util::{assert_central_differences, max_diff};
     use candle_core::{Device, Var};
 
     fn rand(shape: &[usize], seed: u64) -> Tensor {
@@ -453,35 +453,16 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        let eps = 1e-2f32;
-        for (t, var, which) in [(&x, &xv, 0), (&w, &wv, 1)] {
-            let grad: Vec<f32> = g
-                .get(var)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let base: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            for i in [0, base.len() / 2, base.len() - 1] {
-                let bump = |d: f32| {
-                    let mut v = base.clone();
-                    v[i] += d;
-                    Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap()
-                };
-                let (p, m) = (bump(eps), bump(-eps));
-                let fd = if which == 0 {
-                    (f(&p, &w) - f(&m, &w)) / (2.0 * eps as f64)
-                } else {
-                    (f(&x, &p) - f(&x, &m)) / (2.0 * eps as f64)
-                };
-                assert!(
-                    (fd - grad[i] as f64).abs() < 1e-3,
-                    "{which}/{i}: {fd} vs {}",
-                    grad[i]
-                );
-            }
-        }
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let like = |v: &[f32], t: &Tensor| Tensor::from_slice(v, t.shape(), &Device::Cpu).unwrap();
+        let (x0, w0) = (flat(&x), flat(&w));
+        let (gx, gw) = (flat(g.get(&xv).unwrap()), flat(g.get(&wv).unwrap()));
+        let ends = |n: usize| [0, n / 2, n - 1];
+        let (eps, tol) = (1e-2, 1e-3);
+        let fx = |v: &[f32]| f(&like(v, &x), &w);
+        assert_central_differences("dx", fx, &x0, &gx, &ends(x0.len()), eps, tol);
+        let fw = |v: &[f32]| f(&x, &like(v, &w));
+        assert_central_differences("dw", fw, &w0, &gw, &ends(w0.len()), eps, tol);
     }
 
     /// A detached weight (frozen base) gets no gradient and x still does.

@@ -98,7 +98,7 @@ impl CustomOp1 for SwiGluOp {
 mod tests {
     use super::*;
     use crate::model::palm::swiglu_composed as composed;
-    use crate::ops::test_util::{self, max_diff};
+    use crate::ops::test_util::{self, assert_central_differences, max_diff};
     use candle_core::{Device, Var};
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -172,18 +172,7 @@ mod tests {
             .flatten_all()
             .unwrap();
         let g = g.to_vec1::<f32>().unwrap();
-        let h = 1e-2f32;
-        for i in [0, 4, 7, 12, 19] {
-            let (mut p, mut m) = (v.clone(), v.clone());
-            p[i] += h;
-            m[i] -= h;
-            let fd = (loss(&p) - loss(&m)) / (2.0 * h as f64);
-            assert!(
-                (fd - g[i] as f64).abs() < 2e-3,
-                "d[{i}]: fd {fd} vs {}",
-                g[i]
-            );
-        }
+        assert_central_differences("d", loss, &v, &g, &[0, 4, 7, 12, 19], 1e-2, 2e-3);
     }
 
     #[test]

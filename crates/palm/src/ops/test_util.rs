@@ -17,3 +17,28 @@ pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap();
     d.max(0).unwrap().to_scalar::<f32>().unwrap()
 }
+
+/// Checks `grad[i]` against the central difference (loss(v + h e_i) - loss(v - h e_i)) / 2h at each
+/// index in `at`, to within `tol`; `what` names the gradient in the failure message.
+pub(crate) fn assert_central_differences(
+    what: &str,
+    loss: impl Fn(&[f32]) -> f64,
+    v: &[f32],
+    grad: &[f32],
+    at: &[usize],
+    h: f32,
+    tol: f64,
+) {
+    assert_eq!(v.len(), grad.len(), "{what}: value and gradient lengths");
+    for &i in at {
+        let (mut p, mut m) = (v.to_vec(), v.to_vec());
+        p[i] += h;
+        m[i] -= h;
+        let fd = (loss(&p) - loss(&m)) / (2.0 * h as f64);
+        assert!(
+            (fd - grad[i] as f64).abs() < tol,
+            "{what}[{i}]: fd {fd} vs {}",
+            grad[i]
+        );
+    }
+}
