@@ -1,11 +1,12 @@
 //! palm-rlhf: PaLM + RLHF in Rust on candle.
 //!
 //! Map: `config` (model config), `model` (PaLM; `model::hf`: Hugging Face decoders; `model::palm_decode`: fast CPU sampling), `lora` (LoRA scopes), `kv_cache`, `sample`
-//! (sampling and batched generation), `tokenizer` (+ `tokenizer_llama2c`), `judges` (VADER sentiment), `params` (parameters by checkpoint name),
+//! (sampling and batched generation), `tokenizer` (+ `tokenizer_llama2c`), `chat` (chat templates), `judges` (VADER sentiment), `params` (parameters by checkpoint name),
 //! `checkpoint` (atomic files and directories), `load` (model loading from any supported path),
 //! `fixtures` (where the shared test data lives), `rng` (seeded streams), `ops` (fused CPU kernels
 //! with backward: linear, LayerNorm, SwiGLU, cross-entropy, multi-query attention with rotary/xPos).
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
