@@ -1,7 +1,7 @@
 //! palm-rlhf: PaLM + RLHF in Rust on candle.
 //!
 //! Map: `config` (model config), `model` (PaLM; `model::hf`: Hugging Face decoders; `model::palm_decode`: fast CPU sampling), `lora` (LoRA scopes), `kv_cache`, `sample`
-//! (sampling and batched generation), `tokenizer` (+ `tokenizer_llama2c`), `chat` (chat templates), `judges` (VADER sentiment), `params` (parameters by checkpoint name),
+//! (sampling and batched generation), `tokenizer` (+ `tokenizer_llama2c`: scored BPE, `tokenizer_gguf`: from GGUF metadata), `chat` (chat templates), `judges` (VADER sentiment), `params` (parameters by checkpoint name),
 //! `checkpoint` (atomic files and directories), `load` (model loading from any supported path),
 //! `fixtures` (where the shared test data lives), `rng` (seeded streams), `ops` (fused CPU kernels
 //! with backward: linear, LayerNorm, SwiGLU, cross-entropy, multi-query attention with rotary/xPos).
@@ -23,6 +23,7 @@ pub mod rng;
 pub mod sample;
 pub mod tasks;
 pub mod tokenizer;
+pub mod tokenizer_gguf;
 pub mod tokenizer_llama2c;
 pub mod train;
 

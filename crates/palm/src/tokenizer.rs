@@ -1,24 +1,34 @@
-//! Tokenizers: byte-level (256 ids, as the original's enwik8 setup) and any Hugging Face
-//! `tokenizer.json` through the `tokenizers` crate.
+//! Tokenizers: byte-level (256 ids, as the original's enwik8 setup), any Hugging Face
+//! `tokenizer.json` through the `tokenizers` crate, SentencePiece-style scored BPE (llama2.c
+//! files, GGUF `llama` vocabularies) and GGUF `gpt2` vocabularies (`tokenizer_gguf`).
 //!
 //! Byte-level text has no end-of-sequence symbol; we use id 0 (the NUL byte, which never occurs
 //! in text) as EOS, so fine-tuned byte models learn to stop.
+//!
+//! End of generation: every tokenizer carries a list of end ids ([`Tokenizer::end_ids`]), EOS
+//! first; a caller adds more (a `generation_config.json`'s `eos_token_id` list, the chat
+//! template's end-of-turn token) with [`Tokenizer::add_end_ids`].
 
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::tokenizer_llama2c::SpmTokenizer;
 
 pub const BYTE_EOS: u32 = 0;
 
 #[derive(Debug, Clone)]
 pub enum Tokenizer {
     Bytes,
+    /// A `tokenizers` tokenizer (a `tokenizer.json`, or built from GGUF `gpt2` metadata).
     Hf {
         tok: Box<tokenizers::Tokenizer>,
         eos: Option<u32>,
+        /// Ids that end a generation, EOS first.
+        end_ids: Vec<u32>,
     },
-    /// llama2.c's `tokenizer.bin` format (e.g. stories260K's `tok512.bin`).
-    Llama2c(Box<crate::tokenizer_llama2c::Llama2cTokenizer>),
+    /// Scored BPE: llama2.c's `tokenizer.bin` format (e.g. stories260K's `tok512.bin`) or a GGUF
+    /// `llama` (SentencePiece) vocabulary.
+    Spm(Box<SpmTokenizer>),
 }
 
 impl Tokenizer {
@@ -38,9 +48,7 @@ impl Tokenizer {
 
     pub fn from_file(file: &Path) -> Result<Self> {
         if file.extension().is_some_and(|e| e == "bin") {
-            return Ok(Tokenizer::Llama2c(Box::new(
-                crate::tokenizer_llama2c::Llama2cTokenizer::from_file(file)?,
-            )));
+            return Ok(Tokenizer::Spm(Box::new(SpmTokenizer::from_file(file)?)));
         }
         if !file.exists() {
             return Err(Error::Tokenizer(format!(
@@ -53,10 +61,16 @@ impl Tokenizer {
         let eos = ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
             .iter()
             .find_map(|t| tok.token_to_id(t));
-        Ok(Tokenizer::Hf {
+        Ok(Self::from_hf(tok, eos))
+    }
+
+    /// Wraps a `tokenizers` tokenizer; `eos` starts the end-id list.
+    pub fn from_hf(tok: tokenizers::Tokenizer, eos: Option<u32>) -> Self {
+        Tokenizer::Hf {
             tok: Box::new(tok),
             eos,
-        })
+            end_ids: eos.into_iter().collect(),
+        }
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -67,12 +81,13 @@ impl Tokenizer {
                 .map_err(|e| Error::Tokenizer(e.to_string()))?
                 .get_ids()
                 .to_vec()),
-            Tokenizer::Llama2c(t) => Ok(t.encode_with(text, false, false)),
+            Tokenizer::Spm(t) => Ok(t.encode_with(text, false, false)),
         }
     }
 
     /// Ids of a generation prompt: `encode` plus the beginning-of-sequence id where the
-    /// tokenizer has one (llama2.c: BOS; `tokenizer.json`: its own special tokens).
+    /// tokenizer adds one (llama2.c: BOS; GGUF: `add_bos_token`/`add_eos_token`;
+    /// `tokenizer.json`: its own post-processor).
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Bytes => self.encode(text),
@@ -81,16 +96,18 @@ impl Tokenizer {
                 .map_err(|e| Error::Tokenizer(e.to_string()))?
                 .get_ids()
                 .to_vec()),
-            Tokenizer::Llama2c(t) => Ok(t.encode_with(text, true, false)),
+            Tokenizer::Spm(t) => Ok(t.encode_with(text, t.add_bos, t.add_eos)),
         }
     }
 
-    /// Decodes ids to text (invalid UTF-8 is replaced).
+    /// Decodes ids to text (invalid UTF-8 is replaced). Special ids (BOS, EOS, control tokens
+    /// such as `<|im_end|>`) are dropped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         Ok(String::from_utf8_lossy(&self.decode_bytes(ids)?).into_owned())
     }
 
-    /// Decodes ids to raw bytes (byte-level ids are bytes; ids >= 256 are dropped).
+    /// Decodes ids to raw bytes (byte-level ids are bytes; ids >= 256 are dropped). Special ids
+    /// are dropped.
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
         match self {
             Tokenizer::Bytes => Ok(ids.iter().filter(|&&i| i < 256).map(|&i| i as u8).collect()),
@@ -98,7 +115,7 @@ impl Tokenizer {
                 .decode(ids, true)
                 .map_err(|e| Error::Tokenizer(e.to_string()))?
                 .into_bytes()),
-            Tokenizer::Llama2c(t) => t.decode_bytes(ids),
+            Tokenizer::Spm(t) => t.decode_bytes(ids),
         }
     }
 
@@ -106,15 +123,93 @@ impl Tokenizer {
         match self {
             Tokenizer::Bytes => 256,
             Tokenizer::Hf { tok, .. } => tok.get_vocab_size(true),
-            Tokenizer::Llama2c(t) => t.vocab_size(),
+            Tokenizer::Spm(t) => t.vocab_size(),
         }
     }
 
+    /// The end-of-sequence id, if the tokenizer has one.
     pub fn eos_id(&self) -> Option<u32> {
         match self {
             Tokenizer::Bytes => Some(BYTE_EOS),
             Tokenizer::Hf { eos, .. } => *eos,
-            Tokenizer::Llama2c(_) => Some(crate::tokenizer_llama2c::EOS),
+            Tokenizer::Spm(t) => t.eos,
+        }
+    }
+
+    /// Every id that ends a generation: EOS first, then those added with `add_end_ids`.
+    pub fn end_ids(&self) -> Vec<u32> {
+        match self {
+            Tokenizer::Bytes => vec![BYTE_EOS],
+            Tokenizer::Hf { end_ids, .. } => end_ids.clone(),
+            Tokenizer::Spm(t) => t.end_ids.clone(),
+        }
+    }
+
+    /// Whether `id` ends a generation.
+    pub fn is_end(&self, id: u32) -> bool {
+        match self {
+            Tokenizer::Bytes => id == BYTE_EOS,
+            Tokenizer::Hf { end_ids, .. } => end_ids.contains(&id),
+            Tokenizer::Spm(t) => t.end_ids.contains(&id),
+        }
+    }
+
+    /// Adds end-of-generation ids (kept once each, in order). Ids outside the vocabulary are
+    /// refused; the byte-level tokenizer's only end id is 0.
+    pub fn add_end_ids(&mut self, ids: &[u32]) -> Result<()> {
+        let n = self.vocab_size();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= n) {
+            return Err(Error::Tokenizer(format!(
+                "end-of-generation id {id} is outside the vocabulary of {n}"
+            )));
+        }
+        let list = match self {
+            Tokenizer::Bytes => {
+                return match ids.iter().find(|&&id| id != BYTE_EOS) {
+                    Some(id) => Err(Error::Tokenizer(format!(
+                        "the byte-level tokenizer ends only on id {BYTE_EOS}, not {id}"
+                    ))),
+                    None => Ok(()),
+                }
+            }
+            Tokenizer::Hf { end_ids, .. } => end_ids,
+            Tokenizer::Spm(t) => &mut t.end_ids,
+        };
+        for &id in ids {
+            if !list.contains(&id) {
+                list.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// `add_end_ids`, by value.
+    pub fn with_end_ids(mut self, ids: &[u32]) -> Result<Self> {
+        self.add_end_ids(ids)?;
+        Ok(self)
+    }
+
+    /// The id of a token as written in the vocabulary (`<|im_end|>`, `Ġthe`, `▁the`); the
+    /// byte-level tokenizer's tokens are single bytes.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => match token.as_bytes() {
+                [b] => Some(u32::from(*b)),
+                _ => None,
+            },
+            Tokenizer::Hf { tok, .. } => tok.token_to_id(token),
+            Tokenizer::Spm(t) => t.token_to_id(token),
+        }
+    }
+
+    /// The token of an id as written in the vocabulary (byte-level: the byte, lossy UTF-8).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        match self {
+            Tokenizer::Bytes => u8::try_from(id)
+                .ok()
+                .map(|b| String::from_utf8_lossy(&[b]).into_owned()),
+            Tokenizer::Hf { tok, .. } => tok.id_to_token(id),
+            Tokenizer::Spm(t) => t.id_to_token(id),
         }
     }
 }
@@ -193,5 +288,39 @@ mod tests {
         assert_eq!(t.encode(" the").unwrap(), vec![262]);
         assert_eq!(t.decode(&[15496, 995]).unwrap(), "Hello world");
         assert_eq!(t.eos_id(), Some(50256));
+        assert_eq!(t.end_ids(), vec![50256]);
+        assert_eq!(t.token_to_id("Ġthe"), Some(262));
+        assert_eq!(t.id_to_token(262).as_deref(), Some("Ġthe"));
+        // decode drops special tokens
+        assert_eq!(t.decode(&[15496, 50256, 995]).unwrap(), "Hello world");
+    }
+
+    #[test]
+    fn end_ids_are_added_once_and_checked() {
+        let Some(p) =
+            crate::fixtures::require(crate::fixtures::data_path("tokenizers/gpt2/tokenizer.json"))
+        else {
+            return;
+        };
+        let mut t = Tokenizer::from_file(&p).unwrap();
+        t.add_end_ids(&[198, 50256, 198]).unwrap();
+        assert_eq!(t.end_ids(), vec![50256, 198]);
+        assert!(t.is_end(198) && !t.is_end(262));
+        let e = t.add_end_ids(&[60000]).unwrap_err().to_string();
+        assert!(e.contains("60000") && e.contains("50257"), "{e}");
+        assert_eq!(t.end_ids(), vec![50256, 198]);
+    }
+
+    #[test]
+    fn byte_tokens_and_end_ids() {
+        let mut t = Tokenizer::Bytes;
+        assert_eq!(t.token_to_id("a"), Some(97));
+        assert_eq!(t.token_to_id("ab"), None);
+        assert_eq!(t.id_to_token(97).as_deref(), Some("a"));
+        assert_eq!(t.id_to_token(256), None);
+        assert_eq!(t.end_ids(), vec![BYTE_EOS]);
+        t.add_end_ids(&[BYTE_EOS]).unwrap();
+        assert!(t.add_end_ids(&[10]).is_err());
+        assert_eq!(t.end_ids(), vec![BYTE_EOS]);
     }
 }
