@@ -456,6 +456,49 @@ mod tests {
         assert!(e.contains("merges[0]"), "{e}");
     }
 
+    /// A byte-level BPE vocabulary (Ġ is the space byte): control tokens, letters, digits.
+    fn bpe_vocab(pre: &str) -> GgufVocab {
+        let tokens = [
+            "<s>", "</s>", "a", "b", "Ġ", "ab", "Ġa", "1", "2", "12", "<|x|>",
+        ];
+        GgufVocab {
+            model: "gpt2".into(),
+            pre: Some(pre.into()),
+            tokens: tokens.map(String::from).to_vec(),
+            token_types: vec![3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 4],
+            merges: ["a b", "Ġ a", "1 2"].map(String::from).to_vec(),
+            bos: Some(0),
+            eos: Some(1),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bpe_vocab_splits_by_its_pre_tokenizer_and_adds_bos_eos() {
+        let p = Path::new("bpe.gguf");
+        // GPT-2's split keeps digit runs together: "12" merges
+        let t = build(&bpe_vocab("gpt2"), p).unwrap();
+        assert_eq!(t.encode("ab a12").unwrap(), vec![5, 6, 9]);
+        // SmolLM's splits every digit first: "1" "2" cannot merge
+        let t = build(&bpe_vocab("smollm"), p).unwrap();
+        assert_eq!(t.encode("ab a12").unwrap(), vec![5, 6, 7, 8]);
+        // control and user-defined tokens in text are one id each, no prefix space after them
+        assert_eq!(t.encode("<s>a<|x|>b</s>").unwrap(), vec![0, 2, 10, 3, 1]);
+        // decoding drops control tokens, keeps user-defined ones
+        assert_eq!(t.decode(&[0, 5, 10, 6, 1]).unwrap(), "ab<|x|> a");
+        assert_eq!(t.encode_prompt("ab").unwrap(), vec![5]);
+        let mut v = bpe_vocab("smollm");
+        v.add_bos = true;
+        v.add_eos = true;
+        let t = build(&v, p).unwrap();
+        assert_eq!(t.encode_prompt("ab").unwrap(), vec![0, 5, 1]);
+        assert_eq!(t.encode("ab").unwrap(), vec![5]);
+        v.add_bos = false;
+        let t = build(&v, p).unwrap();
+        assert_eq!(t.encode_prompt("ab").unwrap(), vec![5, 1]);
+        assert_eq!(t.end_ids(), vec![1]);
+    }
+
     #[test]
     fn byte_pieces_parse() {
         assert_eq!(parse_byte_piece("<0x0A>"), Some(10));

@@ -662,6 +662,18 @@ mod tests {
         // and one long text, which the rescan takes seconds for
         let long: String = chars[..3000].iter().collect();
         assert_eq!(t.encode_with(&long, false, false), encode_rescan(&t, &long));
+        if std::env::var("PALM_TIME_SPM").is_ok() {
+            for n in [5_000, 20_000] {
+                let s: String = chars[..n].iter().collect();
+                let t0 = std::time::Instant::now();
+                let a = t.encode_with(&s, false, false);
+                let t1 = std::time::Instant::now();
+                let b = encode_rescan(&t, &s);
+                let t2 = std::time::Instant::now();
+                assert_eq!(a, b);
+                eprintln!("{n} chars: queue {:?}, rescan {:?}", t1 - t0, t2 - t1);
+            }
+        }
     }
 
     #[test]
