@@ -567,6 +567,65 @@ mod tests {
         }
     }
 
+    /// A real Hugging Face checkpoint (stories260K, Llama 2 architecture): exported as f32 and
+    /// read back it still gives transformers' logits; as q8_0 its rows of 172 fall back to f16.
+    #[test]
+    fn stories260k_hf_directory_round_trip() {
+        let Some(dir) =
+            crate::fixtures::require(crate::fixtures::data_path("models/stories260K/hf"))
+        else {
+            return;
+        };
+        let m = crate::model::hf::load_hf(&dir, &Device::Cpu).unwrap();
+        let r: serde_json::Value =
+            crate::checkpoint::read_json(&dir.join("reference_greedy.json")).unwrap();
+        let ids: Vec<u32> = r["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let want: Vec<f32> = r["logits_last_position"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let out = tempfile::tempdir().unwrap();
+        let p = out.path().join("s.gguf");
+        let rep = write_gguf(&m, &p, GgufDType::F32).unwrap();
+        assert!(
+            rep.notes[0].contains("only the BOS/EOS ids"),
+            "{:?}",
+            rep.notes
+        );
+        let back = load_gguf(&p, &Device::Cpu).unwrap();
+        let t = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+        let last: Vec<f32> = back
+            .forward(&t, &Forward::default())
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(ids.len() - 1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let err = last
+            .iter()
+            .zip(&want)
+            .fold(0f32, |x, (a, b)| x.max((a - b).abs()));
+        assert!(err < 1e-4, "{err}");
+        let rep = write_gguf(&m, &out.path().join("q.gguf"), GgufDType::Q8_0).unwrap();
+        assert!(
+            rep.notes
+                .iter()
+                .any(|n| n.starts_with("5 tensor(s) written as f16")
+                    && n.contains("blk.4.ffn_down.weight")),
+            "{:?}",
+            rep.notes
+        );
+    }
+
     #[test]
     fn refuses_lora_scopes_and_other_architectures() {
         let mut m = tiny_llama(true, 6);
