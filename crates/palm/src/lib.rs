@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod fixtures;
+pub mod gguf;
 pub mod judges;
 pub mod kv_cache;
 pub mod load;

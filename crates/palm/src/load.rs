@@ -121,10 +121,23 @@ pub fn save_palm(model: &Palm, dir: &Path) -> Result<()> {
     checkpoint::write_dir_atomic(dir, |tmp| write_palm_files(model, tmp))
 }
 
+/// Whether `path` names a GGUF file (by its `.gguf` extension).
+pub fn is_gguf_path(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
 /// Loads any supported model from a `--model` path.
-/// A directory whose `config.json` names `architectures` (or a `model_type`) is a Hugging Face
-/// model (see [`crate::model::hf`]); anything else is a PaLM checkpoint.
+/// A `.gguf` file is a llama.cpp model (see [`crate::model::gguf_import`]); a directory whose
+/// `config.json` names `architectures` (or a `model_type`) is a Hugging Face model (see
+/// [`crate::model::hf`]); anything else is a PaLM checkpoint.
 pub fn load_model(path: &Path, device: &Device) -> Result<crate::model::Model> {
+    if is_gguf_path(path) {
+        return Ok(crate::model::Model::Hf(
+            crate::model::gguf_import::load_gguf(path, device)?,
+        ));
+    }
     let mut dir = checkpoint::resolve_dir(path);
     // a weights file inside a Hugging Face directory names that directory
     if dir.is_file() {

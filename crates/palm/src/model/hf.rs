@@ -449,6 +449,8 @@ pub struct HfModel {
     pub generation_config: Option<Value>,
     /// Tokenizer files found beside the weights (name, bytes), copied on save.
     pub extra_files: Vec<(String, Vec<u8>)>,
+    /// The source GGUF's header and metadata (tokenizer, chat template) when loaded from one.
+    pub gguf: Option<std::sync::Arc<crate::gguf::GgufFile>>,
     pub embed: Tensor,             // [V, C]
     pub pos_embed: Option<Tensor>, // [max_pos, C]
     pub layers: Vec<Layer>,
@@ -652,6 +654,7 @@ impl HfModel {
         let mut model = Self {
             generation_config: None,
             extra_files: vec![],
+            gguf: None,
             config,
             embed,
             pos_embed,

@@ -1,6 +1,8 @@
 //! Models. `palm` is the PaLM of the original; `Model` is what the rest of the crate (sampling,
 //! training, reward model, PPO, CLI) works with, so imported architectures plug in beside it.
 
+pub mod gguf_export;
+pub mod gguf_import;
 pub mod hf;
 pub mod hf_config;
 pub mod palm;

@@ -1,0 +1,433 @@
+//! GGUF -> [`HfModel`]: llama.cpp's metadata becomes a Hugging Face `config.json` value, its
+//! tensor names become checkpoint keys, every tensor is dequantised to f32, and for the
+//! architectures whose llama.cpp rotary is interleaved (`llama`) the Q and K rows are put back
+//! in Hugging Face's rotate-half order. Then the model is built by [`HfModel::from_tensors`]
+//! like any Hugging Face checkpoint.
+//!
+//! The Q/K permutation: llama.cpp's converter (`LlamaModel.permute`) views the rows of one head
+//! as `[2, D/2]` (rotate-half halves) and stores them as `[D/2, 2]`, so within a head HF row
+//! `p*D/2 + j` becomes GGUF row `2j + p` and rotate-half pairs `(j, j + D/2)` become adjacent
+//! pairs `(2j, 2j+1)` for ggml's interleaved rotary. `qwen2` GGUFs use NeoX (rotate-half)
+//! rotary and are stored unpermuted.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+
+use super::hf::{HfModel, HfSpec};
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+
+/// GGUF architectures we import, with their Hugging Face class.
+pub const GGUF_ARCHS: [(&str, &str); 2] =
+    [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM")];
+
+/// Whether llama.cpp stores this architecture's Q/K rows permuted for interleaved rotary.
+pub fn permutes_qk(arch: &str) -> bool {
+    arch == "llama"
+}
+
+/// Per-layer GGUF module names and their Hugging Face (Llama/Qwen2) names.
+const LAYER_MODULES: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+const TOP_MODULES: [(&str, &str); 3] = [
+    ("token_embd", "model.embed_tokens"),
+    ("output_norm", "model.norm"),
+    ("output", "lm_head"),
+];
+
+/// `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (None: no equivalent).
+pub fn hf_name(gguf_name: &str) -> Option<String> {
+    let (module, suffix) = gguf_name.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    if let Some(rest) = module.strip_prefix("blk.") {
+        let (layer, m) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let (_, hf) = LAYER_MODULES.iter().find(|(g, _)| *g == m)?;
+        return Some(format!("model.layers.{layer}.{hf}.{suffix}"));
+    }
+    let (_, hf) = TOP_MODULES.iter().find(|(g, _)| *g == module)?;
+    Some(format!("{hf}.{suffix}"))
+}
+
+/// The inverse of [`hf_name`].
+pub fn gguf_name(hf_name: &str) -> Option<String> {
+    let (module, suffix) = hf_name.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    if let Some(rest) = module.strip_prefix("model.layers.") {
+        let (layer, m) = rest.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let (g, _) = LAYER_MODULES.iter().find(|(_, h)| *h == m)?;
+        return Some(format!("blk.{layer}.{g}.{suffix}"));
+    }
+    let (g, _) = TOP_MODULES.iter().find(|(_, h)| *h == module)?;
+    Some(format!("{g}.{suffix}"))
+}
+
+/// Rows of a Q or K weight [heads*D, ..] (or bias [heads*D]) from llama.cpp's interleaved
+/// order back to rotate-half: per head `[D/2, 2] -> [2, D/2]`.
+pub fn unpermute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
+    regroup_rows(w, heads, true)
+}
+
+/// Rows of a Q or K weight from rotate-half to llama.cpp's interleaved order (what its
+/// converter does): per head `[2, D/2] -> [D/2, 2]`.
+pub fn permute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
+    regroup_rows(w, heads, false)
+}
+
+fn regroup_rows(w: &Tensor, heads: usize, undo: bool) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims.first().copied().unwrap_or(0);
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
+        return Err(Error::msg(format!(
+            "cannot regroup {rows} rows into {heads} heads of an even size"
+        )));
+    }
+    let half = rows / heads / 2;
+    let rest: usize = dims[1..].iter().product();
+    // undo: [heads, D/2, 2, rest] -> [heads, 2, D/2, rest]; permute: the reverse
+    let shape = if undo {
+        (heads, half, 2, rest)
+    } else {
+        (heads, 2, half, rest)
+    };
+    Ok(w.reshape(shape)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
+fn err(g: &GgufFile, msg: String) -> Error {
+    Error::msg(format!("{}: {msg}", g.path.display()))
+}
+
+/// `{arch}.attention.head_count_kv`: a number, or one per layer (all equal).
+fn kv_heads(g: &GgufFile, arch: &str, heads: u64) -> Result<u64> {
+    let key = format!("{arch}.attention.head_count_kv");
+    if let Some(a) = g.get(&key).and_then(|v| v.as_array()) {
+        let vals: Vec<u64> = a.iter().filter_map(|v| v.as_u64()).collect();
+        return match vals.first() {
+            Some(&first) if vals.len() == a.len() && vals.iter().all(|&v| v == first) => {
+                Ok(first)
+            }
+            _ => Err(err(
+                g,
+                format!("metadata `{key}`: per-layer key/value head counts that differ are not supported"),
+            )),
+        };
+    }
+    Ok(g.get_u64(&key)?.unwrap_or(heads))
+}
+
+/// A Hugging Face `config.json` value for the model in `g`.
+pub fn hf_config_from_gguf(g: &GgufFile) -> Result<Value> {
+    let arch = g.architecture()?;
+    let Some((_, class)) = GGUF_ARCHS.iter().find(|(a, _)| *a == arch) else {
+        return Err(err(
+            g,
+            format!(
+                "GGUF architecture `{arch}` is not supported (supported: {})",
+                GGUF_ARCHS.map(|(a, _)| a).join(", ")
+            ),
+        ));
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let need = |k: &str| -> Result<u64> {
+        g.get_u64(&key(k))?
+            .ok_or_else(|| err(g, format!("missing metadata `{}`", key(k))))
+    };
+    let dim = need("embedding_length")?;
+    let heads = need("attention.head_count")?;
+    if heads == 0 {
+        return Err(err(
+            g,
+            format!("metadata `{}` is 0", key("attention.head_count")),
+        ));
+    }
+    let head_dim = match g.get_u64(&key("attention.key_length"))? {
+        Some(d) => d,
+        None if dim.is_multiple_of(heads) => dim / heads,
+        None => {
+            return Err(err(
+                g,
+                format!("embedding length {dim} is not a multiple of {heads} heads"),
+            ))
+        }
+    };
+    let rot = g.get_u64(&key("rope.dimension_count"))?.unwrap_or(head_dim);
+    let eps = g
+        .get_f64(&key("attention.layer_norm_rms_epsilon"))?
+        .ok_or_else(|| {
+            err(
+                g,
+                format!(
+                    "missing metadata `{}`",
+                    key("attention.layer_norm_rms_epsilon")
+                ),
+            )
+        })?;
+    let vocab = match g.get_u64(&key("vocab_size"))? {
+        Some(v) => v,
+        None => match g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
+            Some(t) => t.len() as u64,
+            None => g
+                .tensor_info("token_embd.weight")
+                .map(|t| t.dims[0] as u64)
+                .ok_or_else(|| {
+                    err(
+                        g,
+                        "no vocabulary size, tokens or `token_embd.weight`".into(),
+                    )
+                })?,
+        },
+    };
+    let mut cfg = json!({
+        "architectures": [class],
+        "model_type": arch,
+        "hidden_size": dim,
+        "intermediate_size": need("feed_forward_length")?,
+        "num_hidden_layers": need("block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads(g, arch, heads)?,
+        "head_dim": head_dim,
+        "rms_norm_eps": eps,
+        "rope_theta": g.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0),
+        "max_position_embeddings": g.get_u64(&key("context_length"))?.unwrap_or(2048),
+        "vocab_size": vocab,
+        "hidden_act": "silu",
+        "tie_word_embeddings": !g.has_tensor("output.weight"),
+    });
+    let obj = cfg
+        .as_object_mut()
+        .ok_or_else(|| Error::msg("config is an object"))?;
+    if rot != head_dim {
+        obj.insert(
+            "partial_rotary_factor".into(),
+            json!(rot as f64 / head_dim as f64),
+        );
+    }
+    if let Some(ty) = g.get_str(&key("rope.scaling.type"))? {
+        if ty != "none" {
+            // HfSpec refuses scaled RoPE by name
+            let factor = g.get_f64(&key("rope.scaling.factor"))?;
+            obj.insert(
+                "rope_scaling".into(),
+                json!({"rope_type": ty, "factor": factor}),
+            );
+        }
+    }
+    for (gk, hk) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+    ] {
+        if let Some(id) = g.get_u64(gk)? {
+            obj.insert(hk.into(), json!(id));
+        }
+    }
+    if let Some(name) = g.get_str("general.name")? {
+        obj.insert("_name_or_path".into(), json!(name));
+    }
+    Ok(cfg)
+}
+
+/// Every tensor of `g` dequantised to f32 under its Hugging Face key, Q/K rows unpermuted
+/// where the architecture needs it.
+pub fn hf_tensors_from_gguf(
+    g: &GgufFile,
+    spec: &HfSpec,
+    device: &Device,
+) -> Result<BTreeMap<String, Tensor>> {
+    let arch = g.architecture()?;
+    let permuted = permutes_qk(arch);
+    let mut out = BTreeMap::new();
+    for info in &g.tensors {
+        let name = &info.name;
+        if name == "rope_freqs.weight" {
+            return Err(err(
+                g,
+                "tensor `rope_freqs.weight`: per-frequency RoPE scaling (Llama 3.1 style) is not supported".into(),
+            ));
+        }
+        let hf = hf_name(name).ok_or_else(|| {
+            err(
+                g,
+                format!("tensor `{name}` has no Hugging Face equivalent for architecture `{arch}`"),
+            )
+        })?;
+        let mut t = g.tensor_f32(name, device)?;
+        if permuted {
+            let heads = if hf.contains(".self_attn.q_proj.") {
+                Some(spec.heads)
+            } else if hf.contains(".self_attn.k_proj.") {
+                Some(spec.kv_heads)
+            } else {
+                None
+            };
+            if let Some(h) = heads {
+                t = unpermute_qk(&t, h).map_err(|e| err(g, format!("tensor `{name}`: {e}")))?;
+            }
+        }
+        out.insert(hf, t);
+    }
+    Ok(out)
+}
+
+/// Loads a GGUF file as an [`HfModel`] (weights dequantised to f32); the file's metadata
+/// (tokenizer, chat template) is kept on `model.gguf` for export and the tokenizer.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<HfModel> {
+    let g = GgufFile::open(path)?;
+    let config = hf_config_from_gguf(&g)?;
+    let spec = HfSpec::from_config(&config, path)?;
+    let tensors = hf_tensors_from_gguf(&g, &spec, device)?;
+    let mut model = HfModel::from_tensors(spec, config, &tensors, path, device)?;
+    model.gguf = Some(Arc::new(g));
+    Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::{write_gguf_file, GgufValue as V, TensorPlan};
+    use candle_core::quantized::{GgmlDType, QTensor};
+
+    fn write(
+        dir: &Path,
+        name: &str,
+        md: &[(String, V)],
+        tensors: &[(&str, Vec<usize>)],
+    ) -> std::path::PathBuf {
+        let p = dir.join(name);
+        let plan: Vec<TensorPlan> = tensors
+            .iter()
+            .map(|(n, d)| TensorPlan {
+                name: n.to_string(),
+                dims: d.clone(),
+                dtype: GgmlDType::F32,
+            })
+            .collect();
+        write_gguf_file(&p, md, &plan, |i| {
+            Ok(QTensor::quantize(
+                &Tensor::zeros(
+                    plan[i].dims.as_slice(),
+                    candle_core::DType::F32,
+                    &Device::Cpu,
+                )?,
+                GgmlDType::F32,
+            )?)
+        })
+        .unwrap();
+        p
+    }
+
+    fn metadata(arch: &str) -> Vec<(String, V)> {
+        let a = |k: &str| format!("{arch}.{k}");
+        vec![
+            ("general.architecture".into(), V::String(arch.into())),
+            (a("embedding_length"), V::U32(64)),
+            (a("block_count"), V::U32(2)),
+            (a("feed_forward_length"), V::U32(96)),
+            (a("attention.head_count"), V::U32(4)),
+            (a("attention.head_count_kv"), V::U32(2)),
+            (a("attention.layer_norm_rms_epsilon"), V::F32(1e-6)),
+            (a("rope.freq_base"), V::F32(1e6)),
+            (a("context_length"), V::U32(32768)),
+            (
+                "tokenizer.ggml.tokens".into(),
+                V::Array(vec![V::String("a".into()); 50]),
+            ),
+            ("tokenizer.ggml.eos_token_id".into(), V::U32(7)),
+        ]
+    }
+
+    #[test]
+    fn qwen2_metadata_maps_to_a_qwen2_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "q.gguf", &metadata("qwen2"), &[]);
+        let cfg = hf_config_from_gguf(&GgufFile::open(&p).unwrap()).unwrap();
+        assert_eq!(cfg["architectures"][0], "Qwen2ForCausalLM");
+        assert_eq!(cfg["vocab_size"], 50); // from the tokens
+        assert_eq!(cfg["head_dim"], 16);
+        assert_eq!(cfg["num_key_value_heads"], 2);
+        assert_eq!(cfg["rope_theta"], 1e6);
+        assert_eq!(cfg["eos_token_id"], 7);
+        assert_eq!(cfg["tie_word_embeddings"], true);
+        assert!(!permutes_qk("qwen2") && permutes_qk("llama"));
+    }
+
+    #[test]
+    fn unknown_architecture_and_tensor_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "m.gguf", &metadata("mamba"), &[]);
+        let e = load_gguf(&p, &Device::Cpu).unwrap_err().to_string();
+        assert!(
+            e.contains("m.gguf") && e.contains("`mamba` is not supported"),
+            "{e}"
+        );
+
+        let md = metadata("llama");
+        let p = write(
+            dir.path(),
+            "t.gguf",
+            &md,
+            &[("blk.0.attn_qkv.weight", vec![192, 64])],
+        );
+        let e = load_gguf(&p, &Device::Cpu).unwrap_err().to_string();
+        assert!(
+            e.contains("t.gguf")
+                && e.contains("tensor `blk.0.attn_qkv.weight` has no Hugging Face equivalent"),
+            "{e}"
+        );
+
+        let p = write(dir.path(), "n.gguf", &md[..4], &[]);
+        let e = load_gguf(&p, &Device::Cpu).unwrap_err().to_string();
+        assert!(
+            e.contains("n.gguf") && e.contains("missing metadata `llama.attention.head_count`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn names_map_both_ways() {
+        for (g, h) in [
+            ("token_embd.weight", "model.embed_tokens.weight"),
+            ("output_norm.weight", "model.norm.weight"),
+            ("output.weight", "lm_head.weight"),
+            (
+                "blk.12.attn_q.bias",
+                "model.layers.12.self_attn.q_proj.bias",
+            ),
+            (
+                "blk.0.ffn_down.weight",
+                "model.layers.0.mlp.down_proj.weight",
+            ),
+            (
+                "blk.3.ffn_norm.weight",
+                "model.layers.3.post_attention_layernorm.weight",
+            ),
+        ] {
+            assert_eq!(hf_name(g).as_deref(), Some(h));
+            assert_eq!(gguf_name(h).as_deref(), Some(g));
+        }
+        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+}
