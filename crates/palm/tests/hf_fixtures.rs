@@ -1,51 +1,86 @@
-//! Hugging Face loader against transformers' own logits: every subfolder of `PALM_HF_FIXTURES`
-//! (default `<shared>/data/models/tiny-random-hf`) holds a model directory and
-//! `reference_logits.json` (`input_ids`, `logits_last`, `logits_sum`).
+//! Hugging Face loader against transformers' own logits: every subfolder of every folder in
+//! `PALM_HF_FIXTURES` (folders separated by `:`; default `<shared>/data/models/tiny-random-hf`
+//! and `<shared>/data/models/tiny-random-hf-2`) holds a model directory and
+//! `reference_logits.json` (`input_ids`, `logits_last`, `logits_sum`, optionally
+//! `greedy_ids_12`). Every check below runs on every architecture found there.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use palm::model::hf::{load_hf, HfModel};
 use palm::{Forward, Model};
 
-fn fixture_root() -> Option<PathBuf> {
-    match std::env::var("PALM_HF_FIXTURES") {
-        Ok(p) => palm::fixtures::require(PathBuf::from(p)),
-        Err(_) => palm::fixtures::require(palm::fixtures::data_path("models/tiny-random-hf")),
-    }
+const DEFAULT_ROOTS: [&str; 2] = ["models/tiny-random-hf", "models/tiny-random-hf-2"];
+
+/// The fixture folders, each through `palm::fixtures::require` (skipped loudly when absent,
+/// a failure under `PALM_REQUIRE_SHARED=1`).
+fn fixture_roots() -> Vec<PathBuf> {
+    let roots: Vec<PathBuf> = match std::env::var("PALM_HF_FIXTURES") {
+        Ok(list) => std::env::split_paths(&list).collect(),
+        Err(_) => DEFAULT_ROOTS
+            .iter()
+            .map(|r| palm::fixtures::data_path(r))
+            .collect(),
+    };
+    roots
+        .into_iter()
+        .filter_map(palm::fixtures::require)
+        .collect()
 }
 
 fn fixture_dirs() -> Vec<PathBuf> {
-    let Some(root) = fixture_root() else {
-        return vec![];
-    };
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("reference_logits.json").exists())
-        .collect();
+    let mut dirs = vec![];
+    for root in fixture_roots() {
+        let before = dirs.len();
+        dirs.extend(
+            std::fs::read_dir(&root)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.join("reference_logits.json").exists()),
+        );
+        assert!(dirs.len() > before, "no fixtures under {}", root.display());
+    }
     dirs.sort();
-    assert!(!dirs.is_empty(), "no fixtures under {}", root.display());
     dirs
 }
 
-fn reference(dir: &std::path::Path) -> (Vec<u32>, Vec<f32>, f64) {
+/// The fixture `name` (e.g. `llama`) from the fixture folders, through `require`.
+fn fixture(name: &str) -> Option<PathBuf> {
+    let found = fixture_dirs().into_iter().find(|d| d.ends_with(name));
+    palm::fixtures::require(
+        found.unwrap_or_else(|| palm::fixtures::data_path(DEFAULT_ROOTS[0]).join(name)),
+    )
+}
+
+struct Reference {
+    ids: Vec<u32>,
+    logits_last: Vec<f32>,
+    logits_sum: f64,
+    greedy_ids_12: Option<Vec<u32>>,
+}
+
+fn reference(dir: &Path) -> Reference {
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference_logits.json")).unwrap())
             .unwrap();
-    let ids = r["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect();
-    let last = r["logits_last"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
-    (ids, last, r["logits_sum"].as_f64().unwrap())
+    let u32s = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
+    Reference {
+        ids: u32s(&r["input_ids"]),
+        logits_last: r["logits_last"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect(),
+        logits_sum: r["logits_sum"].as_f64().unwrap(),
+        greedy_ids_12: r.get("greedy_ids_12").map(u32s),
+    }
 }
 
 fn logits(m: &HfModel, ids: &[u32]) -> Tensor {
@@ -56,19 +91,38 @@ fn logits(m: &HfModel, ids: &[u32]) -> Tensor {
         .unwrap()
 }
 
+/// `n` greedy tokens after `ids` (full forward each step, no EOS stop; first maximum on ties,
+/// as torch's argmax).
+fn greedy(m: &HfModel, ids: &[u32], n: usize) -> Vec<u32> {
+    let mut seq = ids.to_vec();
+    for _ in 0..n {
+        let lg = logits(m, &seq);
+        let last: Vec<f32> = lg.get(seq.len() - 1).unwrap().to_vec1().unwrap();
+        let mut best = 0;
+        for (i, &v) in last.iter().enumerate() {
+            if v > last[best] {
+                best = i;
+            }
+        }
+        seq.push(best as u32);
+    }
+    seq[ids.len()..].to_vec()
+}
+
 #[test]
 fn hf_fixtures() {
     for dir in fixture_dirs() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let m = load_hf(&dir, &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let (ids, want_last, want_sum) = reference(&dir);
-        let lg = logits(&m, &ids); // [T, V]
+        let r = reference(&dir);
+        let (ids, want_last, want_sum) = (&r.ids, &r.logits_last, r.logits_sum);
+        let lg = logits(&m, ids); // [T, V]
         let t = ids.len();
         let last: Vec<f32> = lg.get(t - 1).unwrap().to_vec1().unwrap();
         assert_eq!(last.len(), want_last.len(), "{name}: vocab");
         let max_err = last
             .iter()
-            .zip(&want_last)
+            .zip(want_last)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
         let sum = lg.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
@@ -83,6 +137,9 @@ fn hf_fixtures() {
             (sum - want_sum).abs() < 1e-2,
             "{name}: logits_sum {sum} vs {want_sum}"
         );
+        if let Some(want) = &r.greedy_ids_12 {
+            assert_eq!(&greedy(&m, ids, want.len()), want, "{name}: greedy ids");
+        }
     }
 }
 
@@ -121,7 +178,7 @@ fn hf_cache_and_left_padding_match_full_forward() {
     for dir in fixture_dirs() {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let m = load_hf(&dir, &Device::Cpu).unwrap();
-        let (ids, _, _) = reference(&dir);
+        let ids = reference(&dir).ids;
         let full = logits(&m, &ids); // [T, V]
         let t = ids.len();
 
@@ -177,7 +234,7 @@ fn hf_lora_gradient_matches_finite_difference() {
         let mut m = load_hf(&dir, &Device::Cpu).unwrap();
         m.add_scope("actor", palm::config::LoraSpec::new(2), 7)
             .unwrap();
-        let (ids, _, _) = reference(&dir);
+        let ids = reference(&dir).ids;
         let t = ids.len();
         let x = ids_tensor(&[ids[..t - 1].to_vec()]);
         let y = ids_tensor(&[ids[1..].to_vec()]);
@@ -255,7 +312,7 @@ fn hf_round_trip_lora_train_merge_export() {
         model
             .add_scope("actor", palm::config::LoraSpec::new(4), 3)
             .unwrap();
-        let (ids, _, _) = reference(&dir);
+        let ids = reference(&dir).ids;
         let t = ids.len();
         let x = ids_tensor(&[ids[..t - 1].to_vec()]);
         let y = ids_tensor(&[ids[1..].to_vec()]);
@@ -320,37 +377,52 @@ fn hf_round_trip_lora_train_merge_export() {
     }
 }
 
-/// Unmerged scopes survive save and load (specs in config.json, weights beside the base).
+/// A LoRA scope on attention and feed-forward (every B and A random, so every delta counts):
+/// unmerged scopes survive save and load (specs in config.json, weights beside the base), and
+/// merging the scope into the stored weights (fused q/k/v and gate/up layouts included) gives
+/// the scoped forward.
 #[test]
-fn hf_unmerged_scope_round_trip() {
-    let Some(dir) = fixture_dirs().into_iter().next() else {
-        return;
-    };
-    let mut m = Model::Hf(load_hf(&dir, &Device::Cpu).unwrap());
-    m.add_scope("critic", palm::config::LoraSpec::new(3), 1)
-        .unwrap();
-    for (i, (_, v)) in m.vars().with_prefix("finetune_modules.").iter().enumerate() {
-        let r = palm::rng::normal(&mut palm::rng::seeded(i as u64), v.elem_count(), 0.1);
-        v.set(&Tensor::from_vec(r, v.shape(), &Device::Cpu).unwrap())
-            .unwrap();
+fn hf_lora_scope_save_and_merge_equal_scoped_forward() {
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut m = Model::Hf(load_hf(&dir, &Device::Cpu).unwrap());
+        let spec = palm::config::LoraSpec {
+            targets: palm::config::LoraTargets::AttentionAndFf,
+            ..palm::config::LoraSpec::new(3)
+        };
+        m.add_scope("critic", spec, 1).unwrap();
+        for (i, (_, v)) in m.vars().with_prefix("finetune_modules.").iter().enumerate() {
+            let r = palm::rng::normal(&mut palm::rng::seeded(i as u64), v.elem_count(), 0.1);
+            v.set(&Tensor::from_vec(r, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let x = ids_tensor(&[reference(&dir).ids]);
+        let opts = Forward {
+            scope: Some("critic"),
+            ..Default::default()
+        };
+        let base = m.forward(&x, &Forward::default()).unwrap();
+        let want = m.forward(&x, &opts).unwrap();
+        assert!(
+            max_diff(&want, &base) > 1e-3,
+            "{name}: the scope changed nothing"
+        );
+        let out = tempfile::tempdir().unwrap();
+        m.save(&out.path().join("m")).unwrap();
+        let again = palm::load::load_model(&out.path().join("m"), &Device::Cpu).unwrap();
+        assert!(again.has_scope("critic"), "{name}");
+        let d_saved = max_diff(&again.forward(&x, &opts).unwrap(), &want);
+        m.merge_scope("critic").unwrap();
+        let d_merged = max_diff(&m.forward(&x, &Forward::default()).unwrap(), &want);
+        eprintln!("{name}: unmerged reload {d_saved:.1e}, merged {d_merged:.1e}");
+        assert!(d_saved < 1e-6 && d_merged < 1e-5, "{name}");
     }
-    let x = ids_tensor(&[vec![1, 2, 3, 4]]);
-    let opts = Forward {
-        scope: Some("critic"),
-        ..Default::default()
-    };
-    let want = m.forward(&x, &opts).unwrap();
-    let out = tempfile::tempdir().unwrap();
-    m.save(&out.path().join("m")).unwrap();
-    let again = palm::load::load_model(&out.path().join("m"), &Device::Cpu).unwrap();
-    assert!(again.has_scope("critic"));
-    assert!(max_diff(&again.forward(&x, &opts).unwrap(), &want) < 1e-6);
 }
 
 /// A missing tensor and an unsupported architecture are refused by name.
 #[test]
 fn hf_refuses_missing_tensors_and_unknown_architectures() {
-    let Some(dir) = fixture_dirs().into_iter().find(|d| d.ends_with("llama")) else {
+    let Some(dir) = fixture("llama") else {
         return;
     };
     let out = tempfile::tempdir().unwrap();
@@ -370,13 +442,13 @@ fn hf_refuses_missing_tensors_and_unknown_architectures() {
     std::fs::create_dir(&arch).unwrap();
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    cfg["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    cfg["architectures"] = serde_json::json!(["MambaForCausalLM"]);
     std::fs::write(arch.join("config.json"), cfg.to_string()).unwrap();
     let e = palm::load::load_model(&arch, &Device::Cpu)
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("MistralForCausalLM") && e.contains("LlamaForCausalLM"),
+        e.contains("MambaForCausalLM") && e.contains("LlamaForCausalLM"),
         "{e}"
     );
 }
@@ -387,7 +459,7 @@ fn hf_refuses_missing_tensors_and_unknown_architectures() {
 /// pair query heads with the wrong rows and change them.
 #[test]
 fn falcon_new_architecture_equals_multi_query_copy() {
-    let Some(dir) = fixture_dirs().into_iter().find(|d| d.ends_with("falcon")) else {
+    let Some(dir) = fixture("falcon") else {
         return;
     };
     let dev = Device::Cpu;
@@ -427,7 +499,7 @@ fn falcon_new_architecture_equals_multi_query_copy() {
     let spec = palm::model::hf::HfSpec::from_config(&cfg, &dir).unwrap();
     assert_eq!(spec.kv_heads, 2);
     let m = HfModel::from_tensors(spec, cfg, &tensors, &dir, &dev).unwrap();
-    let (ids, _, _) = reference(&dir);
+    let ids = reference(&dir).ids;
     let diff = max_diff(&logits(&m, &ids), &logits(&src, &ids));
     assert!(diff < 1e-5, "{diff}");
     // and the merge of a LoRA scope goes back into the grouped rows correctly
@@ -461,7 +533,7 @@ fn weights_file_path_loads_its_hf_directory() {
 /// A sharded checkpoint (`model.safetensors.index.json` + shards) loads like the single file.
 #[test]
 fn sharded_checkpoint_loads() {
-    let Some(dir) = fixture_dirs().into_iter().find(|d| d.ends_with("llama")) else {
+    let Some(dir) = fixture("llama") else {
         return;
     };
     let dev = Device::Cpu;
@@ -491,7 +563,7 @@ fn sharded_checkpoint_loads() {
     .unwrap();
     let a = load_hf(&dir, &dev).unwrap();
     let b = load_hf(sharded, &dev).unwrap();
-    let (ids, _, _) = reference(&dir);
+    let ids = reference(&dir).ids;
     assert_eq!(max_diff(&logits(&a, &ids), &logits(&b, &ids)), 0.0);
 
     // a shard that lost a tensor named by the index is refused by name

@@ -1,4 +1,5 @@
-//! `HfModel`: one generic decoder for Hugging Face checkpoints (Llama, Falcon, GPT-NeoX, GPT-2),
+//! `HfModel`: one generic decoder for Hugging Face checkpoints (Llama, Mistral, Qwen2, Qwen3,
+//! Phi-3, Gemma, OLMo 2, Falcon, GPT-NeoX, GPT-2),
 //! read top to bottom: Linear -> Norm -> Rotary -> Attention -> Mlp -> Layer -> HfModel.
 //! What varies between architectures is described by [`HfSpec`] (see `hf_config.rs`).
 //!
@@ -18,7 +19,7 @@ use candle_core::{DType, Device, Tensor, D};
 use serde_json::Value;
 
 pub use super::hf_config::{
-    Act, Arch, BlockKind, HfSpec, NormKind, PosKind, QkvLayout, RotaryStyle,
+    Act, Arch, BlockKind, HfSpec, MlpLayout, NormKind, PosKind, QkNorm, QkvLayout, RotaryStyle,
 };
 use super::palm::{dropout, frozen, linear, softmax_last, Forward};
 use crate::config::{LoraSpec, LoraTargets};
@@ -75,9 +76,11 @@ impl Linear {
 #[derive(Debug, Clone)]
 pub struct Norm {
     pub kind: NormKind,
-    pub weight: Tensor,       // [C]
+    pub weight: Tensor,       // [C] (or [D], [H*D], [KV*D] for q/k norms)
     pub bias: Option<Tensor>, // [C]
     pub eps: f64,
+    /// Scale by (1 + weight) (Gemma) instead of weight.
+    pub offset: bool,
 }
 
 impl Norm {
@@ -95,7 +98,9 @@ impl Norm {
                 xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
             }
         };
-        let y = xn.broadcast_mul(&frozen(&self.weight, freeze))?;
+        let w = frozen(&self.weight, freeze);
+        let w = if self.offset { (w + 1.0)? } else { w };
+        let y = xn.broadcast_mul(&w)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&frozen(b, freeze))?,
             None => y,
@@ -215,12 +220,18 @@ pub enum Qkv {
 #[derive(Debug, Clone)]
 pub struct Attention {
     pub qkv: Qkv,
+    /// RMSNorms on q and k (`spec.qk_norm`): weights [D] per head, or [H*D] and [KV*D] whole.
+    pub q_norm: Option<Norm>,
+    pub k_norm: Option<Norm>,
     pub o: Linear,
 }
 
 #[derive(Debug, Clone)]
 pub struct Mlp {
+    /// `up_proj` [F, C], or for `MlpLayout::FusedGateUp` the fused `gate_up_proj` [2F, C] with
+    /// outputs [gate | up].
     pub up: Linear,
+    /// `gate_proj` [F, C] (`MlpLayout::Gated`).
     pub gate: Option<Linear>,
     pub down: Linear,
 }
@@ -228,7 +239,8 @@ pub struct Mlp {
 #[derive(Debug, Clone)]
 pub struct Layer {
     pub norm1: Norm,
-    /// None: the MLP reads norm1's output (one-norm parallel block).
+    /// None: the MLP reads norm1's output (one-norm parallel block). For `BlockKind::PostNorm`
+    /// norm1 and norm2 normalise the attention and MLP outputs.
     pub norm2: Option<Norm>,
     pub attn: Attention,
     pub mlp: Mlp,
@@ -277,6 +289,14 @@ impl Attention {
         }
     }
 
+    /// q and k through their RMSNorms (over the last dim).
+    fn norm_qk(&self, q: &Tensor, k: &Tensor, fz: bool) -> Result<(Tensor, Tensor)> {
+        match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) => Ok((qn.forward(q, fz)?, kn.forward(k, fz)?)),
+            _ => Err(Error::msg("q/k norm configured but not loaded")),
+        }
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -297,9 +317,19 @@ impl Attention {
             v = (v + l.v.forward(x)?)?;
         }
 
-        // 2. heads: q [B, T, H*D] -> [B, H, T, D]; k, v [B, T, KV*D] -> [B, KV, T, D]
-        let q = q.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
+        // 2. heads: q [B, T, H*D] -> [B, T, H, D] -> [B, H, T, D]; k, v [B, T, KV*D] ->
+        //    [B, KV, T, D]; q/k RMSNorm over the whole projection before the split, or per head
+        let (mut q, mut k) = (q, k);
+        if spec.qk_norm == QkNorm::Whole {
+            (q, k) = self.norm_qk(&q, &k, fz)?;
+        }
+        let mut q = q.reshape((b, t, h, d))?;
+        let mut k = k.reshape((b, t, kv, d))?;
+        if spec.qk_norm == QkNorm::PerHead {
+            (q, k) = self.norm_qk(&q, &k, fz)?;
+        }
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = k.transpose(1, 2)?.contiguous()?;
         let v = v.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
 
         // 3. rotary on q and k
@@ -367,14 +397,25 @@ impl Mlp {
         let ff_in = ctx.lora.and_then(|l| l.ff_in.as_ref());
         // LoRA ff input delta [B, T, F] (or [B, T, 2F] = [up | gate] for gated MLPs)
         let delta = ff_in.map(|l| l.forward(x)).transpose()?;
-        let mut up = self.up.forward(x, fz)?;
+        // up [B, T, F] and, for gated MLPs, gate [B, T, F]
+        let (mut up, gate) = match (spec.mlp, &self.gate) {
+            (MlpLayout::Plain, _) => (self.up.forward(x, fz)?, None),
+            (MlpLayout::Gated, Some(gate)) => (self.up.forward(x, fz)?, Some(gate.forward(x, fz)?)),
+            (MlpLayout::FusedGateUp, _) => {
+                let gu = self.up.forward(x, fz)?; // [B, T, 2F] = [gate | up]
+                (
+                    gu.narrow(D::Minus1, f, f)?,
+                    Some(gu.narrow(D::Minus1, 0, f)?),
+                )
+            }
+            (MlpLayout::Gated, None) => return Err(Error::msg("gated MLP without a gate")),
+        };
         if let Some(dl) = &delta {
             up = (up + dl.narrow(D::Minus1, 0, f)?)?;
         }
-        let hidden = match &self.gate {
+        let hidden = match gate {
             // down(act(gate(x)) * up(x))
-            Some(gate) => {
-                let mut g = gate.forward(x, fz)?;
+            Some(mut g) => {
                 if let Some(dl) = &delta {
                     g = (g + dl.narrow(D::Minus1, f, f)?)?;
                 }
@@ -404,27 +445,37 @@ impl Layer {
         } else {
             0.0
         };
-        let h1 = self.norm1.forward(x, fz)?;
-        let a = dropout(&self.attn.forward(&h1, ctx, cache)?, p, ctx.rng)?;
+        let drop = |t: &Tensor| dropout(t, p, ctx.rng);
+        let norm2 = || {
+            self.norm2
+                .as_ref()
+                .ok_or_else(|| Error::msg("block without a second norm"))
+        };
         match ctx.spec.block {
             // x += attn(n1(x)); x += mlp(n2(x))
             BlockKind::Serial => {
-                let x = (x + a)?;
-                let n2 = self
-                    .norm2
-                    .as_ref()
-                    .ok_or_else(|| Error::msg("serial block without a second norm"))?;
-                let m = self.mlp.forward(&n2.forward(&x, fz)?, ctx)?;
-                Ok((&x + dropout(&m, p, ctx.rng)?)?)
+                let a = self.attn.forward(&self.norm1.forward(x, fz)?, ctx, cache)?;
+                let x = (x + drop(&a)?)?;
+                let m = self.mlp.forward(&norm2()?.forward(&x, fz)?, ctx)?;
+                Ok((&x + drop(&m)?)?)
             }
             // x += attn(n1(x)) + mlp(n2(x)) (n2 = n1 when the block has one norm)
             BlockKind::Parallel => {
+                let h1 = self.norm1.forward(x, fz)?;
+                let a = drop(&self.attn.forward(&h1, ctx, cache)?)?;
                 let h2 = match &self.norm2 {
                     Some(n2) => n2.forward(x, fz)?,
                     None => h1,
                 };
-                let m = dropout(&self.mlp.forward(&h2, ctx)?, p, ctx.rng)?;
+                let m = drop(&self.mlp.forward(&h2, ctx)?)?;
                 Ok(((x + a)? + m)?)
+            }
+            // x += n1(attn(x)); x += n2(mlp(x))
+            BlockKind::PostNorm => {
+                let a = self.norm1.forward(&self.attn.forward(x, ctx, cache)?, fz)?;
+                let x = (x + drop(&a)?)?;
+                let m = norm2()?.forward(&self.mlp.forward(&x, ctx)?, fz)?;
+                Ok((&x + drop(&m)?)?)
             }
         }
     }
@@ -519,8 +570,19 @@ impl TensorSource<'_> {
         })
     }
 
+    /// The norm `name` over the model dim C.
     fn norm(&mut self, vars: &mut VarStore, spec: &HfSpec, name: &str) -> Result<Norm> {
-        let c = spec.dim;
+        self.norm_of(vars, spec, name, spec.dim)
+    }
+
+    /// The norm `name` over `c` features, of the model's kind.
+    fn norm_of(
+        &mut self,
+        vars: &mut VarStore,
+        spec: &HfSpec,
+        name: &str,
+        c: usize,
+    ) -> Result<Norm> {
         let weight = self.take(vars, &format!("{name}.weight"), &[c])?;
         let bias = match spec.norm {
             NormKind::LayerNorm => Some(self.take(vars, &format!("{name}.bias"), &[c])?),
@@ -531,6 +593,7 @@ impl TensorSource<'_> {
             weight,
             bias,
             eps: spec.norm_eps,
+            offset: spec.norm_offset,
         })
     }
 }
@@ -590,11 +653,28 @@ impl HfModel {
                     stored: stored.clone(),
                 },
             };
+            // q/k norm widths: D per head, or the whole projections
+            let (qn, kn) = match spec.qk_norm {
+                QkNorm::PerHead => (spec.head_dim, spec.head_dim),
+                _ => (qd, kvd),
+            };
+            let mut qk_norm = |key: &Option<String>, n: usize| match key {
+                Some(k) if spec.qk_norm != QkNorm::None => {
+                    src.norm_of(&mut vars, &spec, k, n).map(Some)
+                }
+                _ => Ok(None),
+            };
+            let (q_norm, k_norm) = (qk_norm(&lk.q_norm, qn)?, qk_norm(&lk.k_norm, kn)?);
             let o = src.linear(&mut vars, &lk.o, qd, c, spec.o_bias, cv)?;
+            let up_out = if spec.mlp == MlpLayout::FusedGateUp {
+                2 * f
+            } else {
+                f
+            };
             let mlp = Mlp {
-                up: src.linear(&mut vars, &lk.up, c, f, spec.mlp_bias, cv)?,
+                up: src.linear(&mut vars, &lk.up, c, up_out, spec.mlp_bias, cv)?,
                 gate: match &lk.gate {
-                    Some(g) if spec.gated_mlp => {
+                    Some(g) if spec.mlp == MlpLayout::Gated => {
                         Some(src.linear(&mut vars, g, c, f, spec.mlp_bias, cv)?)
                     }
                     _ => None,
@@ -607,7 +687,12 @@ impl HfModel {
                     Some(n) => Some(src.norm(&mut vars, &spec, n)?),
                     None => None,
                 },
-                attn: Attention { qkv, o },
+                attn: Attention {
+                    qkv,
+                    q_norm,
+                    k_norm,
+                    o,
+                },
                 mlp,
             });
         }
@@ -757,7 +842,7 @@ impl HfModel {
         }
         let s = &self.spec;
         let (c, qd, kvd, f) = (s.dim, s.q_dim(), s.kv_dim(), s.ff);
-        let ff_in = if s.gated_mlp { 2 * f } else { f };
+        let ff_in = if s.mlp == MlpLayout::Plain { f } else { 2 * f };
         let mut r = rng::stream(seed ^ scope_tag(name), 0x10ea);
         let rank = spec.r;
         let scale = spec.scale();
@@ -844,10 +929,14 @@ impl HfModel {
             if let Some(ffi) = &lora.ff_in {
                 let d = ffi.delta()?; // [C, F] or [C, 2F] = [up | gate]
                 let up = &layer.mlp.up;
-                self.set_param(
-                    &format!("{}.weight", up.name),
-                    &up.plus(&d.narrow(1, 0, f)?)?,
-                )?;
+                let up_delta = match self.spec.mlp {
+                    // fused outputs [gate | up]
+                    MlpLayout::FusedGateUp => {
+                        Tensor::cat(&[d.narrow(1, f, f)?, d.narrow(1, 0, f)?], 1)?
+                    }
+                    _ => d.narrow(1, 0, f)?,
+                };
+                self.set_param(&format!("{}.weight", up.name), &up.plus(&up_delta)?)?;
                 if let Some(g) = &layer.mlp.gate {
                     self.set_param(&format!("{}.weight", g.name), &g.plus(&d.narrow(1, f, f)?)?)?;
                 }
@@ -918,6 +1007,9 @@ impl HfModel {
         let mut x = frozen(&self.embed, fz)
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, spec.dim))?;
+        if let Some(scale) = spec.embed_scale {
+            x = (x * scale)?;
+        }
         if let Some(wpe) = &self.pos_embed {
             let p: Vec<u32> = positions.iter().flatten().map(|&p| p as u32).collect();
             let p = Tensor::from_vec(p, b * t, &self.device)?;
@@ -1145,6 +1237,36 @@ mod tests {
 
     fn tensor(v: Vec<f32>, shape: (usize, usize, usize, usize)) -> Tensor {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Hand-computed RMSNorm, plain (x * w) and Gemma's (x * (1 + w)): x = [1, 2, 3, 4] has
+    /// mean square 7.5.
+    #[test]
+    fn rms_norm_offset_by_hand() {
+        let x = Tensor::from_vec(vec![1f32, 2.0, 3.0, 4.0], (1, 4), &Device::Cpu).unwrap();
+        let w = [0.5f32, -1.0, 0.0, 2.0];
+        for offset in [false, true] {
+            let norm = Norm {
+                kind: NormKind::RmsNorm,
+                weight: Tensor::from_vec(w.to_vec(), 4, &Device::Cpu).unwrap(),
+                bias: None,
+                eps: 0.5,
+                offset,
+            };
+            let y: Vec<f32> = norm
+                .forward(&x, false)
+                .unwrap()
+                .get(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let r = 1.0 / (7.5f32 + 0.5).sqrt();
+            for i in 0..4 {
+                let scale = if offset { 1.0 + w[i] } else { w[i] };
+                let want = (i + 1) as f32 * r * scale;
+                assert!((y[i] - want).abs() < 1e-6, "offset {offset}: {y:?}");
+            }
+        }
     }
 
     /// Hand-computed: one head, D = 4, rotate-half at position 1, theta 100:

@@ -1,8 +1,10 @@
 //! What a Hugging Face `config.json` says about a decoder, normalised into one `HfSpec`, and the
 //! checkpoint key of every tensor per architecture.
 //!
-//! Supported `architectures`: `LlamaForCausalLM`, `FalconForCausalLM`, `GPTNeoXForCausalLM`,
-//! `GPT2LMHeadModel`. Both transformers 4 (`rope_theta`, `rotary_pct`, `rope_scaling`) and
+//! Supported `architectures`: `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
+//! `Qwen3ForCausalLM`, `Phi3ForCausalLM`, `GemmaForCausalLM`, `Olmo2ForCausalLM` (the Llama
+//! family: RMSNorm, gated MLP, rotate-half rotary, `model.layers.{l}.*` keys),
+//! `FalconForCausalLM`, `GPTNeoXForCausalLM`, `GPT2LMHeadModel`. Both transformers 4 (`rope_theta`, `rotary_pct`, `rope_scaling`) and
 //! transformers 5 (`rope_parameters`) spellings are read.
 
 use std::path::Path;
@@ -16,14 +18,26 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Arch {
     Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Phi3,
+    Gemma,
+    Olmo2,
     Falcon,
     GptNeoX,
     Gpt2,
 }
 
 impl Arch {
-    pub const SUPPORTED: [&'static str; 4] = [
+    pub const SUPPORTED: [&'static str; 10] = [
         "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Phi3ForCausalLM",
+        "GemmaForCausalLM",
+        "Olmo2ForCausalLM",
         "FalconForCausalLM",
         "GPTNeoXForCausalLM",
         "GPT2LMHeadModel",
@@ -32,6 +46,12 @@ impl Arch {
     pub fn from_hf(name: &str) -> Option<Self> {
         match name {
             "LlamaForCausalLM" => Some(Arch::Llama),
+            "MistralForCausalLM" => Some(Arch::Mistral),
+            "Qwen2ForCausalLM" => Some(Arch::Qwen2),
+            "Qwen3ForCausalLM" => Some(Arch::Qwen3),
+            "Phi3ForCausalLM" => Some(Arch::Phi3),
+            "GemmaForCausalLM" => Some(Arch::Gemma),
+            "Olmo2ForCausalLM" => Some(Arch::Olmo2),
             "FalconForCausalLM" => Some(Arch::Falcon),
             "GPTNeoXForCausalLM" => Some(Arch::GptNeoX),
             "GPT2LMHeadModel" => Some(Arch::Gpt2),
@@ -48,11 +68,36 @@ pub enum NormKind {
 }
 
 /// Serial: x += attn(n1(x)); x += mlp(n2(x)). Parallel: x += attn(n1(x)) + mlp(n2(x)), where
-/// n2 is n1 itself when the block has one norm (Falcon-7B, PaLM).
+/// n2 is n1 itself when the block has one norm (Falcon-7B, PaLM). PostNorm: the norms sit after
+/// the sublayers, x += n1(attn(x)); x += n2(mlp(x)) (OLMo 2 `post_attention_layernorm`,
+/// `post_feedforward_layernorm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum BlockKind {
     Serial,
     Parallel,
+    PostNorm,
+}
+
+/// RMSNorm on the projected queries and keys before rotary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum QkNorm {
+    None,
+    /// Per head, weights [D], on q [.., H, D] and k [.., KV, D] (Qwen3 `q_norm`, `k_norm`).
+    PerHead,
+    /// Over the whole projection, weights [H*D] and [KV*D], before the split into heads
+    /// (OLMo 2 `q_norm`, `k_norm`).
+    Whole,
+}
+
+/// How the MLP's input projections are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MlpLayout {
+    /// `up` alone (down(act(up(x)))).
+    Plain,
+    /// `gate` and `up` separately: down(act(gate(x)) * up(x)) (Llama `gate_proj`, `up_proj`).
+    Gated,
+    /// One projection with outputs [gate (F) | up (F)] (Phi-3 `gate_up_proj`).
+    FusedGateUp,
 }
 
 /// How q, k, v are stored.
@@ -134,6 +179,11 @@ pub struct HfSpec {
     pub max_pos: usize,
     pub norm: NormKind,
     pub norm_eps: f64,
+    /// RMSNorm scales by (1 + w) instead of w (Gemma); applies to every norm of the model.
+    pub norm_offset: bool,
+    /// Token embeddings multiplied by this (Gemma: sqrt(C), rounded to f32, the compute dtype,
+    /// as transformers builds its `normalizer` in the hidden states' dtype).
+    pub embed_scale: Option<f64>,
     pub block: BlockKind,
     /// Parallel blocks: a separate norm for the MLP (NeoX `post_attention_layernorm`, Falcon
     /// new-arch `ln_mlp`); false = the MLP shares the attention's norm.
@@ -141,13 +191,15 @@ pub struct HfSpec {
     pub qkv: QkvLayout,
     pub qkv_bias: bool,
     pub o_bias: bool,
+    pub qk_norm: QkNorm,
     pub mlp_bias: bool,
     /// Weights stored [in, out] (GPT-2's Conv1D) instead of [out, in].
     pub conv1d: bool,
     pub pos: PosKind,
     pub act: Act,
-    /// SwiGLU-style MLP: down(act(gate(x)) * up(x)); else down(act(up(x))).
-    pub gated_mlp: bool,
+    /// Gated (SwiGLU/GeGLU) MLP: down(act(gate(x)) * up(x)), as two projections or one fused;
+    /// or plain down(act(up(x))).
+    pub mlp: MlpLayout,
     pub tied: bool,
     /// Scores scaled by 1/sqrt(D) (GPT-2 `scale_attn_weights`; always for the others).
     pub scale_attn: bool,
@@ -259,6 +311,126 @@ fn rope_settings(cfg: &Value, path: &Path) -> Result<(f64, f64)> {
     Ok((theta, frac))
 }
 
+/// The Llama family (`model.layers.{l}.*`, RMSNorm, gated MLP, rotate-half rotary): Llama itself
+/// and the variants that differ only in the fields set per architecture below.
+fn llama_family(
+    arch: Arch,
+    cfg: &Value,
+    path: &Path,
+    vocab: usize,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+) -> Result<HfSpec> {
+    let dim = need_usize(cfg, &["hidden_size"], path)?;
+    let heads = need_usize(cfg, &["num_attention_heads"], path)?;
+    let kv_heads = usize_of(cfg, "num_key_value_heads", path)?.unwrap_or(heads);
+    let head_dim = usize_of(cfg, "head_dim", path)?.unwrap_or(dim / heads.max(1));
+    let max_pos = usize_of(cfg, "max_position_embeddings", path)?.unwrap_or(2048);
+    refuse_sliding_window(arch, cfg, path, max_pos)?;
+    let (theta, frac) = rope_settings(cfg, path)?;
+    // Gemma reads `hidden_activation` (older checkpoints say `hidden_act: gelu` and still run
+    // the tanh approximation)
+    let act = match arch {
+        Arch::Gemma => str_of(cfg, "hidden_activation").unwrap_or("gelu_pytorch_tanh"),
+        _ => str_of(cfg, "hidden_act").unwrap_or("silu"),
+    };
+    let bias = bool_of(cfg, "attention_bias", false, path)?;
+    let spec = HfSpec {
+        arch,
+        vocab,
+        dim,
+        depth: need_usize(cfg, &["num_hidden_layers"], path)?,
+        heads,
+        kv_heads,
+        head_dim,
+        ff: need_usize(cfg, &["intermediate_size"], path)?,
+        max_pos,
+        norm: NormKind::RmsNorm,
+        norm_eps: f64_of(cfg, &["rms_norm_eps"], 1e-6, path)?,
+        norm_offset: false,
+        embed_scale: None,
+        block: BlockKind::Serial,
+        mlp_norm: true,
+        qkv: QkvLayout::Separate,
+        qkv_bias: bias,
+        o_bias: bias,
+        qk_norm: QkNorm::None,
+        mlp_bias: bool_of(cfg, "mlp_bias", false, path)?,
+        conv1d: false,
+        pos: PosKind::Rotary {
+            style: RotaryStyle::RotateHalf,
+            dims: (head_dim as f64 * frac) as usize,
+            theta,
+        },
+        act: Act::parse(act, path)?,
+        mlp: MlpLayout::Gated,
+        tied: bool_of(cfg, "tie_word_embeddings", arch == Arch::Gemma, path)?,
+        scale_attn: true,
+        scale_by_layer: false,
+        attn_dropout: f64_of(cfg, &["attention_dropout"], 0.0, path)?,
+        resid_dropout: 0.0,
+        embd_dropout: 0.0,
+        bos,
+        eos,
+    };
+    Ok(match arch {
+        // biases on q, k, v but not o
+        Arch::Qwen2 => HfSpec {
+            qkv_bias: true,
+            o_bias: false,
+            ..spec
+        },
+        Arch::Qwen3 => HfSpec {
+            qk_norm: QkNorm::PerHead,
+            ..spec
+        },
+        Arch::Phi3 => HfSpec {
+            qkv: QkvLayout::Concat,
+            mlp: MlpLayout::FusedGateUp,
+            resid_dropout: f64_of(cfg, &["resid_pdrop"], 0.0, path)?,
+            ..spec
+        },
+        Arch::Gemma => HfSpec {
+            norm_offset: true,
+            embed_scale: Some((dim as f64).sqrt() as f32 as f64),
+            ..spec
+        },
+        Arch::Olmo2 => HfSpec {
+            block: BlockKind::PostNorm,
+            qk_norm: QkNorm::Whole,
+            ..spec
+        },
+        _ => spec,
+    })
+}
+
+/// Sliding-window attention is not implemented: refused when the window is in use and shorter
+/// than the context (Mistral and Phi-3 use `sliding_window` whenever it is set; Qwen only with
+/// `use_sliding_window` or a `sliding_attention` entry in `layer_types`).
+fn refuse_sliding_window(arch: Arch, cfg: &Value, path: &Path, max_pos: usize) -> Result<()> {
+    let Some(window) = usize_of(cfg, "sliding_window", path)? else {
+        return Ok(());
+    };
+    let in_use = match arch {
+        Arch::Qwen2 | Arch::Qwen3 => {
+            let sliding_layer = get(cfg, "layer_types")
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|t| t.as_str() == Some("sliding_attention")));
+            bool_of(cfg, "use_sliding_window", false, path)? || sliding_layer
+        }
+        _ => true,
+    };
+    if in_use && window < max_pos {
+        return Err(Error::Config(format!(
+            "{}: sliding-window attention (`sliding_window` {window} < `max_position_embeddings` \
+             {max_pos}) is not supported; set `sliding_window` to null to attend to the whole \
+             context (exact for sequences up to {window} tokens)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The architecture named by `architectures`, refusing others by name.
 pub fn arch_of(cfg: &Value, path: &Path) -> Result<Arch> {
     let names: Vec<&str> = get(cfg, "architectures")
@@ -293,50 +465,13 @@ impl HfSpec {
             .map(|n| n as u32);
         let eos = ids_of(get(cfg, "eos_token_id"));
         let spec = match arch {
-            Arch::Llama => {
-                let dim = need_usize(cfg, &["hidden_size"], path)?;
-                let heads = need_usize(cfg, &["num_attention_heads"], path)?;
-                let kv_heads = usize_of(cfg, "num_key_value_heads", path)?.unwrap_or(heads);
-                let head_dim = usize_of(cfg, "head_dim", path)?.unwrap_or(dim / heads.max(1));
-                let (theta, frac) = rope_settings(cfg, path)?;
-                let act = Act::parse(str_of(cfg, "hidden_act").unwrap_or("silu"), path)?;
-                let bias = bool_of(cfg, "attention_bias", false, path)?;
-                HfSpec {
-                    arch,
-                    vocab,
-                    dim,
-                    depth: need_usize(cfg, &["num_hidden_layers"], path)?,
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    ff: need_usize(cfg, &["intermediate_size"], path)?,
-                    max_pos: usize_of(cfg, "max_position_embeddings", path)?.unwrap_or(2048),
-                    norm: NormKind::RmsNorm,
-                    norm_eps: f64_of(cfg, &["rms_norm_eps"], 1e-6, path)?,
-                    block: BlockKind::Serial,
-                    mlp_norm: true,
-                    qkv: QkvLayout::Separate,
-                    qkv_bias: bias,
-                    o_bias: bias,
-                    mlp_bias: bool_of(cfg, "mlp_bias", false, path)?,
-                    conv1d: false,
-                    pos: PosKind::Rotary {
-                        style: RotaryStyle::RotateHalf,
-                        dims: (head_dim as f64 * frac) as usize,
-                        theta,
-                    },
-                    act,
-                    gated_mlp: true,
-                    tied: bool_of(cfg, "tie_word_embeddings", false, path)?,
-                    scale_attn: true,
-                    scale_by_layer: false,
-                    attn_dropout: f64_of(cfg, &["attention_dropout"], 0.0, path)?,
-                    resid_dropout: 0.0,
-                    embd_dropout: 0.0,
-                    bos,
-                    eos,
-                }
-            }
+            Arch::Llama
+            | Arch::Mistral
+            | Arch::Qwen2
+            | Arch::Qwen3
+            | Arch::Phi3
+            | Arch::Gemma
+            | Arch::Olmo2 => llama_family(arch, cfg, path, vocab, bos, eos)?,
             Arch::Falcon => {
                 if bool_of(cfg, "alibi", false, path)? {
                     return Err(Error::Config(format!(
@@ -373,6 +508,8 @@ impl HfSpec {
                     max_pos: usize_of(cfg, "max_position_embeddings", path)?.unwrap_or(2048),
                     norm: NormKind::LayerNorm,
                     norm_eps: f64_of(cfg, &["layer_norm_epsilon"], 1e-5, path)?,
+                    norm_offset: false,
+                    embed_scale: None,
                     block: if parallel {
                         BlockKind::Parallel
                     } else {
@@ -386,6 +523,7 @@ impl HfSpec {
                     },
                     qkv_bias: bias,
                     o_bias: bias,
+                    qk_norm: QkNorm::None,
                     mlp_bias: bias,
                     conv1d: false,
                     pos: PosKind::Rotary {
@@ -394,7 +532,7 @@ impl HfSpec {
                         theta,
                     },
                     act: Act::parse(str_of(cfg, "activation").unwrap_or("gelu"), path)?,
-                    gated_mlp: false,
+                    mlp: MlpLayout::Plain,
                     tied: bool_of(cfg, "tie_word_embeddings", true, path)?,
                     scale_attn: true,
                     scale_by_layer: false,
@@ -423,6 +561,8 @@ impl HfSpec {
                     max_pos: usize_of(cfg, "max_position_embeddings", path)?.unwrap_or(2048),
                     norm: NormKind::LayerNorm,
                     norm_eps: f64_of(cfg, &["layer_norm_eps"], 1e-5, path)?,
+                    norm_offset: false,
+                    embed_scale: None,
                     block: if bool_of(cfg, "use_parallel_residual", true, path)? {
                         BlockKind::Parallel
                     } else {
@@ -432,6 +572,7 @@ impl HfSpec {
                     qkv: QkvLayout::Grouped,
                     qkv_bias: bias,
                     o_bias: bias,
+                    qk_norm: QkNorm::None,
                     mlp_bias: true,
                     conv1d: false,
                     pos: PosKind::Rotary {
@@ -440,7 +581,7 @@ impl HfSpec {
                         theta,
                     },
                     act: Act::parse(str_of(cfg, "hidden_act").unwrap_or("gelu"), path)?,
-                    gated_mlp: false,
+                    mlp: MlpLayout::Plain,
                     tied: bool_of(cfg, "tie_word_embeddings", false, path)?,
                     scale_attn: true,
                     scale_by_layer: false,
@@ -472,11 +613,14 @@ impl HfSpec {
                     max_pos: need_usize(cfg, &["n_positions", "max_position_embeddings"], path)?,
                     norm: NormKind::LayerNorm,
                     norm_eps: f64_of(cfg, &["layer_norm_epsilon"], 1e-5, path)?,
+                    norm_offset: false,
+                    embed_scale: None,
                     block: BlockKind::Serial,
                     mlp_norm: true,
                     qkv: QkvLayout::Concat,
                     qkv_bias: true,
                     o_bias: true,
+                    qk_norm: QkNorm::None,
                     mlp_bias: true,
                     conv1d: true,
                     pos: PosKind::Learned,
@@ -484,7 +628,7 @@ impl HfSpec {
                         str_of(cfg, "activation_function").unwrap_or("gelu_new"),
                         path,
                     )?,
-                    gated_mlp: false,
+                    mlp: MlpLayout::Plain,
                     tied: bool_of(cfg, "tie_word_embeddings", true, path)?,
                     scale_attn: bool_of(cfg, "scale_attn_weights", true, path)?,
                     scale_by_layer: bool_of(cfg, "scale_attn_by_inverse_layer_idx", false, path)?,
@@ -566,7 +710,11 @@ pub struct LayerKeys {
     pub norm2: Option<String>,
     /// q, k, v for `Separate`; only the first for fused layouts.
     pub qkv: Vec<String>,
+    /// RMSNorms on q and k (`QkNorm::PerHead` or `Whole`).
+    pub q_norm: Option<String>,
+    pub k_norm: Option<String>,
     pub o: String,
+    /// The fused [gate | up] projection for `MlpLayout::FusedGateUp`.
     pub up: String,
     pub gate: Option<String>,
     pub down: String,
@@ -575,7 +723,13 @@ pub struct LayerKeys {
 impl HfSpec {
     pub fn keys(&self) -> Keys {
         let (embed, pos, fnorm, head) = match self.arch {
-            Arch::Llama => (
+            Arch::Llama
+            | Arch::Mistral
+            | Arch::Qwen2
+            | Arch::Qwen3
+            | Arch::Phi3
+            | Arch::Gemma
+            | Arch::Olmo2 => (
                 "model.embed_tokens.weight",
                 None,
                 "model.norm",
@@ -611,18 +765,37 @@ impl HfSpec {
     pub fn layer_keys(&self, l: usize) -> LayerKeys {
         let parallel = self.block == BlockKind::Parallel;
         match self.arch {
-            Arch::Llama => {
+            Arch::Llama
+            | Arch::Mistral
+            | Arch::Qwen2
+            | Arch::Qwen3
+            | Arch::Phi3
+            | Arch::Gemma
+            | Arch::Olmo2 => {
                 let p = format!("model.layers.{l}");
+                let (norm1, norm2) = match self.block {
+                    BlockKind::PostNorm => {
+                        ("post_attention_layernorm", "post_feedforward_layernorm")
+                    }
+                    _ => ("input_layernorm", "post_attention_layernorm"),
+                };
+                let qkv: &[&str] = match self.qkv {
+                    QkvLayout::Separate => &["q_proj", "k_proj", "v_proj"],
+                    _ => &["qkv_proj"],
+                };
+                let qk_norm = self.qk_norm != QkNorm::None;
                 LayerKeys {
-                    norm1: format!("{p}.input_layernorm"),
-                    norm2: Some(format!("{p}.post_attention_layernorm")),
-                    qkv: ["q", "k", "v"]
-                        .iter()
-                        .map(|n| format!("{p}.self_attn.{n}_proj"))
-                        .collect(),
+                    norm1: format!("{p}.{norm1}"),
+                    norm2: Some(format!("{p}.{norm2}")),
+                    qkv: qkv.iter().map(|n| format!("{p}.self_attn.{n}")).collect(),
+                    q_norm: qk_norm.then(|| format!("{p}.self_attn.q_norm")),
+                    k_norm: qk_norm.then(|| format!("{p}.self_attn.k_norm")),
                     o: format!("{p}.self_attn.o_proj"),
-                    up: format!("{p}.mlp.up_proj"),
-                    gate: Some(format!("{p}.mlp.gate_proj")),
+                    up: match self.mlp {
+                        MlpLayout::FusedGateUp => format!("{p}.mlp.gate_up_proj"),
+                        _ => format!("{p}.mlp.up_proj"),
+                    },
+                    gate: (self.mlp == MlpLayout::Gated).then(|| format!("{p}.mlp.gate_proj")),
                     down: format!("{p}.mlp.down_proj"),
                 }
             }
@@ -644,6 +817,8 @@ impl HfSpec {
                     qkv: vec![format!("{p}.self_attention.query_key_value")],
                     o: format!("{p}.self_attention.dense"),
                     up: format!("{p}.mlp.dense_h_to_4h"),
+                    q_norm: None,
+                    k_norm: None,
                     gate: None,
                     down: format!("{p}.mlp.dense_4h_to_h"),
                 }
@@ -656,6 +831,8 @@ impl HfSpec {
                     qkv: vec![format!("{p}.attention.query_key_value")],
                     o: format!("{p}.attention.dense"),
                     up: format!("{p}.mlp.dense_h_to_4h"),
+                    q_norm: None,
+                    k_norm: None,
                     gate: None,
                     down: format!("{p}.mlp.dense_4h_to_h"),
                 }
@@ -668,6 +845,8 @@ impl HfSpec {
                     qkv: vec![format!("{p}.attn.c_attn")],
                     o: format!("{p}.attn.c_proj"),
                     up: format!("{p}.mlp.c_fc"),
+                    q_norm: None,
+                    k_norm: None,
                     gate: None,
                     down: format!("{p}.mlp.c_proj"),
                 }
@@ -743,5 +922,178 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("llama3"), "{e}");
+    }
+
+    /// A small Llama-family config.json for `arch`, with `extra` fields merged in.
+    fn family_cfg(arch: &str, extra: Value) -> Value {
+        let mut cfg = serde_json::json!({"architectures": [arch], "vocab_size": 16,
+            "hidden_size": 8, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "num_hidden_layers": 1, "intermediate_size": 12, "max_position_embeddings": 64});
+        if let (Some(o), Some(e)) = (cfg.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        cfg
+    }
+
+    fn parse(cfg: &Value) -> HfSpec {
+        HfSpec::from_config(cfg, Path::new("m/config.json")).unwrap()
+    }
+
+    fn refusal(cfg: &Value) -> String {
+        HfSpec::from_config(cfg, Path::new("m/config.json"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn qwen2_has_qkv_biases_but_no_o_bias() {
+        let s = parse(&family_cfg("Qwen2ForCausalLM", serde_json::json!({})));
+        assert_eq!((s.arch, s.qkv_bias, s.o_bias), (Arch::Qwen2, true, false));
+        assert_eq!(
+            (s.qk_norm, s.mlp, s.tied),
+            (QkNorm::None, MlpLayout::Gated, false)
+        );
+        let lk = s.layer_keys(0);
+        assert_eq!(lk.qkv[0], "model.layers.0.self_attn.q_proj");
+        assert!(lk.q_norm.is_none());
+    }
+
+    #[test]
+    fn qwen3_per_head_qk_norm_and_explicit_head_dim() {
+        let s = parse(&family_cfg(
+            "Qwen3ForCausalLM",
+            serde_json::json!({"head_dim": 16, "attention_bias": true}),
+        ));
+        assert_eq!((s.head_dim, s.q_dim(), s.kv_dim()), (16, 32, 16));
+        assert_eq!(s.qk_norm, QkNorm::PerHead);
+        assert!(s.qkv_bias && s.o_bias);
+        let lk = s.layer_keys(1);
+        assert_eq!(
+            (lk.q_norm.as_deref(), lk.k_norm.as_deref()),
+            (
+                Some("model.layers.1.self_attn.q_norm"),
+                Some("model.layers.1.self_attn.k_norm")
+            )
+        );
+    }
+
+    #[test]
+    fn phi3_fused_projections_and_partial_rotary() {
+        let s = parse(&family_cfg(
+            "Phi3ForCausalLM",
+            serde_json::json!({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0,
+                "partial_rotary_factor": 0.5}}),
+        ));
+        assert_eq!((s.qkv, s.mlp), (QkvLayout::Concat, MlpLayout::FusedGateUp));
+        assert_eq!(
+            s.pos,
+            PosKind::Rotary {
+                style: RotaryStyle::RotateHalf,
+                dims: 2,
+                theta: 500.0
+            }
+        );
+        let lk = s.layer_keys(0);
+        assert_eq!(
+            lk.qkv,
+            vec!["model.layers.0.self_attn.qkv_proj".to_string()]
+        );
+        assert_eq!(lk.up, "model.layers.0.mlp.gate_up_proj");
+        assert!(lk.gate.is_none());
+    }
+
+    #[test]
+    fn gemma_offset_norm_scaled_embeddings_tanh_geglu_tied() {
+        let s = parse(&family_cfg(
+            "GemmaForCausalLM",
+            serde_json::json!({"hidden_size": 6, "head_dim": 4, "hidden_act": "gelu",
+                "hidden_activation": null}),
+        ));
+        assert!(s.norm_offset && s.tied);
+        // sqrt(6) rounded to f32, not the f64 value
+        assert_eq!(s.embed_scale, Some(6f32.sqrt() as f64));
+        assert_ne!(s.embed_scale, Some(6f64.sqrt()));
+        // `hidden_activation` absent: the tanh approximation whatever `hidden_act` says
+        assert_eq!((s.act, s.mlp), (Act::GeluTanh, MlpLayout::Gated));
+        assert_eq!((s.q_dim(), s.dim), (8, 6));
+        let e = parse(&family_cfg(
+            "GemmaForCausalLM",
+            serde_json::json!({"hidden_activation": "gelu"}),
+        ));
+        assert_eq!(e.act, Act::GeluErf);
+    }
+
+    #[test]
+    fn olmo2_post_norms_and_whole_qk_norm() {
+        let s = parse(&family_cfg("Olmo2ForCausalLM", serde_json::json!({})));
+        assert_eq!((s.block, s.qk_norm), (BlockKind::PostNorm, QkNorm::Whole));
+        let lk = s.layer_keys(0);
+        assert_eq!(lk.norm1, "model.layers.0.post_attention_layernorm");
+        assert_eq!(
+            lk.norm2.as_deref(),
+            Some("model.layers.0.post_feedforward_layernorm")
+        );
+        assert!(lk.q_norm.is_some() && lk.k_norm.is_some());
+    }
+
+    #[test]
+    fn mistral_sliding_window_is_refused_naming_the_file() {
+        let s = parse(&family_cfg(
+            "MistralForCausalLM",
+            serde_json::json!({"sliding_window": null}),
+        ));
+        assert_eq!((s.arch, s.block), (Arch::Mistral, BlockKind::Serial));
+        // a window at least as long as the context never masks anything
+        parse(&family_cfg(
+            "MistralForCausalLM",
+            serde_json::json!({"sliding_window": 64}),
+        ));
+        let e = refusal(&family_cfg(
+            "MistralForCausalLM",
+            serde_json::json!({"sliding_window": 32}),
+        ));
+        assert!(
+            e.contains("m/config.json") && e.contains("sliding_window") && e.contains("32"),
+            "{e}"
+        );
+        let e = refusal(&family_cfg(
+            "Phi3ForCausalLM",
+            serde_json::json!({"sliding_window": 47}),
+        ));
+        assert!(e.contains("m/config.json") && e.contains("47"), "{e}");
+    }
+
+    #[test]
+    fn qwen_sliding_window_counts_only_when_used() {
+        // Qwen configs carry `sliding_window` but use it only with `use_sliding_window`
+        parse(&family_cfg(
+            "Qwen2ForCausalLM",
+            serde_json::json!({"sliding_window": 8, "use_sliding_window": false}),
+        ));
+        let e = refusal(&family_cfg(
+            "Qwen3ForCausalLM",
+            serde_json::json!({"sliding_window": 8, "use_sliding_window": true}),
+        ));
+        assert!(e.contains("m/config.json") && e.contains("sliding"), "{e}");
+        let e = refusal(&family_cfg(
+            "Qwen2ForCausalLM",
+            serde_json::json!({"sliding_window": 8,
+                "layer_types": ["full_attention", "sliding_attention"]}),
+        ));
+        assert!(e.contains("m/config.json"), "{e}");
+    }
+
+    #[test]
+    fn bad_field_types_are_named() {
+        let e = refusal(&family_cfg(
+            "Qwen3ForCausalLM",
+            serde_json::json!({"head_dim": "16"}),
+        ));
+        assert!(e.contains("head_dim") && e.contains("m/config.json"), "{e}");
+        let e = refusal(&family_cfg(
+            "GemmaForCausalLM",
+            serde_json::json!({"hidden_activation": "swiglu"}),
+        ));
+        assert!(e.contains("swiglu"), "{e}");
     }
 }
