@@ -12,8 +12,8 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
-    os.path.dirname(__file__), "..", "crates", "palm", "tests", "data", "parquet")
+OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.normpath(os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "crates", "palm", "tests", "data", "parquet"))
 
 TEXT = ["First document.\nIt has two lines.", "Second: café ☕", "Third and last."]
 
