@@ -30,6 +30,14 @@ pub enum Error {
         msg: String,
     },
 
+    /// A bad record in a Parquet file; `row` counts from 0 within the file.
+    #[error("{path}:row {row}: {msg}")]
+    BadRow {
+        path: PathBuf,
+        row: u64,
+        msg: String,
+    },
+
     #[error("{path}: not a readable checkpoint (truncated or corrupt?): {msg}")]
     Corrupt { path: PathBuf, msg: String },
 

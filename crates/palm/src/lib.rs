@@ -3,7 +3,7 @@
 //! Map: `config` (model config), `model` (PaLM; `model::hf`: Hugging Face decoders; `model::palm_decode`: fast CPU sampling), `lora` (LoRA scopes), `kv_cache`, `sample`
 //! (sampling and batched generation), `tokenizer` (+ `tokenizer_llama2c`: scored BPE, `tokenizer_gguf`: from GGUF metadata), `chat` (chat templates), `judges` (VADER sentiment), `params` (parameters by checkpoint name),
 //! `checkpoint` (atomic files and directories), `load` (model loading from any supported path),
-//! `fixtures` (where the shared test data lives), `rng` (seeded streams), `ops` (fused CPU kernels
+//! `fixtures` (where the shared test data lives), `records` (data set records from JSONL, Parquet or shard directories), `rng` (seeded streams), `ops` (fused CPU kernels
 //! with backward: linear, LayerNorm, SwiGLU, cross-entropy, multi-query attention with rotary/xPos).
 
 pub mod chat;
@@ -19,6 +19,7 @@ pub mod lora;
 pub mod model;
 pub mod ops;
 pub mod params;
+pub mod records;
 pub mod rlhf;
 pub mod rng;
 pub mod sample;

@@ -77,7 +77,8 @@ pub struct Args {
     /// response; default lexicon: the shared data's judges/vader).
     #[arg(long)]
     pub reward: String,
-    /// Prompts: JSONL with a "prompt" field per line, or plain text with one prompt per line.
+    /// Prompts: records with a "prompt" field (.jsonl, .jsonl.gz, .parquet or a directory of
+    /// shards), or plain text with one prompt per line.
     #[arg(long)]
     pub prompts: PathBuf,
     /// Run directory (metrics, plots, checkpoint, final policy).
@@ -189,46 +190,6 @@ fn write_jsonl(path: &Path, recs: &[serde_json::Value]) -> Result<()> {
     Ok(())
 }
 
-/// Reads prompts: JSONL `{"prompt": ...}` (when the first non-empty line starts with `{`) or
-/// one prompt per line. Errors name the file and line.
-pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let jsonl = text
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .is_some_and(|l| l.trim_start().starts_with('{'));
-    let mut out = vec![];
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        if jsonl {
-            let v: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| palm::Error::BadLine {
-                    path: path.into(),
-                    line: i + 1,
-                    msg: format!("invalid JSON: {e}"),
-                })?;
-            let p =
-                v.get("prompt")
-                    .and_then(|p| p.as_str())
-                    .ok_or_else(|| palm::Error::BadLine {
-                        path: path.into(),
-                        line: i + 1,
-                        msg: "no string field \"prompt\"".into(),
-                    })?;
-            out.push(p.to_string());
-        } else {
-            out.push(line.to_string());
-        }
-    }
-    if out.is_empty() {
-        bail!("{}: no prompts", path.display());
-    }
-    Ok(out)
-}
-
 fn apply_flags(cfg: &mut PpoConfig, a: &Args) -> Result<()> {
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
@@ -309,7 +270,7 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => Tokenizer::Bytes,
     };
     // validate every input before writing anything
-    let texts = read_prompts(&a.prompts)?;
+    let texts = palm::rlhf::prompts::read_prompts(&a.prompts)?;
     let prompts: Vec<Vec<u32>> = texts
         .iter()
         .enumerate()

@@ -47,7 +47,8 @@ pub struct TrainArgs {
     /// Base model (the trunk): checkpoint directory, or a weights file with config.json beside it.
     #[arg(long)]
     pub model: PathBuf,
-    /// Preference files (JSONL or .jsonl.gz): {"prompt","chosen","rejected"} or HH {"chosen","rejected"};
+    /// Preference files (.jsonl, .jsonl.gz, .parquet or a directory of shards):
+    /// {"prompt","chosen","rejected"} or HH {"chosen","rejected"};
     /// or rating files {"prompt","response","score"} (all records of one kind).
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,

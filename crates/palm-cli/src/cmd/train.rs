@@ -1,4 +1,4 @@
-//! `palm train`: pre-training on text or supervised fine-tuning on JSONL, with exact resume.
+//! `palm train`: pre-training on text or supervised fine-tuning on JSONL/Parquet, with exact resume.
 
 use std::path::{Path, PathBuf};
 
@@ -28,10 +28,13 @@ pub enum OrderArg {
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "\
-Data: plain text files (.txt, or anything not .jsonl; .gz is read directly) for language modelling,
-or JSONL files (.jsonl, .jsonl.gz) for supervised fine-tuning, one object a line:
-  {\"prompt\": \"...\", \"response\": \"...\"}
+Data: plain text files (.txt, or anything not .jsonl/.parquet; .gz is read directly) for language
+modelling, or data set records: JSONL (.jsonl, .jsonl.gz, one object a line), Parquet (.parquet, one
+record a row, as Hugging Face datasets store them) or a directory of shards (its .parquet/.jsonl files
+in name order), each record one of
+  {\"prompt\": \"...\", \"response\": \"...\"}                      supervised fine-tuning (SFT)
   {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}, ...]}
+  {\"text\": \"...\"}                                           pre-training text (then EOS)
 SFT trains on response tokens only and appends an end-of-sequence token to every response. The
 last --val-fraction of the data is held out for validation.
 
@@ -43,7 +46,7 @@ Examples:
   palm train --data chat.jsonl --out runs/sft --model runs/shakespeare/final --lora-scope sft --lora-r 8
   palm train --out runs/shakespeare --resume")]
 pub struct Args {
-    /// Training data files (text or JSONL; see below). With --resume, defaults to the run's files.
+    /// Training data: text files, JSONL or Parquet files, shard directories (see below). With --resume, defaults to the run's files.
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
     /// Run directory (metrics, plots, checkpoints, final model).
@@ -232,7 +235,7 @@ pub fn run(a: Args) -> Result<()> {
         Trainer::resume(&a.out, steps, data)?
     } else {
         if a.data.is_empty() {
-            bail!("--data is required (one or more text or JSONL files)");
+            bail!("--data is required (one or more text, JSONL or Parquet files, or shard directories)");
         }
         let cfg = train_config(&a);
         cfg.validate()?;

@@ -1,10 +1,11 @@
-//! RLHF: the reward model, its preference data and trainer; the scorer abstraction, rollouts,
+//! RLHF: the reward model, its preference data and trainer; PPO prompts; the scorer abstraction, rollouts,
 //! advantages, KL control, value heads and PPO.
 
 pub mod advantage;
 pub mod kl;
 pub mod ppo;
 pub mod preference_data;
+pub mod prompts;
 pub mod reward;
 pub mod reward_train;
 pub mod rollout;

@@ -1,6 +1,7 @@
-//! Preference and rating data for the reward model: JSON Lines, plain or gzipped (`.gz`).
+//! Preference and rating data for the reward model: records from JSON Lines (plain or `.gz`),
+//! Parquet or a directory of shards (see [`crate::records`]).
 //!
-//! One object a line, in the field's common shapes:
+//! One object a line (or Parquet row), in the field's common shapes:
 //! - `{"prompt", "chosen", "rejected"}`: a prompt and two responses;
 //! - `{"chosen", "rejected"}`: two whole dialogues (Anthropic HH), each split at its last
 //!   `"\n\nAssistant:"` into a prompt (up to and including the marker) and a response; the two
@@ -10,7 +11,6 @@
 //! Encoding appends the tokenizer's EOS to every sequence (the token the reward is read at),
 //! and truncation keeps the END of the prompt and the START of the response.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -53,17 +53,6 @@ pub fn split_dialogue(text: &str) -> Option<(&str, &str)> {
     Some((&text[..cut], &text[cut..]))
 }
 
-fn open_lines(path: &Path) -> Result<Box<dyn BufRead>> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let gz = path.extension().and_then(|e| e.to_str()) == Some("gz");
-    let r: Box<dyn Read> = if gz {
-        Box::new(flate2::read::MultiGzDecoder::new(f))
-    } else {
-        Box::new(f)
-    };
-    Ok(Box::new(BufReader::new(r)))
-}
-
 fn field<'a>(
     obj: &'a serde_json::Map<String, serde_json::Value>,
     name: &str,
@@ -90,25 +79,20 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
-/// Reads one file into `out`. Every error names the file and the line (1-based).
+/// The fields preference and rating records are read from (the only Parquet columns read).
+const COLUMNS: &[&str] = &["prompt", "chosen", "rejected", "response", "score"];
+
+/// Reads one file (or directory of shards) into `out`. Every error names the file and the line
+/// (1-based) or Parquet row (from 0).
 pub fn read_into(path: &Path, out: &mut PreferenceData) -> Result<()> {
-    let reader = open_lines(path)?;
-    for (i, line) in reader.lines().enumerate() {
-        let lineno = i + 1;
-        let bad = |msg: String| Error::BadLine {
-            path: path.to_path_buf(),
-            line: lineno,
-            msg,
-        };
-        let line = line.map_err(|e| bad(format!("unreadable: {e}")))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    for rec in crate::records::open(path, Some(COLUMNS))? {
+        let rec = rec?;
+        let at = &rec.at;
+        let bad = |msg: String| at.error(msg);
+        let v = &rec.value;
         let obj = v
             .as_object()
-            .ok_or_else(|| bad(format!("expected a JSON object, found {}", json_kind(&v))))?;
+            .ok_or_else(|| bad(format!("expected a JSON object, found {}", json_kind(v))))?;
         let prompt = field(obj, "prompt", &bad)?;
         let chosen = field(obj, "chosen", &bad)?;
         let rejected = field(obj, "rejected", &bad)?;
@@ -133,8 +117,7 @@ pub fn read_into(path: &Path, out: &mut PreferenceData) -> Result<()> {
                     // prompt, so no clean pair. Counted and reported, not fatal.
                     out.skipped_prompt_mismatch += 1;
                     tracing::debug!(
-                        "{}:{lineno}: chosen and rejected differ before their last assistant turn; skipped",
-                        path.display()
+                        "{at}: chosen and rejected differ before their last assistant turn; skipped"
                     );
                     continue;
                 }

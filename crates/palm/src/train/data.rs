@@ -1,17 +1,24 @@
-//! Training data: plain text for language modelling and JSONL for supervised fine-tuning (SFT).
+//! Training data: plain text for language modelling, and data set records (JSON Lines, Parquet or a
+//! directory of shards; see [`crate::records`]) holding pre-training text or supervised
+//! fine-tuning (SFT) examples.
 //!
-//! - **Text** (any file that is not `.jsonl`/`.jsonl.gz`; `.gz` is read directly): the files are
-//!   tokenized and concatenated, the last `val_fraction` of the tokens is the validation split.
-//!   A training example is a window of `T + 1` tokens (inputs `[0..T]`, labels `[1..T+1]`).
-//!   [`BatchOrder::Random`] draws every window's start uniformly, as the original's `train.py`
-//!   does; [`BatchOrder::Epoch`] cuts the text into non-overlapping windows and visits them in a
-//!   fresh seeded shuffle each epoch.
-//! - **SFT** (`.jsonl` or `.jsonl.gz`), one object a line, either
+//! - **Text** (any file that is not `.jsonl`, `.jsonl.gz` or `.parquet`; `.gz` is read directly):
+//!   the files are tokenized and concatenated, the last `val_fraction` of the tokens is the
+//!   validation split. A training example is a window of `T + 1` tokens (inputs `[0..T]`, labels
+//!   `[1..T+1]`). [`BatchOrder::Random`] draws every window's start uniformly, as the original's
+//!   `train.py` does; [`BatchOrder::Epoch`] cuts the text into non-overlapping windows and visits
+//!   them in a fresh seeded shuffle each epoch.
+//! - **Text records** `{"text": str}` (a Hugging Face pre-training set): each document's tokens
+//!   followed by the tokenizer's EOS (a blank line when it has none), then as text above.
+//! - **SFT records**, either
 //!   `{"prompt": str, "response": str}` (tokens of `prompt` then of `response`, no template), or
 //!   `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` rendered with the
 //!   chat template below. Only response tokens carry loss, and an end-of-sequence token is appended
 //!   to every response so the model learns to stop. The last `val_fraction` of the examples is the
 //!   validation split. Examples longer than `T + 1` tokens are cut at the end.
+//!
+//! A record with `messages`, `prompt` or `response` is SFT, else one with `text` is text. One
+//! run reads one kind: SFT records cannot be mixed with text (files or records).
 //!
 //! Chat template (each message, in order; `{EOS}` is the tokenizer's end-of-sequence id):
 //!
@@ -368,12 +375,6 @@ fn sft_batch(ex: &[&Example], t1: usize) -> Batch {
 
 // ----- reading files ---------------------------------------------------------------------------
 
-/// Whether a path holds SFT examples (`.jsonl` or `.jsonl.gz`).
-pub fn is_jsonl(path: &Path) -> bool {
-    let s = path.to_string_lossy();
-    s.ends_with(".jsonl") || s.ends_with(".jsonl.gz")
-}
-
 /// Reads a file as UTF-8 text, decompressing `.gz`. Missing, empty and non-UTF-8 files are errors
 /// naming the file (and the line, for bad UTF-8).
 pub fn read_text_file(path: &Path) -> Result<String> {
@@ -421,6 +422,7 @@ enum Role {
     Assistant,
 }
 
+/// An SFT record.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum SftLine {
@@ -470,46 +472,120 @@ fn encode_example(rec: SftLine, tok: &Tokenizer, eos: u32) -> std::result::Resul
     Ok(Example { ids, loss })
 }
 
-/// Reads SFT examples from a `.jsonl` / `.jsonl.gz` file; errors name the file and line.
-pub fn read_sft_file(path: &Path, tok: &Tokenizer) -> Result<Vec<Example>> {
-    let eos = tok.eos_id().ok_or_else(|| {
-        Error::Tokenizer(
-            "the tokenizer has no end-of-sequence token, needed to end SFT responses".into(),
-        )
-    })?;
-    let text = read_text_file(path)?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+/// The shapes a training record may have, for error messages.
+const EXPECTED: &str = "expected {\"prompt\": str, \"response\": str}, \
+     {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": str}, ...]} \
+     or {\"text\": str}";
+
+/// The fields training records are read from (the only Parquet columns read).
+const COLUMNS: &[&str] = &["text", "prompt", "response", "messages"];
+
+/// One training record: a pre-training document or an SFT example.
+enum DataRecord {
+    Text(String),
+    Sft(SftLine),
+}
+
+/// Classifies a record: SFT when it has `messages`, `prompt` or `response`, else text.
+fn parse_record(v: serde_json::Value) -> std::result::Result<DataRecord, String> {
+    let Some(obj) = v.as_object() else {
+        return Err(format!("not a JSON object: {EXPECTED}"));
+    };
+    if ["messages", "prompt", "response"]
+        .iter()
+        .any(|k| obj.contains_key(*k))
+    {
+        return serde_json::from_value(v)
+            .map(DataRecord::Sft)
+            .map_err(|_| EXPECTED.to_string());
+    }
+    match obj.get("text") {
+        Some(serde_json::Value::String(t)) => Ok(DataRecord::Text(t.clone())),
+        Some(_) => Err("field `text` must be a string".into()),
+        None => {
+            let keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+            Err(format!(
+                "unrecognised record with fields {keys:?}: {EXPECTED}"
+            ))
         }
-        let bad = |msg: String| Error::BadLine {
-            path: path.to_path_buf(),
-            line: i + 1,
-            msg,
-        };
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-        let rec: SftLine = serde_json::from_value(value).map_err(|_| {
-            bad(
-                "expected {\"prompt\": str, \"response\": str} or \
-                 {\"messages\": [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": str}, ...]}"
-                    .into(),
-            )
-        })?;
-        out.push(encode_example(rec, tok, eos).map_err(bad)?);
     }
-    if out.is_empty() {
-        return Err(Error::msg(format!(
-            "{}: no examples (only blank lines)",
+}
+
+/// What a data set file (or directory of shards) holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordData {
+    /// `{"text"}` records: the documents' tokens, each followed by EOS.
+    Text(Vec<u32>),
+    /// SFT examples, in order.
+    Sft(Vec<Example>),
+}
+
+/// Reads and tokenizes the records of a `.jsonl`, `.jsonl.gz` or `.parquet` file or a directory
+/// of shards (see the module docs). Every error names the file and the line (or Parquet row).
+pub fn read_records(path: &Path, tok: &Tokenizer) -> Result<RecordData> {
+    let mut text: Option<Vec<u32>> = None;
+    let mut sft: Option<Vec<Example>> = None;
+    for rec in crate::records::open(path, Some(COLUMNS))? {
+        let rec = rec?;
+        let at = rec.at;
+        match parse_record(rec.value).map_err(|m| at.error(m))? {
+            DataRecord::Text(doc) => {
+                if sft.is_some() {
+                    return Err(at.error(
+                        "a pre-training {\"text\"} record among SFT examples: use one kind of data",
+                    ));
+                }
+                let ids = text.get_or_insert_with(Vec::new);
+                let enc = |t: &str| tok.encode(t).map_err(|e| at.error(e.to_string()));
+                ids.extend(enc(&doc)?);
+                match tok.eos_id() {
+                    Some(eos) => ids.push(eos),
+                    None => ids.extend(enc("\n\n")?),
+                }
+            }
+            DataRecord::Sft(ex) => {
+                if text.is_some() {
+                    return Err(at.error(
+                        "an SFT record among pre-training {\"text\"} records: use one kind of data",
+                    ));
+                }
+                let eos = tok.eos_id().ok_or_else(|| {
+                    Error::Tokenizer(
+                        "the tokenizer has no end-of-sequence token, needed to end SFT responses"
+                            .into(),
+                    )
+                })?;
+                let ex = encode_example(ex, tok, eos).map_err(|m| at.error(m))?;
+                sft.get_or_insert_with(Vec::new).push(ex);
+            }
+        }
+    }
+    match (text, sft) {
+        (Some(t), _) => Ok(RecordData::Text(t)),
+        (_, Some(e)) => Ok(RecordData::Sft(e)),
+        _ => Err(Error::msg(format!(
+            "{}: no records (empty, or only blank lines)",
             path.display()
-        )));
+        ))),
     }
-    Ok(out)
+}
+
+/// Reads SFT examples from a `.jsonl`, `.jsonl.gz` or `.parquet` file or a directory of shards;
+/// errors name the file and the line (or row).
+pub fn read_sft_file(path: &Path, tok: &Tokenizer) -> Result<Vec<Example>> {
+    match read_records(path, tok)? {
+        RecordData::Sft(ex) => Ok(ex),
+        RecordData::Text(_) => Err(Error::msg(format!(
+            "{}: holds pre-training {{\"text\"}} records, not SFT examples",
+            path.display()
+        ))),
+    }
 }
 
 /// Reads and tokenizes every file, then splits off the last `val_fraction` as validation data.
-/// All files must be of one kind (text or JSONL).
+/// Data set records (`.jsonl`, `.jsonl.gz`, `.parquet`, directories) are read with
+/// [`read_records`], anything else as plain text. All must be of one kind: text (plain files and
+/// `{"text"}` records) or SFT examples.
 pub fn load_corpus(paths: &[PathBuf], tok: &Tokenizer, val_fraction: f64) -> Result<Corpus> {
     if paths.is_empty() {
         return Err(Error::msg("no data files given"));
@@ -519,32 +595,44 @@ pub fn load_corpus(paths: &[PathBuf], tok: &Tokenizer, val_fraction: f64) -> Res
             "the validation fraction must be in [0, 1), got {val_fraction}"
         )));
     }
-    let sft = is_jsonl(&paths[0]);
-    if let Some(p) = paths.iter().find(|p| is_jsonl(p) != sft) {
+    let mut text: Vec<u32> = Vec::new();
+    let mut sft: Vec<Example> = Vec::new();
+    let (mut text_from, mut sft_from) = (None, None);
+    for p in paths {
+        if crate::records::is_records(p) {
+            match read_records(p, tok)? {
+                RecordData::Text(ids) => {
+                    text.extend(ids);
+                    text_from.get_or_insert(p);
+                }
+                RecordData::Sft(ex) => {
+                    sft.extend(ex);
+                    sft_from.get_or_insert(p);
+                }
+            }
+        } else {
+            let t = read_text_file(p)?;
+            text.extend(
+                tok.encode(&t)
+                    .map_err(|e| Error::msg(format!("{}: tokenizing failed: {e}", p.display())))?,
+            );
+            text_from.get_or_insert(p);
+        }
+    }
+    if let (Some(s), Some(t)) = (sft_from, text_from) {
         return Err(Error::msg(format!(
-            "{}: cannot mix plain text and JSONL (SFT) data in one run",
-            p.display()
+            "{} holds SFT examples and {} pre-training text: cannot mix them in one run",
+            s.display(),
+            t.display()
         )));
     }
     let n_val = |n: usize| (n as f64 * val_fraction).floor() as usize;
-    if sft {
-        let mut all = Vec::new();
-        for p in paths {
-            all.extend(read_sft_file(p, tok)?);
-        }
-        let val = all.split_off(all.len() - n_val(all.len()));
-        Ok(Corpus::Sft { train: all, val })
+    if sft_from.is_some() {
+        let val = sft.split_off(sft.len() - n_val(sft.len()));
+        Ok(Corpus::Sft { train: sft, val })
     } else {
-        let mut all = Vec::new();
-        for p in paths {
-            let text = read_text_file(p)?;
-            all.extend(
-                tok.encode(&text)
-                    .map_err(|e| Error::msg(format!("{}: tokenizing failed: {e}", p.display())))?,
-            );
-        }
-        let val = all.split_off(all.len() - n_val(all.len()));
-        Ok(Corpus::Text { train: all, val })
+        let val = text.split_off(text.len() - n_val(text.len()));
+        Ok(Corpus::Text { train: text, val })
     }
 }
 
