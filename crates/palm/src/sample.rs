@@ -131,7 +131,9 @@ pub fn sample_token(logits: &[f32], s: &Sampling, rng: &mut PalmRng) -> u32 {
 pub struct GenerateRequest {
     pub prompts: Vec<Vec<u32>>,
     pub max_new_tokens: usize,
-    pub eos: Option<u32>,
+    /// End ids: sampling any of them ends its row (the tokenizer's EOS, `generation_config.json`'s
+    /// list, the chat template's end-of-turn token). Empty: never stop early.
+    pub eos: Vec<u32>,
     pub sampling: Sampling,
     pub seed: u64,
     /// LoRA scope to sample from (e.g. the PPO actor).
@@ -264,7 +266,7 @@ pub fn generate(
             let tok = sample_token(&logits[row * vsz..(row + 1) * vsz], &req.sampling, &mut rng);
             completions[row].push(tok);
             on_token(row, tok);
-            if Some(tok) == req.eos {
+            if req.eos.contains(&tok) {
                 done[row] = true;
             }
             step_ids.push(tok);

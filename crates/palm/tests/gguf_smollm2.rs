@@ -143,7 +143,7 @@ fn smollm2_q4_1_logits_and_greedy_match_transformers() {
         let req = GenerateRequest {
             prompts: vec![c.input_ids.clone()],
             max_new_tokens: c.greedy.len(),
-            eos: Some(eos),
+            eos: vec![eos],
             sampling: Sampling::greedy(),
             seed: 0,
             scope: None,

@@ -239,7 +239,7 @@ fn palm_greedy_generation_with_kv_cache_matches_exactly() {
             .map(|p| p.iter().map(|&x| x as u32).collect())
             .collect(),
         max_new_tokens: want[0].len(),
-        eos: None,
+        eos: vec![],
         sampling: palm::sample::Sampling::greedy(),
         seed: 0,
         scope: None,

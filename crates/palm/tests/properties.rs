@@ -412,7 +412,7 @@ fn greedy_equals_low_temperature_and_batching_equals_single_rows() {
     let req = |prompts: Vec<Vec<u32>>, sampling| GenerateRequest {
         prompts,
         max_new_tokens: 12,
-        eos: None,
+        eos: vec![],
         sampling,
         seed: 1,
         scope: None,
@@ -453,7 +453,7 @@ fn generation_stops_each_row_at_eos() {
     let base = GenerateRequest {
         prompts: prompts.clone(),
         max_new_tokens: 10,
-        eos: None,
+        eos: vec![],
         sampling: Sampling::greedy(),
         seed: 0,
         scope: None,
@@ -465,7 +465,7 @@ fn generation_stops_each_row_at_eos() {
     let stopped = generate(
         &m,
         &GenerateRequest {
-            eos: Some(eos),
+            eos: vec![eos],
             ..base
         },
         |_, _| {},
@@ -691,7 +691,7 @@ fn empty_and_too_long_prompts_are_errors() {
     let req = |prompts: Vec<Vec<u32>>, n| GenerateRequest {
         prompts,
         max_new_tokens: n,
-        eos: None,
+        eos: vec![],
         sampling: Sampling::greedy(),
         seed: 0,
         scope: None,

@@ -76,7 +76,7 @@ fn stories260k_tokenizer_logits_greedy_text() {
     let req = GenerateRequest {
         prompts: vec![prompt.clone()],
         max_new_tokens: r.greedy.len() - prompt.len(),
-        eos: tok.eos_id(),
+        eos: tok.eos_id().into_iter().collect(),
         sampling: Sampling::greedy(),
         seed: 0,
         scope: None,
@@ -106,7 +106,7 @@ fn stories260k_batched_generation_matches_single() {
         let req = GenerateRequest {
             prompts,
             max_new_tokens: 12,
-            eos: None,
+            eos: vec![],
             sampling: Sampling::greedy(),
             seed: 0,
             scope: None,

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::gguf_import::{gguf_name, permute_qk, permutes_qk};
 use super::hf::{Act, BlockKind, HfModel, NormKind, PosKind, QkvLayout, RotaryStyle};
+use super::hf_config::{MlpLayout, QkNorm};
 use crate::error::{Error, Result};
 use crate::gguf::{write_gguf_file, GgufValue, TensorPlan};
 
@@ -105,7 +106,10 @@ fn gguf_arch(model: &HfModel) -> Result<&'static str> {
     let llama_shaped = s.qkv == QkvLayout::Separate
         && s.norm == NormKind::RmsNorm
         && s.block == BlockKind::Serial
-        && s.gated_mlp
+        && s.mlp == MlpLayout::Gated
+        && s.qk_norm == QkNorm::None
+        && !s.norm_offset
+        && s.embed_scale.is_none()
         && s.act == Act::Silu
         && !s.o_bias
         && !s.mlp_bias

@@ -300,7 +300,7 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
         &GenerateRequest {
             prompts: prompts.to_vec(),
             max_new_tokens: cfg.max_new_tokens,
-            eos: cfg.eos,
+            eos: cfg.eos.into_iter().collect(),
             sampling: Sampling {
                 temperature: cfg.temperature,
                 ..Sampling::default()

@@ -105,7 +105,7 @@ pub fn sample_responses(
         &GenerateRequest {
             prompts: prompts.to_vec(),
             max_new_tokens: max_new,
-            eos: Some(BYTE_EOS),
+            eos: vec![BYTE_EOS],
             sampling: Sampling::default(),
             seed,
             scope: scope.map(String::from),
