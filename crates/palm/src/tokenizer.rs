@@ -32,7 +32,8 @@ pub enum Tokenizer {
 }
 
 impl Tokenizer {
-    /// `bytes`, a `tokenizer.json` file, or a directory holding one.
+    /// `bytes`, a `tokenizer.json` file (or a directory holding one), a llama2.c `.bin`, or a
+    /// GGUF model (its tokenizer metadata).
     pub fn from_arg(arg: &str) -> Result<Self> {
         if arg == "bytes" || arg == "byte" {
             return Ok(Tokenizer::Bytes);
@@ -47,6 +48,10 @@ impl Tokenizer {
     }
 
     pub fn from_file(file: &Path) -> Result<Self> {
+        if crate::load::is_gguf_path(file) {
+            // a GGUF model's tokenizer, from its metadata
+            return crate::tokenizer_gguf::from_gguf(&crate::gguf::GgufFile::open(file)?);
+        }
         if file.extension().is_some_and(|e| e == "bin") {
             return Ok(Tokenizer::Spm(Box::new(SpmTokenizer::from_file(file)?)));
         }

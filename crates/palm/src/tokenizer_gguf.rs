@@ -327,6 +327,99 @@ fn parse_byte_piece(t: &str) -> Option<u8> {
     u8::from_str_radix(hex, 16).ok()
 }
 
+// ---------------------------------------------------------------------------------------------
+// From a GGUF file's metadata.
+
+/// `tokenizer.ggml.*` of a GGUF file as a [`GgufVocab`]; a key of the wrong type is an error
+/// naming the file and the key. `add_space_prefix` defaults to true (llama.cpp's default for
+/// SentencePiece vocabularies).
+pub fn vocab_from_gguf(g: &crate::gguf::GgufFile) -> Result<GgufVocab> {
+    let key = |k: &str| format!("tokenizer.ggml.{k}");
+    let model = g.get_str(&key("model"))?.ok_or_else(|| {
+        Error::Tokenizer(format!(
+            "{}: no `tokenizer.ggml.model` in the metadata (the file carries no tokenizer; pass --tokenizer)",
+            g.path.display()
+        ))
+    })?;
+    let strings = |k: &str| -> Result<Vec<String>> {
+        Ok(g.get_str_array(&key(k))?
+            .unwrap_or_default()
+            .into_iter()
+            .map(String::from)
+            .collect())
+    };
+    let id = |k: &str| -> Result<Option<u32>> {
+        g.get_u64(&key(k))?
+            .map(|v| {
+                u32::try_from(v).map_err(|_| {
+                    Error::Tokenizer(format!(
+                        "{}: tokenizer.ggml.{k} = {v} is not a token id",
+                        g.path.display()
+                    ))
+                })
+            })
+            .transpose()
+    };
+    let flag =
+        |k: &str, default: bool| -> Result<bool> { Ok(g.get_bool(&key(k))?.unwrap_or(default)) };
+    let token_types = g
+        .get_i64_array(&key("token_type"))?
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| t as i32)
+        .collect();
+    let scores = g
+        .get_f64_array(&key("scores"))?
+        .unwrap_or_default()
+        .into_iter()
+        .map(|s| s as f32)
+        .collect();
+    Ok(GgufVocab {
+        model: model.to_string(),
+        pre: g.get_str(&key("pre"))?.map(String::from),
+        tokens: strings("tokens")?,
+        token_types,
+        merges: strings("merges")?,
+        scores,
+        bos: id("bos_token_id")?,
+        eos: id("eos_token_id")?,
+        unk: id("unknown_token_id")?,
+        pad: id("padding_token_id")?,
+        add_bos: flag("add_bos_token", false)?,
+        add_eos: flag("add_eos_token", false)?,
+        add_space_prefix: flag("add_space_prefix", true)?,
+    })
+}
+
+/// The tokenizer of a GGUF file (see [`build`]).
+pub fn from_gguf(g: &crate::gguf::GgufFile) -> Result<Tokenizer> {
+    build(&vocab_from_gguf(g)?, &g.path)
+}
+
+/// `tokenizer.chat_template` of a GGUF file, with its BOS and EOS tokens as `bos_token` and
+/// `eos_token`; `Ok(None)` when the file has no template.
+pub fn template_from_gguf(g: &crate::gguf::GgufFile) -> Result<Option<crate::chat::ChatTemplate>> {
+    let Some(src) = g.get_str("tokenizer.chat_template")? else {
+        return Ok(None);
+    };
+    let tokens = g
+        .get_str_array("tokenizer.ggml.tokens")?
+        .unwrap_or_default();
+    let token = |k: &str| -> Result<Option<String>> {
+        Ok(g.get_u64(k)?
+            .and_then(|id| tokens.get(id as usize))
+            .map(|s| s.to_string()))
+    };
+    let origin = format!("{}: tokenizer.chat_template", g.path.display());
+    crate::chat::ChatTemplate::from_named_source(
+        &origin,
+        src,
+        token("tokenizer.ggml.bos_token_id")?,
+        token("tokenizer.ggml.eos_token_id")?,
+    )
+    .map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

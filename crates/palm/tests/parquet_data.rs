@@ -112,8 +112,9 @@ fn prompt_response_and_messages_match_jsonl() {
     ]
     .concat();
     assert_eq!(ex[0].ids, first);
-    // two assistant turns in the second conversation: "4" + EOS and "6" + EOS carry loss
-    assert_eq!(ex[1].loss.iter().filter(|&&l| l == 1).count(), 4);
+    // two assistant turns in the second conversation: "4" + EOS + "\n" and "6" + EOS + "\n"
+    // (each reply through the default template's end of turn) carry loss
+    assert_eq!(ex[1].loss.iter().filter(|&&l| l == 1).count(), 6);
 }
 
 #[test]

@@ -299,8 +299,45 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<HfModel> {
     let spec = HfSpec::from_config(&config, path)?;
     let tensors = hf_tensors_from_gguf(&g, &spec, device)?;
     let mut model = HfModel::from_tensors(spec, config, &tensors, path, device)?;
+    model.extra_files = text_files(&g)?;
     model.gguf = Some(Arc::new(g));
     Ok(model)
+}
+
+/// The GGUF's tokenizer and chat template as Hugging Face files (`tokenizer.json`,
+/// `tokenizer_config.json` with `chat_template`, `bos_token`, `eos_token`), so a model saved
+/// from it (a `palm train` checkpoint, `palm export --format hf`) is a complete HF directory.
+/// A GGUF without tokenizer metadata gives none; a SentencePiece-style (`llama`) vocabulary has
+/// no `tokenizer.json` form here and gives only the template.
+fn text_files(g: &GgufFile) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
+    if g.get("tokenizer.ggml.model").is_none() {
+        return Ok(files);
+    }
+    if let crate::tokenizer::Tokenizer::Hf { tok, .. } = crate::tokenizer_gguf::from_gguf(g)? {
+        let json = tok
+            .to_string(false)
+            .map_err(|e| Error::Tokenizer(format!("{}: tokenizer.json: {e}", g.path.display())))?;
+        files.push(("tokenizer.json".to_string(), json.into_bytes()));
+    }
+    let mut cfg = serde_json::Map::new();
+    if let Some(t) = crate::tokenizer_gguf::template_from_gguf(g)? {
+        cfg.insert("chat_template".into(), t.source().into());
+        if let Some(b) = t.bos_token() {
+            cfg.insert("bos_token".into(), b.into());
+        }
+        if let Some(e) = t.eos_token() {
+            cfg.insert("eos_token".into(), e.into());
+        }
+    }
+    if let Some(pre) = g.get_str("tokenizer.ggml.pre")? {
+        // not read by transformers; lets an export back to GGUF name the pre-tokenizer
+        cfg.insert("gguf_pre_tokenizer".into(), pre.into());
+    }
+    let bytes = serde_json::to_vec_pretty(&Value::Object(cfg))
+        .map_err(|e| Error::msg(format!("tokenizer_config.json: {e}")))?;
+    files.push(("tokenizer_config.json".to_string(), bytes));
+    Ok(files)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod gguf_export;
 pub mod gguf_import;
 pub mod hf;
 pub mod hf_config;
+pub mod hf_export;
 pub mod palm;
 pub mod palm_decode;
 
@@ -163,6 +164,14 @@ impl Model {
         match self {
             Model::Palm(m) => m.scopes.contains_key(name),
             Model::Hf(m) => m.scopes.contains_key(name),
+        }
+    }
+
+    /// The names of the model's LoRA scopes, sorted.
+    pub fn scope_names(&self) -> Vec<String> {
+        match self {
+            Model::Palm(m) => m.scopes.keys().cloned().collect(),
+            Model::Hf(m) => m.scopes.keys().cloned().collect(),
         }
     }
 

@@ -13,20 +13,26 @@
 //! - **SFT records**, either
 //!   `{"prompt": str, "response": str}` (tokens of `prompt` then of `response`, no template), or
 //!   `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` rendered with the
-//!   chat template below. Only response tokens carry loss, and an end-of-sequence token is appended
-//!   to every response so the model learns to stop. The last `val_fraction` of the examples is the
-//!   validation split. Examples longer than `T + 1` tokens are cut at the end.
+//!   model's chat template (see below). Only response tokens carry loss; a prompt/response
+//!   response gets the tokenizer's end-of-sequence id appended, a templated assistant turn ends
+//!   with the template's own end-of-turn text, so the model learns to stop. The last
+//!   `val_fraction` of the examples is the validation split. Examples longer than `T + 1` tokens
+//!   are cut at the end.
 //!
 //! A record with `messages`, `prompt` or `response` is SFT, else one with `text` is text. One
 //! run reads one kind: SFT records cannot be mixed with text (files or records).
 //!
-//! Chat template (each message, in order; `{EOS}` is the tokenizer's end-of-sequence id):
+//! Chat template: the model's own (GGUF `tokenizer.chat_template`, an HF directory's
+//! `chat_template.jinja` or `tokenizer_config.json`), rendered by [`crate::chat`] and cut into
+//! segments by [`crate::dialogue::sft_segments`]: the loss is on each assistant turn's content and
+//! end of turn (for ChatML `{content}<|im_end|>\n`). Models without one get
+//! [`crate::dialogue::DEFAULT_TEMPLATE`], with the tokenizer's EOS ending every reply:
 //!
 //! ```text
 //! <|system|>\n{content}\n          (no loss)
 //! <|user|>\n{content}\n            (no loss)
 //! <|assistant|>\n                  (no loss)
-//! {content}{EOS}\n                 (loss on content and EOS; the newline carries none)
+//! {content}{EOS}\n                 (loss)
 //! ```
 //!
 //! The position of the training iterator ([`DataState`]) is saved in checkpoints, so a resumed run
@@ -40,6 +46,7 @@ use candle_core::{Device, Tensor};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::rng::{self, PalmRng, RngState};
 use crate::tokenizer::Tokenizer;
@@ -422,6 +429,16 @@ enum Role {
     Assistant,
 }
 
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
 /// An SFT record.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -431,7 +448,12 @@ enum SftLine {
 }
 
 /// Tokenizes one SFT record (see the module docs for the template).
-fn encode_example(rec: SftLine, tok: &Tokenizer, eos: u32) -> std::result::Result<Example, String> {
+fn encode_example(
+    rec: SftLine,
+    tok: &Tokenizer,
+    eos: u32,
+    template: &ChatTemplate,
+) -> std::result::Result<Example, String> {
     let mut ids = Vec::new();
     let mut loss = Vec::new();
     // appends the tokens of `text` (then EOS when `eos_after`), all with loss flag `flag`
@@ -450,19 +472,14 @@ fn encode_example(rec: SftLine, tok: &Tokenizer, eos: u32) -> std::result::Resul
             push(&response, 1, true)?;
         }
         SftLine::Chat { messages } => {
-            if !messages.iter().any(|m| m.role == Role::Assistant) {
-                return Err("`messages` has no assistant message (nothing to train on)".into());
-            }
-            for m in messages {
-                match m.role {
-                    Role::System => push(&format!("<|system|>\n{}\n", m.content), 0, false)?,
-                    Role::User => push(&format!("<|user|>\n{}\n", m.content), 0, false)?,
-                    Role::Assistant => {
-                        push("<|assistant|>\n", 0, false)?;
-                        push(&m.content, 1, true)?;
-                        push("\n", 0, false)?;
-                    }
-                }
+            let messages: Vec<crate::chat::Message> = messages
+                .into_iter()
+                .map(|m| crate::chat::Message::new(m.role.name(), m.content))
+                .collect();
+            let segments =
+                crate::dialogue::sft_segments(template, &messages).map_err(|e| e.to_string())?;
+            for seg in segments {
+                push(&seg.text, u8::from(seg.loss), false)?;
             }
         }
     }
@@ -521,8 +538,18 @@ pub enum RecordData {
 }
 
 /// Reads and tokenizes the records of a `.jsonl`, `.jsonl.gz` or `.parquet` file or a directory
-/// of shards (see the module docs). Every error names the file and the line (or Parquet row).
+/// of shards (see the module docs), `messages` rendered with the default template. Every error
+/// names the file and the line (or Parquet row).
 pub fn read_records(path: &Path, tok: &Tokenizer) -> Result<RecordData> {
+    read_records_with(path, tok, &crate::dialogue::default_template(tok))
+}
+
+/// [`read_records`] with `messages` rendered by `template` (the model's own).
+pub fn read_records_with(
+    path: &Path,
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+) -> Result<RecordData> {
     let mut text: Option<Vec<u32>> = None;
     let mut sft: Option<Vec<Example>> = None;
     for rec in crate::records::open(path, Some(COLUMNS))? {
@@ -555,7 +582,7 @@ pub fn read_records(path: &Path, tok: &Tokenizer) -> Result<RecordData> {
                             .into(),
                     )
                 })?;
-                let ex = encode_example(ex, tok, eos).map_err(|m| at.error(m))?;
+                let ex = encode_example(ex, tok, eos, template).map_err(|m| at.error(m))?;
                 sft.get_or_insert_with(Vec::new).push(ex);
             }
         }
@@ -587,6 +614,21 @@ pub fn read_sft_file(path: &Path, tok: &Tokenizer) -> Result<Vec<Example>> {
 /// [`read_records`], anything else as plain text. All must be of one kind: text (plain files and
 /// `{"text"}` records) or SFT examples.
 pub fn load_corpus(paths: &[PathBuf], tok: &Tokenizer, val_fraction: f64) -> Result<Corpus> {
+    load_corpus_with(
+        paths,
+        tok,
+        &crate::dialogue::default_template(tok),
+        val_fraction,
+    )
+}
+
+/// [`load_corpus`] with `messages` rendered by `template` (the model's own).
+pub fn load_corpus_with(
+    paths: &[PathBuf],
+    tok: &Tokenizer,
+    template: &ChatTemplate,
+    val_fraction: f64,
+) -> Result<Corpus> {
     if paths.is_empty() {
         return Err(Error::msg("no data files given"));
     }
@@ -600,7 +642,7 @@ pub fn load_corpus(paths: &[PathBuf], tok: &Tokenizer, val_fraction: f64) -> Res
     let (mut text_from, mut sft_from) = (None, None);
     for p in paths {
         if crate::records::is_records(p) {
-            match read_records(p, tok)? {
+            match read_records_with(p, tok, template)? {
                 RecordData::Text(ids) => {
                     text.extend(ids);
                     text_from.get_or_insert(p);
@@ -700,7 +742,7 @@ mod tests {
             prompt: "Q:".into(),
             response: "ab".into(),
         };
-        let e = encode_example(rec, &tok, 0).unwrap();
+        let e = encode_example(rec, &tok, 0, &crate::dialogue::default_template(&tok)).unwrap();
         assert_eq!(
             e.ids,
             vec![b'Q' as u32, b':' as u32, b'a' as u32, b'b' as u32, 0]
@@ -715,7 +757,7 @@ mod tests {
             r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}]}"#,
         )
         .unwrap();
-        let e = encode_example(rec, &tok, 0).unwrap();
+        let e = encode_example(rec, &tok, 0, &crate::dialogue::default_template(&tok)).unwrap();
         let text = "<|user|>\nhi\n<|assistant|>\nyo";
         let mut want: Vec<u32> = text.bytes().map(u32::from).collect();
         want.extend([0, b'\n' as u32]);
@@ -727,7 +769,8 @@ mod tests {
             .filter(|(_, &l)| l == 1)
             .map(|(&i, _)| i)
             .collect();
-        assert_eq!(trained, vec![b'y' as u32, b'o' as u32, 0]);
+        // the reply, its EOS and the template's newline after it
+        assert_eq!(trained, vec![b'y' as u32, b'o' as u32, 0, b'\n' as u32]);
     }
 
     #[test]

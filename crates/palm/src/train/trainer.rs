@@ -456,7 +456,7 @@ impl Trainer {
         let req = GenerateRequest {
             prompts: vec![prompt.clone()],
             max_new_tokens: self.cfg.sample_tokens.min(room),
-            eos: self.tok.eos_id(),
+            eos: self.tok.eos_id().into_iter().collect(),
             sampling: Sampling {
                 temperature: 0.8,
                 top_k: Some(40),
@@ -497,18 +497,30 @@ impl Trainer {
         })
     }
 
-    /// The model's files plus the tokenizer file (when not byte-level).
+    /// The model's files plus the tokenizer file (when not byte-level and not already written
+    /// with the model: an HF model carries its tokenizer files, a GGUF-imported one the files
+    /// made from its metadata).
     fn write_model_files(&self, dir: &Path) -> Result<()> {
         self.model.write_files(dir)?;
-        if self.tokenizer_arg != "bytes" {
-            let src = Path::new(&self.tokenizer_arg);
-            let src = if src.is_dir() {
-                src.join("tokenizer.json")
-            } else {
-                src.to_path_buf()
-            };
-            std::fs::copy(&src, dir.join("tokenizer.json")).map_err(|e| Error::io(&src, e))?;
+        if self.tokenizer_arg == "bytes" || dir.join("tokenizer.json").exists() {
+            return Ok(());
         }
+        let src = Path::new(&self.tokenizer_arg);
+        let file = if src.is_dir() {
+            src.join("tokenizer.json")
+        } else {
+            src.to_path_buf()
+        };
+        if crate::load::is_gguf_path(&file) || !file.exists() {
+            return Ok(()); // a model's own tokenizer, written with the model where it has one
+        }
+        let name = match file.extension().and_then(|e| e.to_str()) {
+            Some("bin") => file
+                .file_name()
+                .map_or("tokenizer.bin".into(), |n| n.to_string_lossy().into_owned()),
+            _ => "tokenizer.json".to_string(),
+        };
+        std::fs::copy(&file, dir.join(name)).map_err(|e| Error::io(&file, e))?;
         Ok(())
     }
 
