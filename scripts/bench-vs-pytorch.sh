@@ -7,6 +7,9 @@
 #   ROUNDS=5 WORKLOADS="train:small train:base" scripts/bench-vs-pytorch.sh
 #   WORKLOADS="train-bf16:small train-bf16:base" scripts/bench-vs-pytorch.sh   # ours --precision bf16
 #                                                  # (AMX) against PyTorch's bf16 autocast
+#   WORKLOADS="decode:smollm2 sample:smollm2" scripts/bench-vs-pytorch.sh   # a real model: the
+#       SmolLM2-135M-Instruct GGUF (SMOLLM2=path to override) against PyTorch + transformers
+#       loading the same GGUF (dequantised to fp32); sample is batch 16 x 128 new tokens
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-bench}
@@ -19,6 +22,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install -q --upgrade pip
   "$VENV/bin/pip" install -q "palm-rlhf-pytorch==0.8.0" torch
 fi
+SMOLLM2=${SMOLLM2:-../shared/data/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf}
+case " $WORKLOADS " in *smollm2*)
+  "$VENV/bin/python" -c "import transformers, gguf" 2>/dev/null ||
+    "$VENV/bin/pip" install -q transformers gguf sentencepiece protobuf ;;
+esac
 cargo build -q --release -p palm-cli
 PALM=target/release/palm
 PY="$VENV/bin/python scripts/bench_pytorch.py"
@@ -31,6 +39,18 @@ for w in $WORKLOADS; do
     kind=train; ours_args=(--precision bf16); theirs_args=(--bf16)
   fi
   for r in $(seq "$ROUNDS"); do
+    if [ "$cfg" = smollm2 ]; then
+      # a real model: ours from the GGUF, theirs transformers on the same GGUF
+      o=$($PALM bench "$kind" --model "$SMOLLM2" --new-tokens 128 --runs "$RUNS" "${ours_args[@]}")
+      echo "ours    $w round $r: $o" >&2
+      OURS[$w]+="$(echo "$o" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])') "
+      ORSS[$w]=$(echo "$o" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["peak_rss_mb"]))')
+      t=$("$VENV/bin/python" scripts/bench_transformers.py "$kind" --model "$SMOLLM2" --new-tokens 128 --runs "$RUNS")
+      echo "transformers $w round $r: $t" >&2
+      THEIRS[$w]+="$(echo "$t" | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_sec"])') "
+      TRSS[$w]=$(echo "$t" | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["peak_rss_mb"]))')
+      continue
+    fi
     if [ "$kind" != generate ]; then
       o=$($PALM bench "$kind" --config "$cfg" --runs "$RUNS" "${ours_args[@]}")
       echo "ours    $w round $r: $o" >&2

@@ -36,8 +36,14 @@ struct Cli {
 enum Command {
     /// Show a model's config and parameter count (JSON on stdout).
     Info(cmd::info::Args),
-    /// Generate text from a prompt, streamed to stdout.
+    /// Generate text from a prompt, streamed to stdout (`--chat`: through the chat template).
     Generate(cmd::generate::Args),
+    /// Chat with a model through its chat template (one user turn a line of stdin).
+    Chat(cmd::chat::Args),
+    /// Print the ids a model's tokenizer gives a text (JSON array on stdout).
+    Tokenize(cmd::tokenize::Args),
+    /// Write a model (LoRA merged) as a Hugging Face directory or a GGUF file.
+    Export(cmd::export::Args),
     /// Measure throughput: train, sample, decode, reward, ppo (JSON lines on stdout).
     Bench(cmd::bench::Args),
     /// Pre-train on text or fine-tune on JSONL (SFT), full model or a LoRA scope; resumable.
@@ -69,6 +75,9 @@ fn main() {
     let result = palm::ops::on_rayon_worker(move || match command {
         Command::Info(a) => cmd::info::run(a),
         Command::Generate(a) => cmd::generate::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
+        Command::Tokenize(a) => cmd::tokenize::run(a),
+        Command::Export(a) => cmd::export::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Reward(a) => cmd::reward::run(a),

@@ -33,6 +33,10 @@ pub struct Args {
     /// Model size preset: tiny, small (dim 256, depth 4) or base (dim 512, depth 8).
     #[arg(long, default_value = "small")]
     pub config: String,
+    /// Bench this model instead of a fresh PaLM of --config (train, sample, decode, reward):
+    /// a GGUF file, a Hugging Face directory or a checkpoint.
+    #[arg(long)]
+    pub model: Option<std::path::PathBuf>,
     /// Batch size (default: train 8 at small / 4 at base, sample 16, decode 1, reward 16).
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -95,13 +99,25 @@ pub fn run(a: Args) -> Result<()> {
         None => PalmConfig::preset(&a.config)?,
     };
     let dev = super::device();
-    let model = Model::from(Palm::new(&cfg, a.seed, &dev)?);
-    let big = cfg.dim >= 512;
+    let model = match &a.model {
+        Some(p) => palm::load::load_model(p, &dev)?,
+        None => Model::from(Palm::new(&cfg, a.seed, &dev)?),
+    };
+    if a.model.is_some() && a.workload == Workload::Ppo {
+        bail!("bench ppo runs a fresh PaLM of --config; --model is for train, sample, decode and reward");
+    }
+    let vocab = model.vocab_size();
+    // forward FLOPs per token: the PaLM's own count, or 2 x parameters for other models
+    let flops_per_token = |t: usize| match &model {
+        Model::Palm(_) => forward_flops_per_token(&cfg, t),
+        _ => 2.0 * model.num_parameters() as f64,
+    };
+    let big = model.dim() >= 512;
     let mut rng = palm::rng::stream(a.seed, 77);
     let mut random_ids = |b: usize, t: usize| -> Result<Tensor> {
-        let v: Vec<i64> = palm::rng::uniform(&mut rng, b * t, 0.0, cfg.num_tokens as f32)
+        let v: Vec<i64> = palm::rng::uniform(&mut rng, b * t, 0.0, vocab as f32)
             .into_iter()
-            .map(|x| (x as i64).min(cfg.num_tokens as i64 - 1))
+            .map(|x| (x as i64).min(vocab as i64 - 1))
             .collect();
         Ok(Tensor::from_vec(v, (b, t), &dev)?)
     };
@@ -123,7 +139,7 @@ pub fn run(a: Args) -> Result<()> {
                     .collect();
                 let mut opt = Optimizer::new(params.clone(), OptimConfig::adamw());
                 let model = &model;
-                let flops = 3.0 * forward_flops_per_token(&cfg, t) * (b * t) as f64;
+                let flops = 3.0 * flops_per_token(t) * (b * t) as f64;
                 (
                     b * t,
                     flops,
@@ -150,21 +166,20 @@ pub fn run(a: Args) -> Result<()> {
                 let prompts: Vec<Vec<u32>> = (0..b)
                     .map(|i| {
                         (0..16)
-                            .map(|j| ((i * 31 + j * 7) % 255 + 1) as u32)
+                            .map(|j| ((i * 31 + j * 7) % (vocab - 1).min(255) + 1) as u32)
                             .collect()
                     })
                     .collect();
                 let req = GenerateRequest {
                     prompts,
                     max_new_tokens: new_tokens,
-                    eos: None,
+                    eos: vec![],
                     sampling: Sampling::default(),
                     seed: a.seed,
                     scope: None,
                     disable_lora: false,
                 };
-                let flops = forward_flops_per_token(&cfg, 16 + new_tokens / 2)
-                    * (b * (16 + new_tokens)) as f64;
+                let flops = flops_per_token(16 + new_tokens / 2) * (b * (16 + new_tokens)) as f64;
                 let model = &model;
                 (
                     b * new_tokens,
@@ -182,7 +197,7 @@ pub fn run(a: Args) -> Result<()> {
                 let model = &model;
                 (
                     b * t,
-                    forward_flops_per_token(&cfg, t) * (b * t) as f64,
+                    flops_per_token(t) * (b * t) as f64,
                     Box::new(move || {
                         // as RewardModel::score runs it: fused blocks, no backward
                         let opts = Forward {
@@ -251,7 +266,10 @@ pub fn run(a: Args) -> Result<()> {
     let secs = median(times.clone());
     let out = serde_json::json!({
         "workload": format!("{:?}", a.workload).to_lowercase(),
-        "config": a.config,
+        "config": match &a.model {
+            Some(p) => p.display().to_string(),
+            None => a.config.clone(),
+        },
         "parameters": model.num_parameters(),
         "tokens_per_run": tokens_per_run,
         "runs": a.runs,

@@ -2,19 +2,29 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use palm::chat::Message;
+use palm::pretrained::Pretrained;
 use palm::sample::{generate, GenerateRequest, Sampling};
 use palm::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Checkpoint directory, or a weights file with config.json beside it.
+    /// A GGUF file, a Hugging Face model directory, a checkpoint directory, or a weights file
+    /// with config.json beside it.
     #[arg(long)]
     pub model: PathBuf,
     /// The prompt text.
     #[arg(long)]
     pub prompt: String,
-    /// `bytes`, a tokenizer.json, or a llama2.c tokenizer .bin (default: the model's own
-    /// tokenizer.json if present, else a llama2.c `tokenizer.bin`/`tok*.bin` in the model's
+    /// The prompt is a user message, rendered with the model's chat template (or the default
+    /// template when the model has none) and the generation prompt.
+    #[arg(long)]
+    pub chat: bool,
+    /// With --chat: a system message before the user's.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// `bytes`, a tokenizer.json, or a llama2.c tokenizer .bin (default: the model's own: GGUF
+    /// metadata, tokenizer.json, else a llama2.c `tokenizer.bin`/`tok*.bin` in the model's
     /// folder or its parent, else bytes).
     #[arg(long)]
     pub tokenizer: Option<String>,
@@ -48,60 +58,31 @@ pub struct Args {
     pub reward: Option<PathBuf>,
 }
 
-/// The tokenizer named on the command line, else `tokenizer.json` next to the model, else bytes.
-pub fn resolve_tokenizer(arg: Option<&str>, model: &std::path::Path) -> Result<Tokenizer> {
-    if let Some(t) = arg {
-        return Tokenizer::from_arg(t).map_err(Into::into);
-    }
-    let dir = if model.is_dir() {
-        model.to_path_buf()
-    } else {
-        model.parent().map(|p| p.to_path_buf()).unwrap_or_default()
-    };
-    let beside = dir.join("tokenizer.json");
-    if beside.exists() {
-        return Tokenizer::from_file(&beside).map_err(Into::into);
-    }
-    if let Some(bin) = find_llama2c_tokenizer(&dir) {
-        tracing::info!("tokenizer: {}", bin.display());
-        return Tokenizer::from_file(&bin).map_err(Into::into);
-    }
-    Ok(Tokenizer::Bytes)
-}
-
-/// A llama2.c tokenizer (`tokenizer.bin` or `tok*.bin`) in `dir` or its parent (stories260K
-/// keeps `tok512.bin` beside its `hf/` folder).
-fn find_llama2c_tokenizer(dir: &std::path::Path) -> Option<PathBuf> {
-    let parent = dir.parent().map(|p| p.to_path_buf());
-    for d in std::iter::once(dir.to_path_buf()).chain(parent) {
-        let mut found: Vec<PathBuf> = std::fs::read_dir(&d)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                name == "tokenizer.bin" || (name.starts_with("tok") && name.ends_with(".bin"))
-            })
-            .collect();
-        found.sort();
-        if let Some(p) = found.into_iter().next() {
-            return Some(p);
-        }
-    }
-    None
-}
-
 pub fn run(a: Args) -> Result<()> {
-    let model = palm::load::load_model(&a.model, &super::device())
+    let pre = Pretrained::load(&a.model, a.tokenizer.as_deref(), &super::device())
         .with_context(|| format!("loading model {}", a.model.display()))?;
-    let tok = resolve_tokenizer(a.tokenizer.as_deref(), &a.model)?;
-    let prompt = tok.encode_prompt(&a.prompt)?;
+    let (model, tok) = (&pre.model, pre.tokenizer());
+    let prompt = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(Message::new("system", s));
+        }
+        messages.push(Message::new("user", &a.prompt));
+        pre.text.chat_ids(&messages)?
+    } else {
+        tok.encode_prompt(&a.prompt)?
+    };
     if prompt.is_empty() {
         bail!("the prompt is empty: give at least one character");
     }
     let req = GenerateRequest {
         prompts: vec![prompt],
         max_new_tokens: a.max_new_tokens,
-        eos: if a.ignore_eos { None } else { tok.eos_id() },
+        eos: if a.ignore_eos {
+            vec![]
+        } else {
+            pre.end_ids.clone()
+        },
         sampling: Sampling {
             temperature: a.temperature,
             top_k: a.top_k,
@@ -113,18 +94,18 @@ pub fn run(a: Args) -> Result<()> {
         disable_lora: false,
     };
     if a.best_of > 1 || a.reward.is_some() {
-        return best_of_n(&a, &model, &tok, req);
+        return best_of_n(&a, model, tok, req);
     }
     let t0 = std::time::Instant::now();
     let mut out = std::io::stdout().lock();
     let mut dec = StreamDecoder::default();
-    let eos = req.eos;
+    let eos = req.eos.clone();
     let mut err: Option<anyhow::Error> = None;
-    let g = generate(&model, &req, |_, id| {
-        if Some(id) == eos || err.is_some() {
+    let g = generate(model, &req, |_, id| {
+        if eos.contains(&id) || err.is_some() {
             return;
         }
-        match dec.push(&tok, id) {
+        match dec.push(tok, id) {
             Ok(Some(s)) => {
                 let _ = out.write_all(s.as_bytes());
                 let _ = out.flush();
@@ -180,7 +161,7 @@ fn best_of_n(
         tracing::info!("sample {i}: reward {s:.4}");
     }
     let mut ids = g.completions[best].clone();
-    if ids.last().copied() == req.eos {
+    if ids.last().is_some_and(|t| req.eos.contains(t)) {
         ids.pop();
     }
     tracing::info!("best: sample {best} of {} (reward {score:.4})", a.best_of);

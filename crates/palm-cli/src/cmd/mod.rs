@@ -1,11 +1,14 @@
 //! One module per subcommand, each with clap `Args` and `run`.
 
 pub mod bench;
+pub mod chat;
+pub mod export;
 pub mod generate;
 pub mod info;
 pub mod ppo;
 pub mod quickstart;
 pub mod reward;
+pub mod tokenize;
 pub mod train;
 
 use candle_core::Device;
@@ -13,6 +16,15 @@ use candle_core::Device;
 /// The device to run on (CPU; CUDA builds would pick the GPU here).
 pub fn device() -> Device {
     Device::Cpu
+}
+
+/// The tokenizer named on the command line (`bytes`, a tokenizer.json, a llama2.c .bin), else
+/// the model's own (GGUF metadata, tokenizer.json or a llama2.c file beside it), else bytes.
+pub fn resolve_tokenizer(
+    arg: Option<&str>,
+    model: &std::path::Path,
+) -> anyhow::Result<palm::tokenizer::Tokenizer> {
+    Ok(palm::pretrained::TextSide::load(model, arg)?.tokenizer)
 }
 
 /// `--precision`: the precision of the linear layers' matrix products.

@@ -159,7 +159,7 @@ fn evaluate(
     let req = palm::sample::GenerateRequest {
         prompts: rep.clone(),
         max_new_tokens: cfg.max_new_tokens,
-        eos,
+        eos: eos.into_iter().collect(),
         sampling: palm::sample::Sampling {
             temperature: cfg.temperature,
             ..Default::default()
@@ -265,7 +265,7 @@ fn load_reward(arg: &str, tok: &Tokenizer) -> Result<(Box<dyn Scorer>, Option<us
 pub fn run(a: Args) -> Result<()> {
     let dev = super::device();
     let tok = match (&a.policy, &a.tokenizer) {
-        (Some(p), t) => super::generate::resolve_tokenizer(t.as_deref(), p)?,
+        (Some(p), t) => super::resolve_tokenizer(t.as_deref(), p)?,
         (None, Some(t)) => Tokenizer::from_arg(t)?,
         (None, None) => Tokenizer::Bytes,
     };

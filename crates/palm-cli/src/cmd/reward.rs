@@ -15,8 +15,6 @@ use palm::rlhf::reward_train::{
 };
 use palm::tokenizer::Tokenizer;
 
-use super::generate::resolve_tokenizer;
-
 #[derive(clap::Args, Debug)]
 pub struct Args {
     #[command(subcommand)]
@@ -111,9 +109,22 @@ pub struct TrainArgs {
     /// Continue the run in --out from its last checkpoint, with the same arguments.
     #[arg(long)]
     pub resume: bool,
-    /// `bytes` or a tokenizer.json (default: the model's own tokenizer.json, else bytes).
+    /// `bytes` or a tokenizer.json (default: the model's own: GGUF metadata or tokenizer.json,
+    /// else bytes).
     #[arg(long)]
     pub tokenizer: Option<String>,
+    /// `auto`: render every pair through the model's chat template when it has one (an HH
+    /// dialogue becomes its conversation, any other prompt a user message; the response the
+    /// assistant's reply); `none`: the raw text.
+    #[arg(long, value_enum, default_value_t = TemplateArg::Auto)]
+    pub chat_template: TemplateArg,
+}
+
+/// Whether preference text goes through the model's chat template.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TemplateArg {
+    Auto,
+    None,
 }
 
 #[derive(clap::Args, Debug)]
@@ -130,6 +141,9 @@ pub struct EvalArgs {
     pub batch_size: usize,
     #[arg(long)]
     pub tokenizer: Option<String>,
+    /// As for `palm reward train` (use the training run's choice).
+    #[arg(long, value_enum, default_value_t = TemplateArg::Auto)]
+    pub chat_template: TemplateArg,
 }
 
 #[derive(clap::Args, Debug)]
@@ -143,6 +157,9 @@ pub struct ScoreArgs {
     pub response: String,
     #[arg(long)]
     pub tokenizer: Option<String>,
+    /// As for `palm reward train` (use the training run's choice).
+    #[arg(long, value_enum, default_value_t = TemplateArg::Auto)]
+    pub chat_template: TemplateArg,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -154,14 +171,50 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 /// A reward model directory, or a run directory's `reward_model/`.
-pub fn load_reward_model(path: &Path) -> Result<RewardModel> {
-    let dir = if path.join(FINAL_DIR).join("reward.json").exists() {
+fn reward_dir(path: &Path) -> PathBuf {
+    if path.join(FINAL_DIR).join("reward.json").exists() {
         path.join(FINAL_DIR)
     } else {
         path.to_path_buf()
-    };
+    }
+}
+
+/// Loads a reward model directory, or a run directory's `reward_model/`.
+pub fn load_reward_model(path: &Path) -> Result<RewardModel> {
+    let dir = reward_dir(path);
     RewardModel::load(&dir, &super::device())
         .with_context(|| format!("loading reward model {}", dir.display()))
+}
+
+/// The tokenizer of `model` (or `--tokenizer`) and, with `auto`, its chat template.
+fn text_of(
+    model: &Path,
+    tokenizer: Option<&str>,
+    t: TemplateArg,
+) -> Result<(Tokenizer, Option<palm::chat::ChatTemplate>)> {
+    let text = palm::pretrained::TextSide::load(model, tokenizer)?;
+    let template = match t {
+        TemplateArg::Auto => text.template,
+        TemplateArg::None => None,
+    };
+    if let Some(tm) = &template {
+        tracing::info!("pairs rendered with the chat template of {}", tm.origin());
+    }
+    Ok((text.tokenizer, template))
+}
+
+/// Renders every pair through `template` (see `--chat-template`).
+fn template_pairs(
+    pairs: &mut [palm::rlhf::preference_data::PreferencePair],
+    template: Option<&palm::chat::ChatTemplate>,
+) -> Result<()> {
+    let Some(t) = template else { return Ok(()) };
+    for p in pairs {
+        let (prompt, chosen) = palm::dialogue::template_pair(t, &p.prompt, &p.chosen)?;
+        let (_, rejected) = palm::dialogue::template_pair(t, &p.prompt, &p.rejected)?;
+        (p.prompt, p.chosen, p.rejected) = (prompt, chosen, rejected);
+    }
+    Ok(())
 }
 
 fn check_vocab(tok: &Tokenizer, vocab: usize) -> Result<()> {
@@ -226,7 +279,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
     if a.batch_size == 0 || a.epochs == 0 || (!a.full && a.lora_r == 0) {
         bail!("--batch-size, --epochs and --lora-r must be at least 1");
     }
-    let tok = resolve_tokenizer(a.tokenizer.as_deref(), &a.model)?;
+    let (tok, template) = text_of(&a.model, a.tokenizer.as_deref(), a.chat_template)?;
     let base = palm::load::load_model(&a.model, &super::device())
         .with_context(|| format!("loading base model {}", a.model.display()))?;
     check_vocab(&tok, base.vocab_size())?;
@@ -237,8 +290,10 @@ fn run_train(a: TrainArgs) -> Result<()> {
             base.max_seq_len()
         );
     }
-    let train_data = read_data(&a.data)?;
-    let eval_data = read_data(&a.eval)?;
+    let mut train_data = read_data(&a.data)?;
+    let mut eval_data = read_data(&a.eval)?;
+    template_pairs(&mut train_data.pairs, template.as_ref())?;
+    template_pairs(&mut eval_data.pairs, template.as_ref())?;
     let ratings = !train_data.ratings.is_empty();
     let kind = if ratings { "ratings" } else { "pairs" };
     if ratings == eval_data.ratings.is_empty() && !a.eval.is_empty() {
@@ -415,9 +470,15 @@ fn longer_wins(pairs: &[palm::rlhf::preference_data::PreferencePair]) -> f64 {
 
 fn run_eval(a: EvalArgs) -> Result<()> {
     let rm = load_reward_model(&a.model)?;
-    let tok = resolve_tokenizer(a.tokenizer.as_deref(), &a.model)?;
+    let (tok, template) = text_of(
+        &reward_dir(&a.model),
+        a.tokenizer.as_deref(),
+        a.chat_template,
+    )?;
     check_vocab(&tok, rm.trunk.vocab_size())?;
-    let data = read_data(&a.data)?;
+    let mut data = read_data(&a.data)?;
+    let raw_pairs = data.pairs.clone();
+    template_pairs(&mut data.pairs, template.as_ref())?;
     let max_len = a.max_len.unwrap_or(rm.max_len());
     if !data.ratings.is_empty() {
         let mut st = TruncationStats::default();
@@ -447,7 +508,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         "pairs": e.pairs,
         "mean_margin": e.mean_margin,
         "loss": e.loss,
-        "longer_response_accuracy": longer_wins(&data.pairs),
+        "longer_response_accuracy": longer_wins(&raw_pairs),
         "chance": 0.5,
         "skipped_ties": data.skipped_ties,
         "skipped_prompt_mismatch": data.skipped_prompt_mismatch,
@@ -459,10 +520,18 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 
 fn run_score(a: ScoreArgs) -> Result<()> {
     let rm = load_reward_model(&a.model)?;
-    let tok = resolve_tokenizer(a.tokenizer.as_deref(), &a.model)?;
+    let (tok, template) = text_of(
+        &reward_dir(&a.model),
+        a.tokenizer.as_deref(),
+        a.chat_template,
+    )?;
     check_vocab(&tok, rm.trunk.vocab_size())?;
-    let p = tok.encode(&a.prompt)?;
-    let r = tok.encode(&a.response)?;
+    let (prompt, response) = match &template {
+        Some(t) => palm::dialogue::template_pair(t, &a.prompt, &a.response)?,
+        None => (a.prompt.clone(), a.response.clone()),
+    };
+    let p = tok.encode(&prompt)?;
+    let r = tok.encode(&response)?;
     if p.is_empty() && r.is_empty() {
         bail!("both --prompt and --response are empty");
     }

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use palm::config::PalmConfig;
 use palm::model::{Model, Palm};
+use palm::pretrained::TextSide;
 use palm::tokenizer::Tokenizer;
-use palm::train::data::{load_corpus, BatchOrder};
+use palm::train::data::{load_corpus_with, BatchOrder};
 use palm::train::optim::OptimConfig;
 use palm::train::trainer::{DataSpec, LoraTrain, TrainConfig, Trainer};
 
@@ -63,9 +64,10 @@ pub struct Args {
     /// config.json. Default: small. Its vocabulary is set to the tokenizer's.
     #[arg(long)]
     pub config: Option<String>,
-    /// `bytes`, or a tokenizer.json (or a directory holding one).
-    #[arg(long, default_value = "bytes")]
-    pub tokenizer: String,
+    /// `bytes`, a tokenizer.json (or a directory holding one), a llama2.c .bin, or a GGUF
+    /// [default: the --model's own (GGUF metadata, tokenizer.json), else bytes].
+    #[arg(long)]
+    pub tokenizer: Option<String>,
     /// Optimiser steps [default: 1000; with --resume, the run's own].
     #[arg(long)]
     pub steps: Option<usize>,
@@ -193,9 +195,24 @@ fn fresh_model(config: Option<&str>, tok: &Tokenizer, seed: u64) -> Result<Model
     Ok(Model::Palm(Palm::new(&cfg, seed, &super::device())?))
 }
 
+/// The tokenizer and chat template named by a saved or given tokenizer argument: `bytes`, a
+/// model (GGUF file or directory: its own tokenizer and template) or a tokenizer file.
+fn text_side(arg: &str) -> Result<TextSide> {
+    let p = Path::new(arg);
+    if arg != "bytes" && arg != "byte" && (p.is_dir() || palm::load::is_gguf_path(p)) {
+        return Ok(TextSide::load(p, None)?);
+    }
+    Ok(TextSide {
+        tokenizer: Tokenizer::from_arg(arg)?,
+        template: None,
+    })
+}
+
 fn read_data(files: &[PathBuf], tokenizer: &str, val_fraction: f64) -> Result<DataSpec> {
-    let tok = Tokenizer::from_arg(tokenizer)?;
-    let corpus = load_corpus(files, &tok, val_fraction)?;
+    let text = text_side(tokenizer)?;
+    let template = text.template_or_default();
+    let tok = text.tokenizer;
+    let corpus = load_corpus_with(files, &tok, &template, val_fraction)?;
     // absolute paths in trainer.json, so --resume works from any directory
     let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let tokenizer_arg = match tok {
@@ -240,7 +257,13 @@ pub fn run(a: Args) -> Result<()> {
         let cfg = train_config(&a);
         cfg.validate()?;
         // read and validate all data before anything is written to --out
-        let data = read_data(&a.data, &a.tokenizer, cfg.val_fraction)?;
+        // the tokenizer (and chat template) of --model unless --tokenizer names one
+        let tokenizer = match (&a.tokenizer, &a.model) {
+            (Some(t), _) => t.clone(),
+            (None, Some(m)) => m.display().to_string(),
+            (None, None) => "bytes".to_string(),
+        };
+        let data = read_data(&a.data, &tokenizer, cfg.val_fraction)?;
         let model = match &a.model {
             Some(p) => palm::load::load_model(p, &super::device())
                 .with_context(|| format!("loading model {}", p.display()))?,
