@@ -112,6 +112,59 @@ fn pre_tokenizer(pre: Option<&str>, path: &Path) -> Result<PreTokenizer> {
     }
 }
 
+/// The `tokenizer.ggml.pre` name of a byte-level BPE `tokenizer.json` (parsed), when its
+/// normalizer, pre-tokenizer and `ignore_merges` are exactly one of the families [`build`]
+/// implements (GPT-2's `ByteLevel` regex, SmolLM's single digits, Llama 3's and Qwen2's split
+/// regexes); `None` for anything else: a guess would silently change how prompts split.
+pub fn pre_name_of_tokenizer_json(tok: &serde_json::Value) -> Option<&'static str> {
+    let nfc = match tok.get("normalizer") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(n) if n.get("type")?.as_str()? == "NFC" => true,
+        Some(_) => return None,
+    };
+    let ignore_merges = tok
+        .get("model")
+        .and_then(|m| m.get("ignore_merges"))
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let mut steps: Vec<&serde_json::Value> = Vec::new();
+    let pre = tok.get("pre_tokenizer")?;
+    if pre.get("type")?.as_str()? == "Sequence" {
+        steps.extend(pre.get("pretokenizers")?.as_array()?);
+    } else {
+        steps.push(pre);
+    }
+    let (last, rest) = steps.split_last()?;
+    // ByteLevel last, no prefix space; with use_regex it splits by GPT-2's regex itself
+    if last.get("type")?.as_str()? != "ByteLevel" || last.get("add_prefix_space")?.as_bool()? {
+        return None;
+    }
+    let mut regexes: Vec<&str> = Vec::new();
+    for s in rest {
+        match s.get("type")?.as_str()? {
+            "Split"
+                if s.get("behavior")?.as_str()? == "Isolated" && !s.get("invert")?.as_bool()? =>
+            {
+                regexes.push(s.get("pattern")?.get("Regex")?.as_str()?)
+            }
+            "Digits" if s.get("individual_digits")?.as_bool()? => regexes.push(DIGIT_RE),
+            _ => return None,
+        }
+    }
+    if last.get("use_regex")?.as_bool()? {
+        regexes.push(GPT2_RE);
+    }
+    let name = match (regexes.as_slice(), nfc, ignore_merges) {
+        ([DIGIT_RE, GPT2_RE], false, false) => "smollm",
+        ([LLAMA3_RE], false, true) => "llama-bpe",
+        ([LLAMA3_RE], false, false) => "smaug-bpe",
+        ([QWEN2_RE], true, false) => "qwen2",
+        ([GPT2_RE], false, false) => "gpt2",
+        _ => return None,
+    };
+    Some(name)
+}
+
 /// Builds the tokenizer that `v` describes; `path` names the file in messages. The result's
 /// end ids start with EOS.
 pub fn build(v: &GgufVocab, path: &Path) -> Result<Tokenizer> {
@@ -590,6 +643,44 @@ mod tests {
         let t = build(&v, p).unwrap();
         assert_eq!(t.encode_prompt("ab").unwrap(), vec![5, 1]);
         assert_eq!(t.end_ids(), vec![1]);
+    }
+
+    /// The families recognised in a tokenizer.json are the ones `build` implements: our own
+    /// serialisation of each family's tokenizer is recognised as that family, and changing
+    /// its normalizer, `ignore_merges` or a regex is not recognised.
+    #[test]
+    fn pre_names_of_tokenizer_json_round_trip() {
+        let p = Path::new("bpe.gguf");
+        for pre in ["smollm", "llama-bpe", "smaug-bpe", "qwen2", "gpt2"] {
+            let json = match build(&bpe_vocab(pre), p).unwrap() {
+                Tokenizer::Hf { tok, .. } => tok.to_string(false).unwrap(),
+                _ => unreachable!(),
+            };
+            let mut v: serde_json::Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(pre_name_of_tokenizer_json(&v), Some(pre), "{json}");
+            let mut w = v.clone();
+            w["normalizer"] = if pre == "qwen2" {
+                serde_json::Value::Null
+            } else {
+                serde_json::json!({"type": "NFC"})
+            };
+            assert_eq!(pre_name_of_tokenizer_json(&w), None, "{pre}");
+            let steps = v["pre_tokenizer"]["pretokenizers"].as_array_mut().unwrap();
+            steps[0]["pattern"]["Regex"] = "\\s+".into();
+            assert_eq!(pre_name_of_tokenizer_json(&v), None, "{pre}");
+        }
+        // transformers' own forms: GPT-2's ByteLevel with its regex; SmolLM's Digits
+        let gpt2 = serde_json::json!({"normalizer": null, "pre_tokenizer": {"type": "ByteLevel",
+            "add_prefix_space": false, "trim_offsets": true, "use_regex": true}});
+        assert_eq!(pre_name_of_tokenizer_json(&gpt2), Some("gpt2"));
+        let smol = serde_json::json!({"normalizer": null, "pre_tokenizer": {"type": "Sequence",
+            "pretokenizers": [{"type": "Digits", "individual_digits": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+             "use_regex": true}]}});
+        assert_eq!(pre_name_of_tokenizer_json(&smol), Some("smollm"));
+        let mut prefixed = gpt2.clone();
+        prefixed["pre_tokenizer"]["add_prefix_space"] = true.into();
+        assert_eq!(pre_name_of_tokenizer_json(&prefixed), None);
     }
 
     #[test]

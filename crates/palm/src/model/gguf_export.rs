@@ -2,7 +2,8 @@
 //! `Qwen2ForCausalLM`) only. Weights as f32, f16, bf16 or q8_0 (1-D tensors such as norms and
 //! biases always f32, as llama.cpp's converter does); llama.cpp tensor names and metadata; Q/K
 //! rows permuted for `llama`'s interleaved rotary; the tokenizer metadata and chat template
-//! copied from the source GGUF when the model came from one.
+//! copied from the source GGUF when the model came from one, else built from its Hugging Face
+//! tokenizer files ([`super::gguf_export_tokenizer`]).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -141,7 +142,7 @@ fn metadata(
     arch: &str,
     dtype: GgufDType,
     notes: &mut Vec<String>,
-) -> Vec<(String, GgufValue)> {
+) -> Result<Vec<(String, GgufValue)>> {
     use GgufValue as V;
     let s = &model.spec;
     let u = |n: usize| V::U32(n as u32);
@@ -207,19 +208,11 @@ fn metadata(
                 }
             }
         }
-        None => {
-            if let Some(b) = s.bos {
-                md.push(("tokenizer.ggml.bos_token_id".into(), V::U32(b)));
-            }
-            if let Some(&e) = model.eos_ids().first() {
-                md.push(("tokenizer.ggml.eos_token_id".into(), V::U32(e)));
-            }
-            notes.push(
-                "the model did not come from a GGUF: only the BOS/EOS ids of the tokenizer were written (no vocabulary, merges or chat template; converting tokenizer.json is not implemented), so llama.cpp cannot tokenize with this file".into(),
-            );
-        }
+        None => md.extend(super::gguf_export_tokenizer::tokenizer_metadata(
+            model, notes,
+        )?),
     }
-    md
+    Ok(md)
 }
 
 /// The tensors in llama.cpp's order with their HF source names: token_embd, per layer
@@ -274,7 +267,7 @@ fn tensor_order(model: &HfModel) -> Result<Vec<(String, String)>> {
 pub fn write_gguf(model: &HfModel, path: &Path, dtype: GgufDType) -> Result<GgufExport> {
     let arch = gguf_arch(model)?;
     let mut notes = Vec::new();
-    let md = metadata(model, arch, dtype, &mut notes);
+    let md = metadata(model, arch, dtype, &mut notes)?;
     let order = tensor_order(model)?;
     let mut plan = Vec::with_capacity(order.len());
     let mut fallbacks = Vec::new();
@@ -599,7 +592,7 @@ mod tests {
         let p = out.path().join("s.gguf");
         let rep = write_gguf(&m, &p, GgufDType::F32).unwrap();
         assert!(
-            rep.notes[0].contains("only the BOS/EOS ids"),
+            rep.notes[0].contains("no tokenizer.json: only the BOS/EOS ids"),
             "{:?}",
             rep.notes
         );
@@ -627,6 +620,129 @@ mod tests {
                     && n.contains("blk.4.ffn_down.weight")),
             "{:?}",
             rep.notes
+        );
+    }
+
+    /// A byte-level BPE tokenizer.json (merges as a string and as a pair, added tokens special
+    /// and not, ids up to 7 of the model's 40) with tokenizer_config.json naming BOS/EOS.
+    fn with_tokenizer_files(m: &mut HfModel, tokenizer: serde_json::Value) {
+        let config = serde_json::json!({
+            "bos_token": "<s>", "eos_token": {"content": "</s>", "special": true},
+            "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"
+        });
+        m.extra_files = vec![
+            ("tokenizer.json".into(), tokenizer.to_string().into_bytes()),
+            (
+                "tokenizer_config.json".into(),
+                config.to_string().into_bytes(),
+            ),
+        ];
+    }
+
+    fn bpe_json() -> serde_json::Value {
+        serde_json::json!({
+            "added_tokens": [
+                {"id": 0, "content": "<s>", "special": true},
+                {"id": 1, "content": "</s>", "special": true},
+                {"id": 7, "content": "<|x|>", "special": false}
+            ],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false,
+                              "trim_offsets": true, "use_regex": true},
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [], "special_tokens": {}},
+            "decoder": {"type": "ByteLevel"},
+            "model": {"type": "BPE", "unk_token": null,
+                      "vocab": {"<s>": 0, "</s>": 1, "a": 2, "b": 3, "ab": 4, "Ġ": 5, "Ġa": 6},
+                      "merges": ["a b", ["Ġ", "a"]]}
+        })
+    }
+
+    /// Without a source GGUF the tokenizer metadata comes from tokenizer.json: tokens padded
+    /// to the model's vocabulary, types, merges in both JSON forms, the pre-tokenizer
+    /// recognised, BOS/EOS from tokenizer_config.json (not config.json's 1/2), add_bos from
+    /// the post-processor, the template; and the file tokenizes.
+    #[test]
+    fn tokenizer_json_becomes_gguf_metadata() {
+        let mut m = tiny_llama(true, 7);
+        with_tokenizer_files(&mut m, bpe_json());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.gguf");
+        let rep = write_gguf(&m, &p, GgufDType::F32).unwrap();
+        assert!(rep.notes.is_empty(), "{:?}", rep.notes);
+        let g = GgufFile::open(&p).unwrap();
+        let v = crate::tokenizer_gguf::vocab_from_gguf(&g).unwrap();
+        assert_eq!((v.model.as_str(), v.pre.as_deref()), ("gpt2", Some("gpt2")));
+        assert_eq!(v.tokens.len(), 40);
+        assert_eq!(
+            v.tokens[..8],
+            ["<s>", "</s>", "a", "b", "ab", "Ġ", "Ġa", "<|x|>"]
+        );
+        assert_eq!(v.tokens[39], "[PAD39]");
+        assert_eq!(v.token_types[..9], [3, 3, 1, 1, 1, 1, 1, 4, 5]);
+        assert_eq!(v.merges, ["a b", "Ġ a"]);
+        assert_eq!((v.bos, v.eos, v.unk, v.pad), (Some(0), Some(1), None, None));
+        assert!(v.add_bos && !v.add_eos);
+        assert_eq!(
+            g.get_str("tokenizer.chat_template").unwrap(),
+            Some("{% for m in messages %}{{ m.content }}{% endfor %}")
+        );
+        let tok = crate::tokenizer_gguf::from_gguf(&g).unwrap();
+        assert_eq!(tok.encode("ab a<|x|>b").unwrap(), vec![4, 6, 7, 3]);
+        assert_eq!(tok.encode_prompt("ab").unwrap(), vec![0, 4]);
+    }
+
+    /// What cannot be converted is said, not guessed: an unrecognised pre-tokenizer writes no
+    /// `pre`; a Unigram tokenizer no vocabulary; a malformed merge is an error naming it.
+    #[test]
+    fn tokenizer_json_that_cannot_be_converted_is_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.gguf");
+        let mut m = tiny_llama(true, 8);
+        let mut j = bpe_json();
+        j["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "WhitespaceSplit"}, {"type": "ByteLevel", "add_prefix_space": false,
+             "trim_offsets": true, "use_regex": false}]});
+        with_tokenizer_files(&mut m, j);
+        let rep = write_gguf(&m, &p, GgufDType::F32).unwrap();
+        assert!(
+            rep.notes.len() == 1 && rep.notes[0].contains("no tokenizer.ggml.pre"),
+            "{:?}",
+            rep.notes
+        );
+        let g = GgufFile::open(&p).unwrap();
+        assert!(g.get("tokenizer.ggml.pre").is_none());
+        assert_eq!(
+            g.get_str_array("tokenizer.ggml.tokens")
+                .unwrap()
+                .unwrap()
+                .len(),
+            40
+        );
+
+        let mut j = bpe_json();
+        j["model"]["type"] = "Unigram".into();
+        with_tokenizer_files(&mut m, j);
+        let rep = write_gguf(&m, &p, GgufDType::F32).unwrap();
+        assert!(
+            rep.notes.len() == 1 && rep.notes[0].contains("`Unigram` tokenizer"),
+            "{:?}",
+            rep.notes
+        );
+        let g = GgufFile::open(&p).unwrap();
+        assert!(g.get("tokenizer.ggml.tokens").is_none());
+        assert_eq!(g.get_u64("tokenizer.ggml.eos_token_id").unwrap(), Some(2));
+        assert!(g.get("tokenizer.chat_template").is_some());
+
+        let mut j = bpe_json();
+        j["model"]["merges"][1] = serde_json::json!(["Ġ", 5]);
+        with_tokenizer_files(&mut m, j);
+        let e = write_gguf(&m, &p, GgufDType::F32).unwrap_err().to_string();
+        assert!(
+            e.contains("tokenizer.json") && e.contains("merges[1]"),
+            "{e}"
         );
     }
 

@@ -305,7 +305,8 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<HfModel> {
 }
 
 /// The GGUF's tokenizer and chat template as Hugging Face files (`tokenizer.json`,
-/// `tokenizer_config.json` with `chat_template`, `bos_token`, `eos_token`), so a model saved
+/// `tokenizer_config.json` with `chat_template` and the `bos_token`, `eos_token`, `unk_token`,
+/// `pad_token` the metadata names), so a model saved
 /// from it (a `palm train` checkpoint, `palm export --format hf`) is a complete HF directory.
 /// A GGUF without tokenizer metadata gives none; a SentencePiece-style (`llama`) vocabulary has
 /// no `tokenizer.json` form here and gives only the template.
@@ -328,6 +329,22 @@ fn text_files(g: &GgufFile) -> Result<Vec<(String, Vec<u8>)>> {
         }
         if let Some(e) = t.eos_token() {
             cfg.insert("eos_token".into(), e.into());
+        }
+    }
+    let tokens = g
+        .get_str_array("tokenizer.ggml.tokens")?
+        .unwrap_or_default();
+    for (name, key) in [
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ] {
+        let token = g
+            .get_u64(&format!("tokenizer.ggml.{key}"))?
+            .and_then(|id| tokens.get(id as usize));
+        if let (Some(t), false) = (token, cfg.contains_key(name)) {
+            cfg.insert(name.into(), t.to_string().into());
         }
     }
     if let Some(pre) = g.get_str("tokenizer.ggml.pre")? {

@@ -1127,10 +1127,11 @@ pub const HF_WEIGHTS: &str = "model.safetensors";
 pub const HF_INDEX: &str = "model.safetensors.index.json";
 pub const HF_GENERATION: &str = "generation_config.json";
 /// Tokenizer files copied along with the model.
-pub const HF_TOKENIZER_FILES: [&str; 3] = [
+pub const HF_TOKENIZER_FILES: [&str; 4] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "chat_template.jinja",
 ];
 
 /// Whether `config.json` (a parsed value) describes a Hugging Face model.

@@ -2,6 +2,7 @@
 //! training, reward model, PPO, CLI) works with, so imported architectures plug in beside it.
 
 pub mod gguf_export;
+pub mod gguf_export_tokenizer;
 pub mod gguf_import;
 pub mod hf;
 pub mod hf_config;
