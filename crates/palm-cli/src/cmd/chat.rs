@@ -12,8 +12,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use palm::chat::Message;
 use palm::pretrained::Pretrained;
-use palm::sample::{generate, GenerateRequest, Sampling};
-use palm::tokenizer::StreamDecoder;
+use palm::sample::{GenerateRequest, Sampling};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -194,27 +193,7 @@ fn reply(
         disable_lora: false,
     };
     let tok = pre.tokenizer();
-    let mut out = std::io::stdout().lock();
-    let mut dec = StreamDecoder::default();
-    let mut err: Option<anyhow::Error> = None;
-    let g = generate(&pre.model, &req, |_, id| {
-        if req.eos.contains(&id) || err.is_some() {
-            return;
-        }
-        match dec.push(tok, id) {
-            Ok(Some(s)) => {
-                let _ = out.write_all(s.as_bytes());
-                let _ = out.flush();
-            }
-            Ok(None) => {}
-            Err(e) => err = Some(e.into()),
-        }
-    })?;
-    if let Some(e) = err {
-        return Err(e);
-    }
-    writeln!(out)?;
-    out.flush()?;
+    let g = super::stream_to_stdout(&pre.model, &req, tok)?;
     let mut reply_ids = g.completions[0].clone();
     if reply_ids.last().is_some_and(|t| req.eos.contains(t)) {
         reply_ids.pop();

@@ -1,11 +1,10 @@
-use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use palm::chat::Message;
 use palm::pretrained::Pretrained;
 use palm::sample::{generate, GenerateRequest, Sampling};
-use palm::tokenizer::{StreamDecoder, Tokenizer};
+use palm::tokenizer::Tokenizer;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -97,27 +96,7 @@ pub fn run(a: Args) -> Result<()> {
         return best_of_n(&a, model, tok, req);
     }
     let t0 = std::time::Instant::now();
-    let mut out = std::io::stdout().lock();
-    let mut dec = StreamDecoder::default();
-    let eos = req.eos.clone();
-    let mut err: Option<anyhow::Error> = None;
-    let g = generate(model, &req, |_, id| {
-        if eos.contains(&id) || err.is_some() {
-            return;
-        }
-        match dec.push(tok, id) {
-            Ok(Some(s)) => {
-                let _ = out.write_all(s.as_bytes());
-                let _ = out.flush();
-            }
-            Ok(None) => {}
-            Err(e) => err = Some(e.into()),
-        }
-    })?;
-    if let Some(e) = err {
-        return Err(e);
-    }
-    writeln!(out)?;
+    let g = super::stream_to_stdout(model, &req, tok)?;
     let n = g.completions[0].len();
     tracing::info!(
         "{n} tokens in {:.2}s ({:.1} tokens/s){}",

@@ -27,6 +27,38 @@ pub fn resolve_tokenizer(
     Ok(palm::pretrained::TextSide::load(model, arg)?.tokenizer)
 }
 
+/// Generates one row and streams its text to stdout as it is sampled (end ids are not
+/// printed), then a newline.
+pub fn stream_to_stdout(
+    model: &palm::Model,
+    req: &palm::sample::GenerateRequest,
+    tok: &palm::tokenizer::Tokenizer,
+) -> anyhow::Result<palm::sample::Generation> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut dec = palm::tokenizer::StreamDecoder::default();
+    let mut err: Option<anyhow::Error> = None;
+    let g = palm::sample::generate(model, req, |_, id| {
+        if req.eos.contains(&id) || err.is_some() {
+            return;
+        }
+        match dec.push(tok, id) {
+            Ok(Some(s)) => {
+                let _ = out.write_all(s.as_bytes());
+                let _ = out.flush();
+            }
+            Ok(None) => {}
+            Err(e) => err = Some(e.into()),
+        }
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    writeln!(out)?;
+    out.flush()?;
+    Ok(g)
+}
+
 /// `--precision`: the precision of the linear layers' matrix products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Precision {
