@@ -94,7 +94,7 @@ fn ratio_is_one_before_the_first_update_with_unequal_prompts() {
         &RolloutConfig {
             max_new_tokens: 5,
             temperature: temp,
-            eos: Some(0),
+            eos: vec![0],
             seed: 11,
         },
     )
@@ -285,7 +285,7 @@ fn full_fine_tuning_ratio_is_one_and_reference_is_the_initial_model() {
         &RolloutConfig {
             max_new_tokens: 5,
             temperature: temp,
-            eos: Some(0),
+            eos: vec![0],
             seed: 12,
         },
     )

@@ -549,6 +549,7 @@ pub struct StepInfo {
 /// (metrics.jsonl, metrics.svg, the reference caches, checkpoint/, policy/ with the scope
 /// merged, summary.json). With `resume` the model must come from [`checkpoint_dir`]. When
 /// `stop` is set (Ctrl-C) the run checkpoints after the current step and returns.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     model: &mut Model,
     train_pairs: &[EncodedPair],
@@ -684,13 +685,13 @@ pub fn train(
             loss: lv,
             accuracy: acc,
         });
-        if cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every as u64) && step < total {
-            if !eval_pairs.is_empty() {
-                log.log(eval_record(
-                    &evaluate(model, cfg, eval_pairs, &eval_refs)?,
-                    step,
-                ))?;
-            }
+        if cfg.eval_every > 0
+            && step.is_multiple_of(cfg.eval_every as u64)
+            && step < total
+            && !eval_pairs.is_empty()
+        {
+            let e = evaluate(model, cfg, eval_pairs, &eval_refs)?;
+            log.log(eval_record(&e, step))?;
         }
         if stop.load(std::sync::atomic::Ordering::Relaxed) && step < total {
             save(model, &opt, step)?;

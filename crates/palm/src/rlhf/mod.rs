@@ -5,6 +5,7 @@ pub mod advantage;
 pub mod dpo;
 pub mod grpo;
 pub mod kl;
+pub mod online;
 pub mod policy_loss;
 pub mod ppo;
 pub mod preference_data;

@@ -134,6 +134,7 @@ pub struct PolicyLoss {
 
 /// The per-token clipped surrogate plus `kl`, aggregated with `weights` ([n, T], from
 /// [`Normaliser::weights`]). `adv` is per token [n, T] (a sequence advantage broadcast).
+#[allow(clippy::too_many_arguments)]
 pub fn policy_loss(
     logp: &Tensor,
     old_logp: &Tensor,

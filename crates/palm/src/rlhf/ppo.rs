@@ -618,7 +618,7 @@ impl PpoTrainer {
             policy: &self.model,
             policy_scope: self.policy_scope(),
             frozen: self.frozen_model(),
-            critic: &self.critic,
+            critic: Some(&self.critic),
         }
     }
 
@@ -743,7 +743,7 @@ impl PpoTrainer {
             &RolloutConfig {
                 max_new_tokens: cfg.max_new_tokens,
                 temperature: cfg.temperature,
-                eos,
+                eos: eos.into_iter().collect(),
                 seed: cfg.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             },
         )?;

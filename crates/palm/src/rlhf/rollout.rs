@@ -228,7 +228,8 @@ pub struct Actors<'a> {
     pub policy: &'a Model,
     pub policy_scope: Option<&'a str>,
     pub frozen: &'a Model,
-    pub critic: &'a Critic,
+    /// None for critic-free algorithms (GRPO, RLOO, REINFORCE++): no values are computed.
+    pub critic: Option<&'a Critic>,
 }
 
 impl<'a> Actors<'a> {
@@ -251,12 +252,13 @@ impl<'a> Actors<'a> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RolloutConfig {
     pub max_new_tokens: usize,
     /// Pure temperature sampling (no top-k/top-p), also applied when recomputing log-probs.
     pub temperature: f32,
-    pub eos: Option<u32>,
+    /// Ids that end a response (any of them; kept as its last token).
+    pub eos: Vec<u32>,
     pub seed: u64,
 }
 
@@ -272,7 +274,7 @@ pub struct Rollout {
     pub logp: Vec<f32>,
     /// [B, R] log pi_ref(y_k), 0 on pads.
     pub ref_logp: Vec<f32>,
-    /// [B, R] values (or [B] when the critic pools).
+    /// [B, R] values (or [B] when the critic pools; empty without a critic).
     pub values: Vec<f32>,
     /// Seconds spent sampling and in the scoring forwards.
     pub generate_seconds: f64,
@@ -300,7 +302,7 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
         &GenerateRequest {
             prompts: prompts.to_vec(),
             max_new_tokens: cfg.max_new_tokens,
-            eos: cfg.eos.into_iter().collect(),
+            eos: cfg.eos.clone(),
             sampling: Sampling {
                 temperature: cfg.temperature,
                 ..Sampling::default()
@@ -331,15 +333,19 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
         },
         cfg.temperature,
     )?;
-    let critic = actors.critic;
-    let (values, _) = critic.values(actors.frozen, &lay, true, true)?;
+    let values = match actors.critic {
+        None => vec![],
+        Some(critic) => {
+            let (values, _) = critic.values(actors.frozen, &lay, true, true)?;
+            if critic.pooled {
+                values.to_dtype(DType::F32)?.to_vec1()?
+            } else {
+                masked_vec(&values, &lay.mask)?
+            }
+        }
+    };
     let logp = masked_vec(&logp, &lay.mask)?;
     let ref_logp = masked_vec(&ref_logp, &lay.mask)?;
-    let values = if critic.pooled {
-        values.to_dtype(DType::F32)?.to_vec1()?
-    } else {
-        masked_vec(&values, &lay.mask)?
-    };
     Ok(Rollout {
         prompts: prompts.to_vec(),
         responses: gen.completions,
