@@ -52,6 +52,11 @@ enum Command {
     Reward(cmd::reward::Args),
     /// PPO against a reward model (LoRA or full actor, LoRA critic, frozen reference).
     Ppo(Box<cmd::ppo::Args>),
+    /// Online RL: PPO, GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++ (against a reward model, a judge
+    /// or a verifiable task).
+    Rl(Box<cmd::rl::Args>),
+    /// Direct preference optimisation (DPO, IPO, robust, hinge, SimPO, ORPO) on preference pairs.
+    Dpo(Box<cmd::dpo::Args>),
     /// The whole RLHF pipeline on a built-in task, in minutes on a CPU.
     Quickstart(cmd::quickstart::Args),
 }
@@ -82,6 +87,8 @@ fn main() {
         Command::Train(a) => cmd::train::run(a),
         Command::Reward(a) => cmd::reward::run(a),
         Command::Ppo(a) => cmd::ppo::run(*a),
+        Command::Rl(a) => cmd::rl::run(*a),
+        Command::Dpo(a) => cmd::dpo::run(*a),
         Command::Quickstart(a) => cmd::quickstart::run(a),
     });
     if let Err(e) = result {

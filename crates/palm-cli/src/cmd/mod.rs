@@ -2,12 +2,14 @@
 
 pub mod bench;
 pub mod chat;
+pub mod dpo;
 pub mod export;
 pub mod generate;
 pub mod info;
 pub mod ppo;
 pub mod quickstart;
 pub mod reward;
+pub mod rl;
 pub mod tokenize;
 pub mod train;
 

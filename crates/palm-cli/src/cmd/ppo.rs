@@ -184,7 +184,7 @@ fn evaluate(
     Ok((mean, recs))
 }
 
-fn write_jsonl(path: &Path, recs: &[serde_json::Value]) -> Result<()> {
+pub(crate) fn write_jsonl(path: &Path, recs: &[serde_json::Value]) -> Result<()> {
     let body: String = recs.iter().map(|r| format!("{r}\n")).collect();
     palm::checkpoint::write_atomic(path, body.as_bytes())?;
     Ok(())
@@ -223,7 +223,7 @@ fn apply_flags(cfg: &mut PpoConfig, a: &Args) -> Result<()> {
 }
 
 /// What `--reward` names, loaded: the scorer and the vocabulary it expects (None: text-based).
-fn load_reward(arg: &str, tok: &Tokenizer) -> Result<(Box<dyn Scorer>, Option<usize>)> {
+pub(crate) fn load_reward(arg: &str, tok: &Tokenizer) -> Result<(Box<dyn Scorer>, Option<usize>)> {
     if arg == "vader" || arg.starts_with("vader:") {
         let dir = match arg.strip_prefix("vader:") {
             Some(d) if !d.is_empty() => PathBuf::from(d),

@@ -10,6 +10,22 @@ use palm::tasks::quickstart::{self as qs, QuickstartConfig};
 use serde_json::json;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlgorithmChoice {
+    Ppo,
+    Grpo,
+    DrGrpo,
+    Dapo,
+    Rloo,
+    #[value(name = "reinforce++")]
+    ReinforcePp,
+    #[value(name = "reinforce++-baseline")]
+    ReinforcePpBaseline,
+    Dpo,
+    /// Every algorithm above from the same SFT policy and reward model, one table.
+    All,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecipeChoice {
     /// The standard PPO recipe (token-level KL reward, GAE, whitening, scalar critic).
     Standard,
@@ -33,13 +49,17 @@ pub struct Args {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value = "standard")]
     pub recipe: RecipeChoice,
+    /// The RL stage: PPO (default), a critic-free algorithm, DPO on the labelled pairs, or
+    /// `all` of them on the same SFT policy and reward model with the same budget.
+    #[arg(long, value_enum, default_value = "ppo")]
+    pub algorithm: AlgorithmChoice,
     /// Seed for the task graph, data, init, sampling: one seed fixes the whole run.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// A QuickstartConfig JSON file (sizes, steps, learning rates, the PPO config).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override the number of PPO steps.
+    /// Override the number of PPO steps (and of the critic-free algorithms' steps).
     #[arg(long)]
     pub ppo_steps: Option<usize>,
     /// Override the number of SFT steps.
@@ -73,6 +93,7 @@ pub fn run(a: Args) -> Result<()> {
     cfg.ppo.seed = a.seed;
     if let Some(s) = a.ppo_steps {
         cfg.ppo.steps = s;
+        cfg.online.steps = s;
     }
     if let Some(s) = a.sft_steps {
         cfg.sft_steps = s;
@@ -138,7 +159,9 @@ pub fn run(a: Args) -> Result<()> {
     tracing::info!("reward model: held-out accuracy {rm_acc:.3} ({rm_s:.0} s)");
 
     // 4. PPO against the learned reward model
+    let with_ppo = matches!(a.algorithm, AlgorithmChoice::Ppo | AlgorithmChoice::All);
     let recipes = match a.recipe {
+        _ if !with_ppo => vec![],
         RecipeChoice::Standard => vec![Recipe::Standard],
         RecipeChoice::PalmRlhfPytorch => vec![Recipe::PalmRlhfPytorch],
         RecipeChoice::Both => vec![Recipe::Standard, Recipe::PalmRlhfPytorch],
@@ -179,22 +202,48 @@ pub fn run(a: Args) -> Result<()> {
         reports.push(rep);
     }
 
+    // 4b. the other algorithms on the same SFT policy and reward model
+    let mut algos = vec![];
+    if let Some(rep) = reports.first() {
+        let m = palm::load::load_model(&rep.dir.join("checkpoint"), &dev)?;
+        let (kl, rm_score) = qs::policy_kl_and_rm(
+            &task,
+            &m,
+            Some(palm::rlhf::rollout::ACTOR),
+            &rm,
+            a.seed + 99,
+        )?;
+        algos.push(qs::AlgorithmReport {
+            algorithm: "ppo".into(),
+            gold_score: rep.gold_score_ppo,
+            optimal_fraction: rep.gold_optimal_fraction_ppo,
+            kl,
+            rm_score,
+            seconds: rep.seconds,
+            dir: rep.dir.clone(),
+        });
+    }
+    algos.extend(other_algorithms(
+        &a, &task, &cfg, &sft_model, &rm, &train, &held, &dev,
+    )?);
+
     // 5. summary
-    let main = &reports[0];
+    let main = reports.first();
     let total = t_all.elapsed().as_secs_f64();
     let summary = json!({
         "task": {"name": "paths", "nodes": task.nodes, "seed": a.seed, "random_walk_score": walk},
         "gold_score_sft": gold_sft.score,
-        "gold_score_ppo": main.gold_score_ppo,
+        "gold_score_ppo": main.map(|m| m.gold_score_ppo),
         "gold_optimal_fraction_sft": gold_sft.optimal_fraction,
-        "gold_optimal_fraction_ppo": main.gold_optimal_fraction_ppo,
+        "gold_optimal_fraction_ppo": main.map(|m| m.gold_optimal_fraction_ppo),
         "reward_model_accuracy": rm_acc,
-        "kl": main.kl,
-        "seconds": {"sft": sft_s, "pairs": pairs_s, "reward_model": rm_s, "ppo": main.seconds, "total": total},
+        "kl": main.map(|m| m.kl),
+        "seconds": {"sft": sft_s, "pairs": pairs_s, "reward_model": rm_s, "ppo": main.map(|m| m.seconds), "total": total},
         "pairs": {"train": train.len(), "heldout": held.len(), "label_noise": cfg.label_noise},
         "sft": sft_summary,
         "reward_model": rm_summary,
         "recipes": reports,
+        "algorithms": algos,
         "stages": {"sft": sft_dir, "sft_model": sft_model, "reward": rm_dir,
             "reward_model": rm_dir.join(palm::rlhf::reward_train::FINAL_DIR)},
     });
@@ -233,10 +282,109 @@ pub fn run(a: Args) -> Result<()> {
             r.seconds
         );
     }
+    if algos.len() > 1 || !with_ppo {
+        eprintln!();
+        eprintln!("  algorithm              gold   optimal   KL (nats)   RM score   seconds");
+        for r in &algos {
+            eprintln!(
+                "  {:<20} {:>6.3}   {:>6.3}   {:>9.3}   {:>8.3}   {:>7.0}",
+                r.algorithm, r.gold_score, r.optimal_fraction, r.kl, r.rm_score, r.seconds
+            );
+        }
+        eprintln!(
+            "  (SFT: gold {:.3}, optimal {:.3})",
+            gold_sft.score, gold_sft.optimal_fraction
+        );
+    }
     eprintln!(
         "  total {total:.0} s; summary in {}",
         a.out.join("summary.json").display()
     );
     println!("{summary}");
     Ok(())
+}
+
+/// The critic-free algorithms and DPO that `--algorithm` asks for, in the table's order.
+#[allow(clippy::too_many_arguments)]
+fn other_algorithms(
+    a: &Args,
+    task: &PathsTask,
+    cfg: &QuickstartConfig,
+    sft_model: &std::path::Path,
+    rm: &RewardModelScorer,
+    train: &[qs::Pair],
+    held: &[qs::Pair],
+    dev: &candle_core::Device,
+) -> Result<Vec<qs::AlgorithmReport>> {
+    use palm::rlhf::online::Algorithm;
+    let (online, dpo): (Vec<Algorithm>, bool) = match a.algorithm {
+        AlgorithmChoice::Ppo => (vec![], false),
+        AlgorithmChoice::All => (Algorithm::ALL.to_vec(), true),
+        AlgorithmChoice::Dpo => (vec![], true),
+        AlgorithmChoice::Grpo => (vec![Algorithm::Grpo], false),
+        AlgorithmChoice::DrGrpo => (vec![Algorithm::DrGrpo], false),
+        AlgorithmChoice::Dapo => (vec![Algorithm::Dapo], false),
+        AlgorithmChoice::Rloo => (vec![Algorithm::Rloo], false),
+        AlgorithmChoice::ReinforcePp => (vec![Algorithm::ReinforcePp], false),
+        AlgorithmChoice::ReinforcePpBaseline => (vec![Algorithm::ReinforcePpBaseline], false),
+    };
+    let mut out = vec![];
+    for alg in online {
+        let b = bar(cfg.online.steps as u64, alg.name())?;
+        let rep = qs::run_online(
+            task,
+            sft_model,
+            rm,
+            alg,
+            cfg,
+            &a.out.join(alg.name()),
+            dev,
+            |m| {
+                b.set_message(format!(
+                    "rm {:.2} gold {:.3} kl {:.3}",
+                    m["reward"].as_f64().unwrap_or(f64::NAN),
+                    m["gold/score"].as_f64().unwrap_or(f64::NAN),
+                    m["kl"].as_f64().unwrap_or(f64::NAN)
+                ));
+                b.inc(1)
+            },
+        )?;
+        b.finish();
+        tracing::info!(
+            "{}: gold score {:.3}, optimal {:.3}, KL {:.2} ({:.0} s)",
+            rep.algorithm,
+            rep.gold_score,
+            rep.optimal_fraction,
+            rep.kl,
+            rep.seconds
+        );
+        out.push(rep);
+    }
+    if dpo {
+        let b = bar(0, "dpo")?;
+        let rep = qs::run_dpo(
+            task,
+            sft_model,
+            rm,
+            train,
+            held,
+            cfg,
+            &a.out.join("dpo"),
+            dev,
+            |s, t| {
+                b.set_length(t);
+                b.set_position(s);
+            },
+        )?;
+        b.finish();
+        tracing::info!(
+            "dpo: gold score {:.3}, optimal {:.3}, KL {:.2} ({:.0} s)",
+            rep.gold_score,
+            rep.optimal_fraction,
+            rep.kl,
+            rep.seconds
+        );
+        out.push(rep);
+    }
+    Ok(out)
 }

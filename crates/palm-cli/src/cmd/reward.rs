@@ -187,7 +187,7 @@ pub fn load_reward_model(path: &Path) -> Result<RewardModel> {
 }
 
 /// The tokenizer of `model` (or `--tokenizer`) and, with `auto`, its chat template.
-fn text_of(
+pub(crate) fn text_of(
     model: &Path,
     tokenizer: Option<&str>,
     t: TemplateArg,
@@ -204,7 +204,7 @@ fn text_of(
 }
 
 /// Renders every pair through `template` (see `--chat-template`).
-fn template_pairs(
+pub(crate) fn template_pairs(
     pairs: &mut [palm::rlhf::preference_data::PreferencePair],
     template: Option<&palm::chat::ChatTemplate>,
 ) -> Result<()> {
@@ -217,7 +217,7 @@ fn template_pairs(
     Ok(())
 }
 
-fn check_vocab(tok: &Tokenizer, vocab: usize) -> Result<()> {
+pub(crate) fn check_vocab(tok: &Tokenizer, vocab: usize) -> Result<()> {
     if tok.vocab_size() > vocab {
         bail!(
             "the tokenizer has {} ids but the model only {vocab}: use the model's own tokenizer",
@@ -228,7 +228,7 @@ fn check_vocab(tok: &Tokenizer, vocab: usize) -> Result<()> {
 }
 
 /// Reads preference or rating files: all records must be of one kind.
-fn read_data(files: &[PathBuf]) -> Result<PreferenceData> {
+pub(crate) fn read_data(files: &[PathBuf]) -> Result<PreferenceData> {
     let data = read_files(files)?;
     if !data.ratings.is_empty()
         && data.pairs.len() + data.skipped_ties + data.skipped_prompt_mismatch > 0
@@ -250,7 +250,7 @@ fn read_data(files: &[PathBuf]) -> Result<PreferenceData> {
     Ok(data)
 }
 
-fn report_truncation(what: &str, st: &TruncationStats) {
+pub(crate) fn report_truncation(what: &str, st: &TruncationStats) {
     if st.truncated_prompts + st.truncated_responses > 0 {
         tracing::info!(
             "{what}: truncated {} prompts (kept their end) and {} responses (kept their start) of {} sequences",

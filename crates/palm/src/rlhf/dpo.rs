@@ -273,6 +273,8 @@ pub struct DpoConfig {
     pub loss: LossConfig,
     /// LoRA rank of the `dpo` scope; None: full fine-tuning.
     pub lora_r: Option<usize>,
+    /// What the scope adapts.
+    pub lora_targets: crate::config::LoraTargets,
     pub epochs: usize,
     /// Pairs per step (2 x batch_size sequences).
     pub batch_size: usize,
@@ -294,6 +296,7 @@ impl Default for DpoConfig {
         Self {
             loss: LossConfig::default(),
             lora_r: Some(8),
+            lora_targets: crate::config::LoraTargets::Attention,
             epochs: 1,
             batch_size: 8,
             lr: 5e-4,
@@ -494,7 +497,11 @@ fn prepare(
                     "the model already has a LoRA scope `{SCOPE}`; DPO adds its own"
                 )));
             }
-            model.add_scope(SCOPE, LoraSpec::new(r), cfg.seed)?;
+            let spec = LoraSpec {
+                targets: cfg.lora_targets,
+                ..LoraSpec::new(r)
+            };
+            model.add_scope(SCOPE, spec, cfg.seed)?;
         }
     }
     if !cfg.loss.loss.uses_reference() {

@@ -718,6 +718,7 @@ impl RlTrainer {
                 ntok += 1.0;
             }
         }
+        let kl_seq = k3 / samples.len().max(1) as f64;
         let avg = |f: &dyn Fn(&ClipStats) -> f32| mean(&st.clip.iter().map(f).collect::<Vec<_>>());
         let mut m = json!({
             "step": self.step,
@@ -727,6 +728,7 @@ impl RlTrainer {
             "completions/mean_length": mean(&lens),
             "completions/clipped_ratio": clipped,
             "kl": k3 / ntok.max(1.0),
+            "kl_per_response": kl_seq,
             "entropy": mean(&st.entropy),
             "loss": mean(&st.loss),
             "kl_loss": mean(&st.kl_loss),

@@ -21,10 +21,13 @@ use serde::{Deserialize, Serialize};
 use crate::config::{LoraSpec, LoraTargets, PalmConfig};
 use crate::error::{Error, Result};
 use crate::model::{Model, Palm};
+use crate::rlhf::dpo::{self, DpoConfig};
+use crate::rlhf::online::{self, Algorithm, RlConfig, RlTrainer};
 use crate::rlhf::ppo::{self, CriticInit, PpoConfig, PpoTrainer, Recipe};
 use crate::rlhf::preference_data::{truncate, EncodedPair, TruncationStats};
 use crate::rlhf::reward::{RewardConfig, RewardModel};
 use crate::rlhf::reward_train::{self, RewardSummary, RewardTrainConfig, StepInfo};
+use crate::rlhf::rollout::{Actors, RolloutConfig};
 use crate::rlhf::scorer::RewardModelScorer;
 use crate::rng;
 use crate::sample::{generate, GenerateRequest, Sampling};
@@ -53,6 +56,10 @@ pub struct QuickstartConfig {
     pub rm_lr: f64,
     pub rm_lora_r: usize,
     pub ppo: PpoConfig,
+    /// The critic-free algorithms (`--algorithm grpo|...|all`); the algorithm field is set per run.
+    pub online: RlConfig,
+    /// DPO on the labelled pairs (`--algorithm dpo|all`).
+    pub dpo: DpoConfig,
 }
 
 impl Default for QuickstartConfig {
@@ -87,6 +94,26 @@ impl Default for QuickstartConfig {
                 kl_coef: 0.3,
                 critic_init: CriticInit::Reward,
                 ..PpoConfig::default()
+            },
+            // the PPO budget: 100 steps of 64 responses (16 prompts x 4), 4 epochs of
+            // minibatches of 16, the same learning rate and LoRA rank
+            online: RlConfig {
+                steps: 100,
+                batch_size: 16,
+                group_size: 4,
+                max_new_tokens: 11,
+                epochs: 4,
+                minibatch_size: 16,
+                lr: 1e-3,
+                ..RlConfig::for_algorithm(Algorithm::Grpo)
+            },
+            dpo: DpoConfig {
+                epochs: 2,
+                batch_size: 32,
+                lr: 2e-3,
+                min_lr: 2e-4,
+                lora_targets: LoraTargets::AttentionAndFf,
+                ..DpoConfig::default()
             },
         }
     }
@@ -448,6 +475,155 @@ pub fn run_ppo(
         critic_init,
         rm_score_final: last["objective/scores"].as_f64().unwrap_or(f64::NAN),
         kl: last["objective/kl"].as_f64().unwrap_or(f64::NAN),
+        seconds: t0.elapsed().as_secs_f64(),
+        dir: out.to_path_buf(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The other algorithms on the same SFT policy and reward model (`--algorithm all`)
+
+/// One algorithm's row of the comparison table.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlgorithmReport {
+    pub algorithm: String,
+    pub gold_score: f32,
+    pub optimal_fraction: f32,
+    /// KL(policy || SFT reference) in nats per response (k3, summed over tokens, mean over
+    /// responses sampled at temperature 1), measured the same way for every algorithm.
+    pub kl: f64,
+    /// The learned reward model's mean score of the same samples.
+    pub rm_score: f64,
+    pub seconds: f64,
+    pub dir: PathBuf,
+}
+
+/// KL to the reference (LoRA off) and the reward model's score of one sample per query.
+pub fn policy_kl_and_rm(
+    task: &PathsTask,
+    model: &Model,
+    scope: Option<&str>,
+    rm: &RewardModelScorer,
+    seed: u64,
+) -> Result<(f64, f64)> {
+    use crate::rlhf::scorer::Scorer;
+    let prompts: Vec<Vec<u32>> = task.queries().iter().map(|&q| task.prompt_ids(q)).collect();
+    let ro = crate::rlhf::rollout::collect(
+        &Actors {
+            policy: model,
+            policy_scope: scope,
+            frozen: model,
+            critic: None,
+        },
+        &prompts,
+        &RolloutConfig {
+            max_new_tokens: task.max_nodes + 1,
+            temperature: 1.0,
+            eos: vec![BYTE_EOS],
+            seed,
+        },
+    )?;
+    let k = crate::rlhf::kl::KlEstimator::K3.estimate_all(&ro.logp, &ro.ref_logp, &ro.layout.mask);
+    let kl = k.iter().map(|&x| x as f64).sum::<f64>() / prompts.len().max(1) as f64;
+    let s = rm.score(&ro.prompts, &ro.responses)?;
+    let rm_mean = s.iter().map(|&x| x as f64).sum::<f64>() / s.len().max(1) as f64;
+    Ok((kl, rm_mean))
+}
+
+/// Runs a critic-free algorithm against the learned reward model (gold logged beside it).
+#[allow(clippy::too_many_arguments)]
+pub fn run_online(
+    task: &PathsTask,
+    sft_dir: &Path,
+    rm: &RewardModelScorer,
+    algorithm: Algorithm,
+    cfg: &QuickstartConfig,
+    out: &Path,
+    dev: &Device,
+    on_step: impl FnMut(&serde_json::Value),
+) -> Result<AlgorithmReport> {
+    let t0 = Instant::now();
+    let model = crate::load::load_model(sft_dir, dev)?;
+    let rcfg = RlConfig {
+        algorithm,
+        seed: cfg.seed,
+        ..cfg.online.clone()
+    };
+    // the algorithm's own estimator, aggregation, KL and clip defaults
+    let d = RlConfig::for_algorithm(algorithm);
+    let rcfg = RlConfig {
+        kl_coef: d.kl_coef,
+        kl_estimator: d.kl_estimator,
+        kl_placement: d.kl_placement,
+        loss_agg: d.loss_agg,
+        clip_high: d.clip_high,
+        dynamic_sampling: d.dynamic_sampling,
+        overlong_filter: d.overlong_filter,
+        ..rcfg
+    };
+    let mut trainer = RlTrainer::new(model, rcfg)?;
+    let prompts: Vec<Vec<u32>> = task.queries().iter().map(|&q| task.prompt_ids(q)).collect();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    online::run(
+        &mut trainer,
+        &prompts,
+        &[BYTE_EOS],
+        rm,
+        Some(task),
+        out,
+        &stop,
+        on_step,
+    )?;
+    let scope = Some(crate::rlhf::rollout::ACTOR);
+    let gold = gold_eval(task, &trainer.model, scope, 4, cfg.seed + 77)?;
+    let (kl, rm_score) = policy_kl_and_rm(task, &trainer.model, scope, rm, cfg.seed + 99)?;
+    Ok(AlgorithmReport {
+        algorithm: algorithm.name().into(),
+        gold_score: gold.score,
+        optimal_fraction: gold.optimal_fraction,
+        kl,
+        rm_score,
+        seconds: t0.elapsed().as_secs_f64(),
+        dir: out.to_path_buf(),
+    })
+}
+
+/// DPO on the quickstart's labelled pairs (the reward model's training data, label noise
+/// included), evaluated on the held-out pairs and by the gold scorer.
+#[allow(clippy::too_many_arguments)]
+pub fn run_dpo(
+    task: &PathsTask,
+    sft_dir: &Path,
+    rm: &RewardModelScorer,
+    train: &[Pair],
+    held: &[Pair],
+    cfg: &QuickstartConfig,
+    out: &Path,
+    dev: &Device,
+    mut on_step: impl FnMut(u64, u64),
+) -> Result<AlgorithmReport> {
+    let t0 = Instant::now();
+    let mut model = crate::load::load_model(sft_dir, dev)?;
+    let max_len = model.max_seq_len();
+    let (tr, _) = encode_pairs(train, max_len);
+    let (he, _) = encode_pairs(held, max_len);
+    let dcfg = DpoConfig {
+        seed: cfg.seed,
+        ..cfg.dpo.clone()
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    dpo::train(&mut model, &tr, &he, &dcfg, out, false, &stop, |i| {
+        on_step(i.step, i.total_steps)
+    })?;
+    let scope = Some(dpo::SCOPE);
+    let gold = gold_eval(task, &model, scope, 4, cfg.seed + 77)?;
+    let (kl, rm_score) = policy_kl_and_rm(task, &model, scope, rm, cfg.seed + 99)?;
+    Ok(AlgorithmReport {
+        algorithm: "dpo".into(),
+        gold_score: gold.score,
+        optimal_fraction: gold.optimal_fraction,
+        kl,
+        rm_score,
         seconds: t0.elapsed().as_secs_f64(),
         dir: out.to_path_buf(),
     })

@@ -1,0 +1,398 @@
+//! `palm rl`: the online RL family on one interface (PPO goes to `palm ppo`'s trainer).
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use palm::chat::Message;
+use palm::pretrained::TextSide;
+use palm::rlhf::kl::KlEstimator;
+use palm::rlhf::online::{self, Algorithm, KlPlacement, RlConfig, RlTrainer};
+use palm::rlhf::policy_loss::LossAgg;
+use palm::rlhf::scorer::Scorer;
+use palm::tasks::arithmetic::{self, ArithmeticScorer, ArithmeticTask};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlgorithmArg {
+    Ppo,
+    Grpo,
+    DrGrpo,
+    Dapo,
+    Rloo,
+    #[value(name = "reinforce++")]
+    ReinforcePp,
+    #[value(name = "reinforce++-baseline")]
+    ReinforcePpBaseline,
+}
+
+impl AlgorithmArg {
+    fn online(self) -> Option<Algorithm> {
+        Some(match self {
+            AlgorithmArg::Ppo => return None,
+            AlgorithmArg::Grpo => Algorithm::Grpo,
+            AlgorithmArg::DrGrpo => Algorithm::DrGrpo,
+            AlgorithmArg::Dapo => Algorithm::Dapo,
+            AlgorithmArg::Rloo => Algorithm::Rloo,
+            AlgorithmArg::ReinforcePp => Algorithm::ReinforcePp,
+            AlgorithmArg::ReinforcePpBaseline => Algorithm::ReinforcePpBaseline,
+        })
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KlInArg {
+    Reward,
+    Loss,
+}
+
+/// Online RL from a policy model: PPO, GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++ or
+/// REINFORCE++-baseline, against a reward model, a judge (`vader`) or a verifiable task
+/// (`--task arithmetic:LEVEL`). Every algorithm starts from its usual settings (TRL / veRL /
+/// OpenRLHF); each flag below overrides one.
+///
+/// Writes OUT/metrics.jsonl (TRL's metric names), reward.svg, kl.svg, length.svg,
+/// OUT/checkpoint (resumable) and OUT/policy (the LoRA merged).
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[arg(long, value_enum, default_value = "grpo")]
+    pub algorithm: AlgorithmArg,
+    /// The starting policy (our checkpoint, HF directory or GGUF).
+    #[arg(long, required_unless_present = "resume")]
+    pub policy: Option<PathBuf>,
+    /// A `palm reward train` model, or `vader` / `vader:DIR`.
+    #[arg(long, required_unless_present = "task", conflicts_with = "task")]
+    pub reward: Option<String>,
+    /// A verifiable task instead of a reward: `arithmetic[:LEVEL]` (levels 1-5). Prompts are
+    /// generated (train and held-out sets from different seeds) and rendered with the model's
+    /// chat template; the reward is 1 for a correct <answer>, else 0.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Prompts (JSONL or text) when a reward model or judge scores.
+    #[arg(long, required_unless_present = "task")]
+    pub prompts: Option<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue OUT/checkpoint exactly (only --steps may change).
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// Responses per prompt (G); at least 2 for group estimators.
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Prompts per step.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Passes over each rollout.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Responses per optimiser step (0: the whole rollout).
+    #[arg(long)]
+    pub minibatch_size: Option<usize>,
+    /// Responses per forward within an optimiser step (gradient accumulation; 0: all).
+    #[arg(long)]
+    pub micro_batch_size: Option<usize>,
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub kl_coef: Option<f64>,
+    /// k1, k2 or k3.
+    #[arg(long)]
+    pub kl_estimator: Option<String>,
+    #[arg(long, value_enum)]
+    pub kl_in: Option<KlInArg>,
+    /// token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm.
+    #[arg(long)]
+    pub loss_agg: Option<String>,
+    #[arg(long)]
+    pub clip_low: Option<f32>,
+    #[arg(long)]
+    pub clip_high: Option<f32>,
+    /// DAPO's dynamic sampling: drop groups whose rewards are all equal.
+    #[arg(long)]
+    pub dynamic_sampling: Option<bool>,
+    /// Responses without an end id get no loss.
+    #[arg(long)]
+    pub overlong_filter: Option<bool>,
+    #[arg(long)]
+    pub lora_r: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Held-out task prompts scored greedily before and after (with --task).
+    #[arg(long, default_value_t = 100)]
+    pub heldout: usize,
+    /// Training task prompts (with --task).
+    #[arg(long, default_value_t = 512)]
+    pub train_prompts: usize,
+}
+
+fn config(a: &Args, alg: Algorithm) -> Result<RlConfig> {
+    let mut c = RlConfig::for_algorithm(alg);
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f { c.$f = v; } )* };
+    }
+    set!(
+        group_size,
+        steps,
+        batch_size,
+        epochs,
+        minibatch_size,
+        micro_batch_size,
+        max_new_tokens,
+        temperature,
+        lr,
+        kl_coef,
+        clip_low,
+        clip_high,
+        dynamic_sampling,
+        overlong_filter,
+        lora_r,
+        seed,
+        save_every
+    );
+    if let Some(k) = &a.kl_estimator {
+        c.kl_estimator = k.parse::<KlEstimator>()?;
+    }
+    if let Some(k) = a.kl_in {
+        c.kl_placement = match k {
+            KlInArg::Reward => KlPlacement::Reward,
+            KlInArg::Loss => KlPlacement::Loss,
+        };
+    }
+    if let Some(l) = &a.loss_agg {
+        c.loss_agg = l.parse::<LossAgg>()?;
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+/// The task's prompts as chat ids with their answers: (train, held-out).
+type TaskPrompts = (Vec<(Vec<u32>, i64)>, Vec<(Vec<u32>, i64)>);
+fn task_prompts(spec: &str, text: &TextSide, a: &Args, seed: u64) -> Result<TaskPrompts> {
+    let task = ArithmeticTask::parse(spec)?;
+    let (train, held) = task.split(a.train_prompts, a.heldout, seed);
+    let enc = |ps: Vec<arithmetic::Problem>| -> Result<Vec<(Vec<u32>, i64)>> {
+        ps.iter()
+            .map(|p| {
+                let ids = text.chat_ids(&[Message::new("user", task.user_message(p))])?;
+                Ok((ids, p.answer))
+            })
+            .collect()
+    };
+    Ok((enc(train)?, enc(held)?))
+}
+
+/// Greedy accuracy (and the share with an answer tag) of `scope`'s policy on task prompts.
+fn task_accuracy(
+    model: &palm::Model,
+    scope: Option<&str>,
+    held: &[(Vec<u32>, i64)],
+    text: &TextSide,
+    max_new: usize,
+) -> Result<(f64, f64, Vec<serde_json::Value>)> {
+    let req = palm::sample::GenerateRequest {
+        prompts: held.iter().map(|h| h.0.clone()).collect(),
+        max_new_tokens: max_new,
+        eos: text.end_ids(),
+        sampling: palm::sample::Sampling {
+            greedy: true,
+            ..Default::default()
+        },
+        seed: 0,
+        scope: scope.map(String::from),
+        disable_lora: false,
+    };
+    let g = palm::sample::generate(model, &req, |_, _| {})?;
+    let (mut right, mut tagged, mut samples) = (0usize, 0usize, vec![]);
+    for ((_, ans), ids) in held.iter().zip(&g.completions) {
+        let t = text.tokenizer.decode(ids)?;
+        let r = arithmetic::reward(*ans, &t);
+        right += usize::from(r == 1.0);
+        tagged += usize::from(arithmetic::has_answer_tag(&t));
+        samples.push(serde_json::json!({"answer": ans, "completion": t, "reward": r}));
+    }
+    let n = held.len().max(1) as f64;
+    Ok((right as f64 / n, tagged as f64 / n, samples))
+}
+
+fn run_ppo(a: Args) -> Result<()> {
+    if a.task.is_some() {
+        bail!("--algorithm ppo scores with --reward (a reward model or vader); --task is for the critic-free algorithms");
+    }
+    super::ppo::run(super::ppo::Args {
+        policy: a.policy,
+        reward: a.reward.context("--reward is required")?,
+        prompts: a.prompts.context("--prompts is required")?,
+        out: a.out,
+        resume: a.resume,
+        config: None,
+        recipe: None,
+        actor: None,
+        critic_init: None,
+        tokenizer: a.tokenizer,
+        steps: a.steps,
+        batch_size: a.batch_size,
+        minibatch_size: a.minibatch_size,
+        epochs: a.epochs,
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        actor_lr: a.lr,
+        critic_lr: None,
+        kl_coef: a.kl_coef,
+        kl_target: None,
+        kl_estimator: a.kl_estimator,
+        seed: a.seed,
+        save_every: a.save_every,
+        eval_samples: 0,
+    })
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let Some(alg) = a.algorithm.online() else {
+        return run_ppo(a);
+    };
+    let dev = super::device();
+    let ck = a.out.join("checkpoint");
+    let model_path = match (&a.policy, a.resume) {
+        (Some(p), _) => p.clone(),
+        (None, true) => ck.clone(),
+        (None, false) => bail!("--policy is required"),
+    };
+    let text = TextSide::load(&model_path, a.tokenizer.as_deref())
+        .with_context(|| format!("reading the tokenizer of {}", model_path.display()))?;
+    let seed = a.seed.unwrap_or(0);
+    // prompts and scorer, checked before anything is written
+    let (prompts, scorer, held): (Vec<Vec<u32>>, Box<dyn Scorer>, _) = match (&a.task, &a.reward) {
+        (Some(spec), _) => {
+            let (train, held) = task_prompts(spec, &text, &a, seed)?;
+            let s = ArithmeticScorer::new(
+                text.tokenizer.clone(),
+                &[train.clone(), held.clone()].concat(),
+            );
+            (
+                train.into_iter().map(|p| p.0).collect(),
+                Box::new(s),
+                Some(held),
+            )
+        }
+        (None, Some(r)) => {
+            let path = a
+                .prompts
+                .as_ref()
+                .context("--prompts is required with --reward")?;
+            let texts = palm::rlhf::prompts::read_prompts(path)?;
+            let ids = texts
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    let ids = text.tokenizer.encode_prompt(t)?;
+                    if ids.is_empty() {
+                        bail!("{}: prompt {} is empty", path.display(), i + 1);
+                    }
+                    Ok(ids)
+                })
+                .collect::<Result<_>>()?;
+            (ids, super::ppo::load_reward(r, &text.tokenizer)?.0, None)
+        }
+        (None, None) => bail!("give --reward or --task"),
+    };
+    let mut trainer = if a.resume {
+        if a.policy.is_some()
+            || a.batch_size.is_some()
+            || a.lr.is_some()
+            || a.seed.is_some()
+            || a.group_size.is_some()
+        {
+            bail!("--resume continues the saved run exactly: only --steps may change");
+        }
+        RlTrainer::resume(&ck, &dev, a.steps)
+            .with_context(|| format!("resuming from {}", ck.display()))?
+    } else {
+        if ck.exists() {
+            bail!(
+                "{} holds a run already: add --resume to continue it, or choose another --out",
+                a.out.display()
+            );
+        }
+        let cfg = config(&a, alg)?;
+        let model = palm::load::load_model(&model_path, &dev)
+            .with_context(|| format!("loading policy {}", model_path.display()))?;
+        RlTrainer::new(model, cfg)?
+    };
+    if trainer.cfg.algorithm != alg {
+        bail!(
+            "{} is a {} run; --algorithm {} does not match",
+            ck.display(),
+            trainer.cfg.algorithm.name(),
+            alg.name()
+        );
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let max_new = trainer.cfg.max_new_tokens;
+    let mut summary = serde_json::json!({"algorithm": alg.name(), "config": trainer.cfg});
+    if let Some(h) = &held {
+        if !a.resume {
+            let (acc, fmt, samples) = task_accuracy(&trainer.model, None, h, &text, max_new)?;
+            tracing::info!(
+                "held-out before: accuracy {acc:.3}, answer tag {fmt:.3} ({} prompts)",
+                h.len()
+            );
+            super::ppo::write_jsonl(&a.out.join("heldout_before.jsonl"), &samples)?;
+            summary["heldout_before"] = serde_json::json!({"accuracy": acc, "format": fmt});
+        }
+    }
+    let stop = palm::train::run::stop_flag();
+    let bar = ProgressBar::new(trainer.cfg.steps as u64).with_position(trainer.step as u64);
+    bar.set_style(ProgressStyle::with_template(&format!(
+        "{} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed}}<{{eta}}]",
+        alg.name()
+    ))?);
+    let eos = text.end_ids();
+    online::run(
+        &mut trainer,
+        &prompts,
+        &eos,
+        scorer.as_ref(),
+        None,
+        &a.out,
+        stop,
+        |m| {
+            bar.set_position(m["step"].as_u64().unwrap_or(0));
+            bar.set_message(format!(
+                "reward {:.3} kl {:.4} len {:.1}",
+                m["reward"].as_f64().unwrap_or(f64::NAN),
+                m["kl"].as_f64().unwrap_or(f64::NAN),
+                m["completions/mean_length"].as_f64().unwrap_or(f64::NAN)
+            ));
+        },
+    )?;
+    bar.finish();
+    if stop.load(Ordering::Relaxed) && trainer.step < trainer.cfg.steps {
+        std::process::exit(130);
+    }
+    if let Some(h) = &held {
+        let (acc, fmt, samples) = task_accuracy(
+            &trainer.model,
+            Some(palm::rlhf::rollout::ACTOR),
+            h,
+            &text,
+            max_new,
+        )?;
+        tracing::info!("held-out after: accuracy {acc:.3}, answer tag {fmt:.3}");
+        super::ppo::write_jsonl(&a.out.join("heldout_after.jsonl"), &samples)?;
+        summary["heldout_after"] = serde_json::json!({"accuracy": acc, "format": fmt});
+    }
+    summary["steps"] = trainer.step.into();
+    palm::checkpoint::write_json_atomic(&a.out.join("summary.json"), &summary)?;
+    println!("{summary}");
+    Ok(())
+}
