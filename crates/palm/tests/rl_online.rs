@@ -217,3 +217,24 @@ fn grpo_raises_a_toy_reward() {
     let (first, last) = (avg(&rewards[..4]), avg(&rewards[20..]));
     assert!(last > first + 0.5, "{rewards:?}");
 }
+
+#[test]
+fn the_originals_grpo_variants_run_with_spo_and_entropy_shaped_advantages() {
+    for a in [Algorithm::Grpo, Algorithm::DrGrpo, Algorithm::MaxRl] {
+        let c = RlConfig {
+            steps: 2,
+            batch_size: 2,
+            max_new_tokens: 4,
+            lora_r: 2,
+            spo: true,
+            entropy_advantage: true,
+            ..RlConfig::palm_rlhf_pytorch(a)
+        };
+        assert_eq!((c.group_size, c.kl_coef, c.ent_coef), (11, 0.1, 0.01));
+        let mut t = RlTrainer::new(tiny_model(4), c).unwrap();
+        for _ in 0..2 {
+            let m = t.step(&prompts(), &[0], &count_fives, None).unwrap();
+            assert!(m["loss"].as_f64().unwrap().is_finite(), "{a:?}: {m}");
+        }
+    }
+}

@@ -179,6 +179,7 @@ fn grpo_losses_match_trl() {
             Clip {
                 low: case["epsilon_low"].as_f64().unwrap() as f32,
                 high: case["epsilon_high"].as_f64().unwrap() as f32,
+                spo: false,
             },
             Some(KlInLoss {
                 beta,

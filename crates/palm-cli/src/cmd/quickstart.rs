@@ -319,7 +319,7 @@ fn other_algorithms(
     use palm::rlhf::online::Algorithm;
     let (online, dpo): (Vec<Algorithm>, bool) = match a.algorithm {
         AlgorithmChoice::Ppo => (vec![], false),
-        AlgorithmChoice::All => (Algorithm::ALL.to_vec(), true),
+        AlgorithmChoice::All => (Algorithm::ALL[..6].to_vec(), true),
         AlgorithmChoice::Dpo => (vec![], true),
         AlgorithmChoice::Grpo => (vec![Algorithm::Grpo], false),
         AlgorithmChoice::DrGrpo => (vec![Algorithm::DrGrpo], false),

@@ -24,6 +24,15 @@ pub enum AlgorithmArg {
     ReinforcePp,
     #[value(name = "reinforce++-baseline")]
     ReinforcePpBaseline,
+    MaxRl,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnlineRecipeArg {
+    /// Each algorithm's usual settings (TRL / veRL / OpenRLHF).
+    Standard,
+    /// The original palm-rlhf-pytorch 0.8.0 GRPO settings, without its bugs (README).
+    PalmRlhfPytorch,
 }
 
 impl AlgorithmArg {
@@ -36,6 +45,7 @@ impl AlgorithmArg {
             AlgorithmArg::Rloo => Algorithm::Rloo,
             AlgorithmArg::ReinforcePp => Algorithm::ReinforcePp,
             AlgorithmArg::ReinforcePpBaseline => Algorithm::ReinforcePpBaseline,
+            AlgorithmArg::MaxRl => Algorithm::MaxRl,
         })
     }
 }
@@ -57,6 +67,10 @@ pub enum KlInArg {
 pub struct Args {
     #[arg(long, value_enum, default_value = "grpo")]
     pub algorithm: AlgorithmArg,
+    /// Starting settings: `standard`, or the original's GRPO (`palm-rlhf-pytorch`: groups of
+    /// 11, KL weight 0.1 to the frozen reference, entropy bonus 0.01, lr 1e-4).
+    #[arg(long, value_enum, default_value = "standard")]
+    pub recipe: OnlineRecipeArg,
     /// The starting policy (our checkpoint, HF directory or GGUF).
     #[arg(long, required_unless_present = "resume")]
     pub policy: Option<PathBuf>,
@@ -121,6 +135,15 @@ pub struct Args {
     /// Responses without an end id get no loss.
     #[arg(long)]
     pub overlong_filter: Option<bool>,
+    /// SPO's penalty instead of the clip (eps = --clip-low).
+    #[arg(long)]
+    pub spo: Option<bool>,
+    /// Entropy bonus coefficient.
+    #[arg(long)]
+    pub ent_coef: Option<f32>,
+    /// Entropy-shaped advantages: A_t += min(0.4 H_t, |A_t| / 2).
+    #[arg(long)]
+    pub entropy_advantage: Option<bool>,
     #[arg(long)]
     pub lora_r: Option<usize>,
     #[arg(long)]
@@ -133,10 +156,16 @@ pub struct Args {
     /// Training task prompts (with --task).
     #[arg(long, default_value_t = 512)]
     pub train_prompts: usize,
+    /// With --task: only print the starting policy's held-out accuracy (a base rate) and exit.
+    #[arg(long, requires = "task")]
+    pub eval_only: bool,
 }
 
 fn config(a: &Args, alg: Algorithm) -> Result<RlConfig> {
-    let mut c = RlConfig::for_algorithm(alg);
+    let mut c = match a.recipe {
+        OnlineRecipeArg::Standard => RlConfig::for_algorithm(alg),
+        OnlineRecipeArg::PalmRlhfPytorch => RlConfig::palm_rlhf_pytorch(alg),
+    };
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = a.$f { c.$f = v; } )* };
     }
@@ -155,6 +184,9 @@ fn config(a: &Args, alg: Algorithm) -> Result<RlConfig> {
         clip_high,
         dynamic_sampling,
         overlong_filter,
+        spo,
+        ent_coef,
+        entropy_advantage,
         lora_r,
         seed,
         save_every
@@ -305,6 +337,22 @@ pub fn run(a: Args) -> Result<()> {
         }
         (None, None) => bail!("give --reward or --task"),
     };
+    if a.eval_only {
+        let (held, max_new) = (
+            held.context("--eval-only needs --task")?,
+            config(&a, alg)?.max_new_tokens,
+        );
+        let model = palm::load::load_model(&model_path, &dev)
+            .with_context(|| format!("loading {}", model_path.display()))?;
+        let t0 = std::time::Instant::now();
+        let (acc, fmt, samples) = task_accuracy(&model, None, &held, &text, max_new)?;
+        std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+        super::ppo::write_jsonl(&a.out.join("heldout_before.jsonl"), &samples)?;
+        let r = serde_json::json!({"task": a.task, "prompts": held.len(), "accuracy": acc,
+            "format": fmt, "max_new_tokens": max_new, "seconds": t0.elapsed().as_secs_f64()});
+        println!("{r}");
+        return Ok(());
+    }
     let mut trainer = if a.resume {
         if a.policy.is_some()
             || a.batch_size.is_some()

@@ -69,6 +69,31 @@ pub fn group_mean(rewards: &[f32], g: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The original's MaxRL: A_i = (R_i - mean_g) / |mean_g|, for success rates in [0, 1] (a group
+/// solved 1 time in 8 weighs 8 times a group solved every time but one). A constant group gives
+/// 0; a group with |mean| below `floor` is only mean-centred (the original divides by ~1e-8).
+pub fn max_rl(rewards: &[f32], g: usize, floor: f32) -> Vec<f32> {
+    rewards
+        .chunks(g)
+        .flat_map(|c| {
+            let constant = is_constant(c);
+            let mean = c.iter().map(|&x| x as f64).sum::<f64>() / c.len() as f64;
+            let d = if mean.abs() < floor as f64 {
+                1.0
+            } else {
+                mean.abs()
+            };
+            c.iter().map(move |&r| {
+                if constant {
+                    0.0
+                } else {
+                    ((r as f64 - mean) / d) as f32
+                }
+            })
+        })
+        .collect()
+}
+
 /// Share of groups whose rewards are all equal (TRL's `frac_reward_zero_std`: no signal).
 pub fn frac_zero_std(rewards: &[f32], g: usize) -> f32 {
     let n = rewards.len().div_ceil(g).max(1);
@@ -99,6 +124,18 @@ mod tests {
             (t[0] + 5e-5).abs() < 1e-7 && (t[1] - 5e-5).abs() < 1e-7,
             "{t:?}"
         );
+    }
+
+    #[test]
+    fn max_rl_hand_computed() {
+        // mean 0.25: (1 - 0.25) / 0.25 = 3, (0 - 0.25) / 0.25 = -1
+        assert_eq!(
+            max_rl(&[1.0, 0.0, 0.0, 0.0], 4, 1e-3),
+            vec![3.0, -1.0, -1.0, -1.0]
+        );
+        assert_eq!(max_rl(&[0.0; 4], 4, 1e-3), vec![0.0; 4]);
+        // a mean near 0 (a centred reward model) is only centred
+        assert_eq!(max_rl(&[1.0, -1.0], 2, 1e-3), vec![1.0, -1.0]);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::params::{read_tensors, write_safetensors};
 use crate::rlhf::advantage::token_rewards;
 use crate::rlhf::kl::KlEstimator;
 use crate::rlhf::policy_loss::{
-    mean_entropy, policy_loss, Clip, ClipStats, KlInLoss, LossAgg, Normaliser,
+    policy_loss, token_entropy, Clip, ClipStats, KlInLoss, LossAgg, Normaliser,
 };
 use crate::rlhf::rollout::{self, Actors, Layout, RolloutConfig, ACTOR};
 use crate::rlhf::scorer::Scorer;
@@ -56,16 +56,20 @@ pub enum Algorithm {
     /// Group-mean baseline, then REINFORCE++'s token rewards, returns and global whitening.
     #[serde(rename = "reinforce++-baseline")]
     ReinforcePpBaseline,
+    /// The original's MaxRL advantage (R - mean) / |mean| (for success-rate rewards in [0, 1]);
+    /// a group whose |mean| is below the std floor is only mean-centred.
+    MaxRl,
 }
 
 impl Algorithm {
-    pub const ALL: [Algorithm; 6] = [
+    pub const ALL: [Algorithm; 7] = [
         Algorithm::Grpo,
         Algorithm::DrGrpo,
         Algorithm::Dapo,
         Algorithm::Rloo,
         Algorithm::ReinforcePp,
         Algorithm::ReinforcePpBaseline,
+        Algorithm::MaxRl,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +80,7 @@ impl Algorithm {
             Algorithm::Rloo => "rloo",
             Algorithm::ReinforcePp => "reinforce++",
             Algorithm::ReinforcePpBaseline => "reinforce++-baseline",
+            Algorithm::MaxRl => "max-rl",
         }
     }
 
@@ -94,7 +99,7 @@ impl std::str::FromStr for Algorithm {
             .ok_or_else(|| {
                 Error::msg(format!(
                     "unknown algorithm `{s}` (expected ppo, grpo, dr-grpo, dapo, rloo, \
-                     reinforce++ or reinforce++-baseline)"
+                     reinforce++, reinforce++-baseline or max-rl)"
                 ))
             })
     }
@@ -146,6 +151,16 @@ pub struct RlConfig {
     pub max_gen_batches: usize,
     /// Responses that hit max_new_tokens without an end id get no loss.
     pub overlong_filter: bool,
+    /// SPO's penalty instead of the clip (the original's `use_spo`), with eps = clip_low.
+    #[serde(default)]
+    pub spo: bool,
+    /// Entropy bonus: the loss subtracts this times the mean token entropy.
+    #[serde(default)]
+    pub ent_coef: f32,
+    /// Entropy-shaped advantages (Cheng et al. 2025, the original's `add_entropy_to_advantage`):
+    /// A_t += min(0.4 * H_t, |A_t| / 2), H_t the detached token entropy.
+    #[serde(default)]
+    pub entropy_advantage: bool,
     pub lora_r: usize,
     /// What the actor's LoRA adapts (the original: attention only).
     #[serde(default)]
@@ -182,6 +197,9 @@ impl RlConfig {
             dynamic_sampling: false,
             max_gen_batches: 3,
             overlong_filter: false,
+            spo: false,
+            ent_coef: 0.0,
+            entropy_advantage: false,
             lora_r: 8,
             lora_targets: crate::config::LoraTargets::Attention,
             save_every: 0,
@@ -194,7 +212,7 @@ impl RlConfig {
             ..base.clone()
         };
         match algorithm {
-            Algorithm::Grpo => base,
+            Algorithm::Grpo | Algorithm::MaxRl => base,
             Algorithm::DrGrpo => Self {
                 kl_coef: 0.0,
                 loss_agg: LossAgg::SeqMeanTokenSumNorm,
@@ -210,6 +228,27 @@ impl RlConfig {
             },
             Algorithm::Rloo => in_reward(0.05),
             Algorithm::ReinforcePp | Algorithm::ReinforcePpBaseline => in_reward(0.01),
+        }
+    }
+
+    /// The original palm-rlhf-pytorch 0.8.0 `grpo.py` settings, without its bugs (see
+    /// [`RlConfig::palm_rlhf_pytorch`]'s docs in the README): groups of 11, clip 0.2, KL weight
+    /// 0.1, entropy bonus 0.01, per-sequence token means, learning rate 1e-4. Its KL is taken to
+    /// the frozen reference (k3 in the loss) instead of between the rollout and current policy,
+    /// from the log-probs of the distribution actually sampled, with masked means. `algorithm`
+    /// picks its advantage: grpo (std), dr-grpo (its `use_dr_grpo` only rescales; ours also
+    /// drops the length normaliser) or max-rl.
+    pub fn palm_rlhf_pytorch(algorithm: Algorithm) -> Self {
+        Self {
+            group_size: 11,
+            clip_low: 0.2,
+            clip_high: 0.2,
+            kl_coef: 0.1,
+            kl_estimator: KlEstimator::K3,
+            kl_placement: KlPlacement::Loss,
+            ent_coef: 0.01,
+            lr: 1e-4,
+            ..Self::for_algorithm(algorithm)
         }
     }
 
@@ -265,6 +304,7 @@ pub fn advantages(cfg: &RlConfig, scores: &[f32], kl: &[f32], mask: &[f32], r: u
             broadcast(grpo::group_norm(&seq_reward, g, cfg.std_eps, cfg.std_floor))
         }
         Algorithm::DrGrpo => broadcast(grpo::group_mean(&seq_reward, g)),
+        Algorithm::MaxRl => broadcast(grpo::max_rl(&seq_reward, g, cfg.std_floor)),
         Algorithm::Rloo => broadcast(rloo::leave_one_out(&seq_reward, g)),
         Algorithm::ReinforcePp | Algorithm::ReinforcePpBaseline => {
             let outcome = if cfg.algorithm == Algorithm::ReinforcePpBaseline {
@@ -605,37 +645,57 @@ impl RlTrainer {
                     .to_scalar::<f32>()?;
                 dev_max = dev_max.max(d);
             }
+            let adv = t(take(&b.adv, mb))?;
+            let ent_tok = token_entropy(&logits)?; // [n, R]
+            let adv = if cfg.entropy_advantage {
+                let bonus = (ent_tok.detach() * 0.4)?.minimum(&(adv.abs()? * 0.5)?)?;
+                (adv + bonus)?
+            } else {
+                adv
+            };
             let out = policy_loss(
                 &logp,
                 &old,
                 Some(&t(take(&b.ref_logp, mb))?),
-                &t(take(&b.adv, mb))?,
+                &adv,
                 &mask_t,
                 &t(norm.weights(&mask, r))?,
                 Clip {
                     low: cfg.clip_low,
                     high: cfg.clip_high,
+                    spo: cfg.spo,
                 },
                 (cfg.kl_placement == KlPlacement::Loss).then_some(KlInLoss {
                     beta: cfg.kl_coef,
                     estimator: cfg.kl_estimator,
                 }),
             )?;
-            let lv = out.loss.to_scalar::<f32>()?;
+            let w_t = t(norm.weights(&mask, r))?;
+            let loss = if cfg.ent_coef != 0.0 {
+                // the bonus is a token mean under the same normaliser as the policy term
+                (&out.loss - ((&ent_tok * &w_t)?.sum_all()? * cfg.ent_coef as f64)?)?
+            } else {
+                out.loss.clone()
+            };
+            let lv = loss.to_scalar::<f32>()?;
             if !lv.is_finite() {
                 return Err(Error::msg(format!(
                     "rl step {}: loss is {lv}; stopping (the last checkpoint is kept)",
                     self.step + 1
                 )));
             }
-            st.entropy.push(mean_entropy(&logits.detach(), &mask_t)?);
+            let ent_mean = ((ent_tok.detach() * &mask_t)?
+                .sum_all()?
+                .to_scalar::<f32>()?)
+                / mask_t.sum_all()?.to_scalar::<f32>()?.max(1.0);
+            st.entropy.push(ent_mean);
             let w = mask.iter().sum::<f32>() / step_mask.iter().sum::<f32>();
             clip.low_mean += out.clip.low_mean * w;
             clip.high_mean += out.clip.high_mean * w;
             clip.region_mean += out.clip.region_mean * w;
             loss_sum += lv;
             kl_sum += out.kl;
-            let g = optim::grads_take(&self.opt.params, self.model.backward(&out.loss)?)?;
+            let g = optim::grads_take(&self.opt.params, self.model.backward(&loss)?)?;
             match acc.as_mut() {
                 None => acc = Some(g),
                 Some(a) => optim::accumulate(a, &g, 1.0),

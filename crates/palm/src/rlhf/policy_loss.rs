@@ -87,11 +87,15 @@ impl Normaliser {
     }
 }
 
-/// Clip ranges of the ratio: [1 - low, 1 + high].
+/// Clip ranges of the ratio: [1 - low, 1 + high]. With `spo` the clip is replaced by the
+/// simple policy optimisation penalty (Xie et al. 2025, the original's `use_spo`):
+/// l = -rho * A + (rho - 1)^2 * |A| / (2 * low), smooth where the clip is flat.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Clip {
     pub low: f32,
     pub high: f32,
+    #[serde(default)]
+    pub spo: bool,
 }
 
 /// The KL term in the loss: beta * estimator(logp, ref).
@@ -147,8 +151,13 @@ pub fn policy_loss(
 ) -> Result<PolicyLoss> {
     let ratio = (logp - old_logp)?.exp()?;
     let l1 = (&ratio * adv)?;
-    let l2 = (ratio.clamp(1.0 - clip.low, 1.0 + clip.high)? * adv)?;
-    let per_token = l1.minimum(&l2)?.neg()?;
+    let per_token = if clip.spo {
+        let pen = (((&ratio - 1.0)?.sqr()? * adv.abs()?)? / (2.0 * clip.low as f64))?;
+        (pen - l1)?
+    } else {
+        let l2 = (ratio.clamp(1.0 - clip.low, 1.0 + clip.high)? * adv)?;
+        l1.minimum(&l2)?.neg()?
+    };
     let policy = (&per_token * weights)?.sum_all()?;
     let (loss, kl_value) = match (kl, ref_logp) {
         (Some(k), Some(r)) if k.beta != 0.0 => {
@@ -180,12 +189,10 @@ pub fn policy_loss(
     })
 }
 
-/// Masked mean of the per-token entropy of `logits` [n, T, V] (a metric).
-pub fn mean_entropy(logits: &Tensor, mask: &Tensor) -> Result<f32> {
+/// Per-token entropy [n, T] of `logits` [n, T, V], with gradient.
+pub fn token_entropy(logits: &Tensor) -> Result<Tensor> {
     let logp = crate::model::palm::log_softmax_last(logits)?;
-    let h = (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?;
-    let n = mask.sum_all()?.to_scalar::<f32>()?.max(1.0);
-    Ok((h * mask)?.sum_all()?.to_scalar::<f32>()? / n)
+    Ok((logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?)
 }
 
 #[cfg(test)]
@@ -274,6 +281,7 @@ mod tests {
         let clip = Clip {
             low: 0.2,
             high: 0.28,
+            spo: false,
         };
         let out = policy_loss(var.as_tensor(), &old, None, &adv, &mask, &w, clip, None).unwrap();
         // -min(1.5, 1.28) = -1.28; -min(-0.5, -0.8) = 0.8; -min(2.2, 2.2) = -2.2 -> mean -0.8933
@@ -295,6 +303,41 @@ mod tests {
             .unwrap();
         assert!(g[0] == 0.0 && g[1] == 0.0 && g[3] == 0.0, "{g:?}");
         assert!((g[2] + 2.2 / 3.0).abs() < 1e-5, "{g:?}");
+    }
+
+    #[test]
+    fn spo_penalty_hand_computed() {
+        // rho = 1.5, A = 2, eps 0.25: -3 + 0.25 * 2 / 0.5 = -2; d/dlogp = rho * (-A + 2 (rho - 1) |A| / (2 eps)) = 1.5 * (-2 + 4) = 3
+        let var = Var::from_tensor(&t(&[1.5f32.ln()], 1, 1)).unwrap();
+        let one = t(&[1.0], 1, 1);
+        let clip = Clip {
+            low: 0.25,
+            high: 0.25,
+            spo: true,
+        };
+        let out = policy_loss(
+            var.as_tensor(),
+            &t(&[0.0], 1, 1),
+            None,
+            &t(&[2.0], 1, 1),
+            &one,
+            &one,
+            clip,
+            None,
+        )
+        .unwrap();
+        assert!((out.policy + 2.0).abs() < 1e-5, "{}", out.policy);
+        let g = out
+            .loss
+            .backward()
+            .unwrap()
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!((g[0] - 3.0).abs() < 1e-4, "{g:?}");
     }
 
     #[test]
