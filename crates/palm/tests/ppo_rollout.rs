@@ -96,6 +96,7 @@ fn ratio_is_one_before_the_first_update_with_unequal_prompts() {
             temperature: temp,
             eos: vec![0],
             seed: 11,
+            forward_batch: 0,
         },
     )
     .unwrap();
@@ -287,6 +288,7 @@ fn full_fine_tuning_ratio_is_one_and_reference_is_the_initial_model() {
             temperature: temp,
             eos: vec![0],
             seed: 12,
+            forward_batch: 0,
         },
     )
     .unwrap();

@@ -156,6 +156,13 @@ pub struct Args {
     /// Training task prompts (with --task).
     #[arg(long, default_value_t = 512)]
     pub train_prompts: usize,
+    /// With --task: do not open the assistant's reply with `<answer>` (by default the prompt
+    /// ends with it, and the verifier reads `<answer>` + the response).
+    #[arg(long)]
+    pub no_prefill: bool,
+    /// With --task: two worked examples (question, `<answer>N</answer>`) as earlier chat turns.
+    #[arg(long)]
+    pub few_shot: bool,
     /// With --task: only print the starting policy's held-out accuracy (a base rate) and exit.
     #[arg(long, requires = "task")]
     pub eval_only: bool,
@@ -212,11 +219,23 @@ type TaskPrompts = (Vec<(Vec<u32>, i64)>, Vec<(Vec<u32>, i64)>);
 fn task_prompts(spec: &str, text: &TextSide, a: &Args, seed: u64) -> Result<TaskPrompts> {
     let task = ArithmeticTask::parse(spec)?;
     let (train, held) = task.split(a.train_prompts, a.heldout, seed);
+    let prefill = prefill(a);
     let enc = |ps: Vec<arithmetic::Problem>| -> Result<Vec<(Vec<u32>, i64)>> {
         ps.iter()
             .map(|p| {
-                let ids = text.chat_ids(&[Message::new("user", task.user_message(p))])?;
-                Ok((ids, p.answer))
+                let mut msgs = vec![];
+                if a.few_shot {
+                    for (q, r) in task.examples() {
+                        msgs.push(Message::new("user", q));
+                        msgs.push(Message::new("assistant", r));
+                    }
+                }
+                msgs.push(Message::new("user", task.user_message(p)));
+                let chat = text.render_chat(&msgs)?;
+                Ok((
+                    text.tokenizer.encode(&format!("{chat}{prefill}"))?,
+                    p.answer,
+                ))
             })
             .collect()
     };
@@ -230,23 +249,28 @@ fn task_accuracy(
     held: &[(Vec<u32>, i64)],
     text: &TextSide,
     max_new: usize,
+    prefill: &str,
 ) -> Result<(f64, f64, Vec<serde_json::Value>)> {
-    let req = palm::sample::GenerateRequest {
-        prompts: held.iter().map(|h| h.0.clone()).collect(),
-        max_new_tokens: max_new,
-        eos: text.end_ids(),
-        sampling: palm::sample::Sampling {
-            greedy: true,
-            ..Default::default()
-        },
-        seed: 0,
-        scope: scope.map(String::from),
-        disable_lora: false,
-    };
-    let g = palm::sample::generate(model, &req, |_, _| {})?;
+    // in batches of 16: a prefill's logits are [batch, prompt, vocab]
+    let mut completions = vec![];
+    for chunk in held.chunks(16) {
+        let req = palm::sample::GenerateRequest {
+            prompts: chunk.iter().map(|h| h.0.clone()).collect(),
+            max_new_tokens: max_new,
+            eos: text.end_ids(),
+            sampling: palm::sample::Sampling {
+                greedy: true,
+                ..Default::default()
+            },
+            seed: 0,
+            scope: scope.map(String::from),
+            disable_lora: false,
+        };
+        completions.extend(palm::sample::generate(model, &req, |_, _| {})?.completions);
+    }
     let (mut right, mut tagged, mut samples) = (0usize, 0usize, vec![]);
-    for ((_, ans), ids) in held.iter().zip(&g.completions) {
-        let t = text.tokenizer.decode(ids)?;
+    for ((_, ans), ids) in held.iter().zip(&completions) {
+        let t = format!("{prefill}{}", text.tokenizer.decode(ids)?);
         let r = arithmetic::reward(*ans, &t);
         right += usize::from(r == 1.0);
         tagged += usize::from(arithmetic::has_answer_tag(&t));
@@ -254,6 +278,14 @@ fn task_accuracy(
     }
     let n = held.len().max(1) as f64;
     Ok((right as f64 / n, tagged as f64 / n, samples))
+}
+
+fn prefill(a: &Args) -> &'static str {
+    if a.no_prefill {
+        ""
+    } else {
+        arithmetic::ASSISTANT_PREFILL
+    }
 }
 
 fn run_ppo(a: Args) -> Result<()> {
@@ -286,6 +318,27 @@ fn run_ppo(a: Args) -> Result<()> {
         save_every: a.save_every,
         eval_samples: 0,
     })
+}
+
+/// `--eval-only`: the starting policy's greedy held-out accuracy, as JSON on stdout.
+fn eval_only(
+    a: &Args,
+    alg: Algorithm,
+    model_path: &std::path::Path,
+    held: &[(Vec<u32>, i64)],
+    text: &TextSide,
+) -> Result<()> {
+    let max_new = config(a, alg)?.max_new_tokens;
+    let model = palm::load::load_model(model_path, &super::device())
+        .with_context(|| format!("loading {}", model_path.display()))?;
+    let t0 = std::time::Instant::now();
+    let (acc, fmt, samples) = task_accuracy(&model, None, held, text, max_new, prefill(a))?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    super::ppo::write_jsonl(&a.out.join("heldout_before.jsonl"), &samples)?;
+    let r = serde_json::json!({"task": a.task, "prompts": held.len(), "accuracy": acc,
+        "format": fmt, "max_new_tokens": max_new, "seconds": t0.elapsed().as_secs_f64()});
+    println!("{r}");
+    Ok(())
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -338,20 +391,8 @@ pub fn run(a: Args) -> Result<()> {
         (None, None) => bail!("give --reward or --task"),
     };
     if a.eval_only {
-        let (held, max_new) = (
-            held.context("--eval-only needs --task")?,
-            config(&a, alg)?.max_new_tokens,
-        );
-        let model = palm::load::load_model(&model_path, &dev)
-            .with_context(|| format!("loading {}", model_path.display()))?;
-        let t0 = std::time::Instant::now();
-        let (acc, fmt, samples) = task_accuracy(&model, None, &held, &text, max_new)?;
-        std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-        super::ppo::write_jsonl(&a.out.join("heldout_before.jsonl"), &samples)?;
-        let r = serde_json::json!({"task": a.task, "prompts": held.len(), "accuracy": acc,
-            "format": fmt, "max_new_tokens": max_new, "seconds": t0.elapsed().as_secs_f64()});
-        println!("{r}");
-        return Ok(());
+        let held = held.context("--eval-only needs --task")?;
+        return eval_only(&a, alg, &model_path, &held, &text);
     }
     let mut trainer = if a.resume {
         if a.policy.is_some()
@@ -389,7 +430,8 @@ pub fn run(a: Args) -> Result<()> {
     let mut summary = serde_json::json!({"algorithm": alg.name(), "config": trainer.cfg});
     if let Some(h) = &held {
         if !a.resume {
-            let (acc, fmt, samples) = task_accuracy(&trainer.model, None, h, &text, max_new)?;
+            let (acc, fmt, samples) =
+                task_accuracy(&trainer.model, None, h, &text, max_new, prefill(&a))?;
             tracing::info!(
                 "held-out before: accuracy {acc:.3}, answer tag {fmt:.3} ({} prompts)",
                 h.len()
@@ -434,6 +476,7 @@ pub fn run(a: Args) -> Result<()> {
             h,
             &text,
             max_new,
+            prefill(&a),
         )?;
         tracing::info!("held-out after: accuracy {acc:.3}, answer tag {fmt:.3}");
         super::ppo::write_jsonl(&a.out.join("heldout_after.jsonl"), &samples)?;

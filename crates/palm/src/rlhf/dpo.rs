@@ -538,6 +538,68 @@ fn prepare(
     Ok((tr, er, diff))
 }
 
+/// Validates the settings; with `resume`, checks they are the run's and returns its step.
+fn check_resume(n: usize, cfg: &DpoConfig, ck: &Path, resume: bool) -> Result<u64> {
+    if n == 0 || cfg.batch_size == 0 || cfg.epochs == 0 {
+        return Err(Error::Config(
+            "dpo: needs training pairs, and a batch size and epochs of at least 1".into(),
+        ));
+    }
+    if cfg.loss.loss == DpoLoss::Robust && !(0.0..0.5).contains(&cfg.loss.label_smoothing) {
+        return Err(Error::Config(
+            "dpo: robust DPO's label smoothing (flip rate) must be in [0, 0.5)".into(),
+        ));
+    }
+    if !resume {
+        return Ok(0);
+    }
+    let st: TrainerState = read_json(&ck.join(TRAINER_FILE))?;
+    if st.cfg != *cfg || st.train_pairs != n {
+        return Err(Error::Config(format!(
+            "{}: the run was started with other settings or data ({} pairs, {:?}); resume \
+             with the same ones",
+            ck.join(TRAINER_FILE).display(),
+            st.train_pairs,
+            st.cfg
+        )));
+    }
+    tracing::info!("resuming DPO at step {}", st.step);
+    Ok(st.step)
+}
+
+/// The trained parameters (the `dpo` scope, or every base weight) and their AdamW, restored
+/// from the checkpoint on resume.
+type Params = Vec<(String, candle_core::Var)>;
+fn optimiser(
+    model: &Model,
+    cfg: &DpoConfig,
+    ck: &Path,
+    resume: bool,
+) -> Result<(Params, Optimizer)> {
+    let params: Params = match cfg.lora_r {
+        Some(_) => model
+            .vars()
+            .with_prefix(&format!("finetune_modules.{SCOPE}.")),
+        None => model
+            .vars()
+            .iter()
+            .filter(|(k, _)| !k.starts_with("finetune_modules."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    };
+    let mut opt = Optimizer::new(
+        params.clone(),
+        OptimConfig {
+            weight_decay: 0.0,
+            ..OptimConfig::adamw()
+        },
+    );
+    if resume {
+        opt.load_state(&read_tensors(&ck.join(OPTIMIZER_FILE), &Device::Cpu)?)?;
+    }
+    Ok((params, opt))
+}
+
 /// Where a run's checkpoint lives: `RUN_DIR/checkpoint` (resume loads the model from there).
 pub fn checkpoint_dir(run_dir: &Path) -> PathBuf {
     run_dir.join(CHECKPOINT_DIR)
@@ -568,55 +630,11 @@ pub fn train(
     mut on_step: impl FnMut(&StepInfo),
 ) -> Result<DpoSummary> {
     let n = train_pairs.len();
-    if n == 0 || cfg.batch_size == 0 || cfg.epochs == 0 {
-        return Err(Error::Config(
-            "dpo: needs training pairs, and a batch size and epochs of at least 1".into(),
-        ));
-    }
-    if cfg.loss.loss == DpoLoss::Robust && !(0.0..0.5).contains(&cfg.loss.label_smoothing) {
-        return Err(Error::Config(
-            "dpo: robust DPO's label smoothing (flip rate) must be in [0, 0.5)".into(),
-        ));
-    }
     let t0 = std::time::Instant::now();
     let ck = checkpoint_dir(run_dir);
-    let mut step = 0u64;
-    if resume {
-        let st: TrainerState = read_json(&ck.join(TRAINER_FILE))?;
-        if st.cfg != *cfg || st.train_pairs != n {
-            return Err(Error::Config(format!(
-                "{}: the run was started with other settings or data ({} pairs, {:?}); resume \
-                 with the same ones",
-                ck.join(TRAINER_FILE).display(),
-                st.train_pairs,
-                st.cfg
-            )));
-        }
-        step = st.step;
-    }
+    let mut step = check_resume(n, cfg, &ck, resume)?;
     let (refs, eval_refs, check) = prepare(model, cfg, train_pairs, eval_pairs, run_dir, resume)?;
-    let params: Vec<_> = match cfg.lora_r {
-        Some(_) => model
-            .vars()
-            .with_prefix(&format!("finetune_modules.{SCOPE}.")),
-        None => model
-            .vars()
-            .iter()
-            .filter(|(k, _)| !k.starts_with("finetune_modules."))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect(),
-    };
-    let mut opt = Optimizer::new(
-        params.clone(),
-        OptimConfig {
-            weight_decay: 0.0,
-            ..OptimConfig::adamw()
-        },
-    );
-    if resume {
-        opt.load_state(&read_tensors(&ck.join(OPTIMIZER_FILE), &Device::Cpu)?)?;
-        tracing::info!("resuming DPO at step {step}");
-    }
+    let (params, mut opt) = optimiser(model, cfg, &ck, resume)?;
     let initial_eval = if !resume && !eval_pairs.is_empty() {
         Some(evaluate(model, cfg, eval_pairs, &eval_refs)?)
     } else {

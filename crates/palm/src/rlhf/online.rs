@@ -492,6 +492,7 @@ impl RlTrainer {
                     temperature: cfg.temperature,
                     eos: eos.to_vec(),
                     seed,
+                    forward_batch: cfg.micro_batch_size,
                 },
             )?;
             gen_batches += 1;

@@ -745,6 +745,7 @@ impl PpoTrainer {
                 temperature: cfg.temperature,
                 eos: eos.into_iter().collect(),
                 seed: cfg.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                forward_batch: 0,
             },
         )?;
         let (b, r) = (ro.layout.b, ro.layout.r);

@@ -260,6 +260,9 @@ pub struct RolloutConfig {
     /// Ids that end a response (any of them; kept as its last token).
     pub eos: Vec<u32>,
     pub seed: u64,
+    /// Rows per scoring forward (0: the whole batch in one); bounds the memory of the
+    /// log-prob forwards on large models.
+    pub forward_batch: usize,
 }
 
 /// One batch of experience.
@@ -297,25 +300,37 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
     }
     // 1. sample with the KV cache (actor scope, pure temperature)
     let t0 = std::time::Instant::now();
-    let gen = generate(
-        actors.policy,
-        &GenerateRequest {
-            prompts: prompts.to_vec(),
-            max_new_tokens: cfg.max_new_tokens,
-            eos: cfg.eos.clone(),
-            sampling: Sampling {
-                temperature: cfg.temperature,
-                ..Sampling::default()
+    // in chunks of `forward_batch` rows when set (each with its own seed): a graph forward
+    // through trainable LoRA weights keeps its activations until the step ends
+    let gen_chunk = if cfg.forward_batch == 0 {
+        prompts.len().max(1)
+    } else {
+        cfg.forward_batch
+    };
+    let (mut completions, mut ended) = (vec![], vec![]);
+    for (c, chunk) in prompts.chunks(gen_chunk).enumerate() {
+        let g = generate(
+            actors.policy,
+            &GenerateRequest {
+                prompts: chunk.to_vec(),
+                max_new_tokens: cfg.max_new_tokens,
+                eos: cfg.eos.clone(),
+                sampling: Sampling {
+                    temperature: cfg.temperature,
+                    ..Sampling::default()
+                },
+                seed: cfg.seed ^ (c as u64).wrapping_mul(0xd1b5_4a32_d192_ed03),
+                scope: actors.policy_scope.map(String::from),
+                disable_lora: false,
             },
-            seed: cfg.seed,
-            scope: actors.policy_scope.map(String::from),
-            disable_lora: false,
-        },
-        |_, _| {},
-    )?;
+            |_, _| {},
+        )?;
+        completions.extend(g.completions);
+        ended.extend(g.ended_with_eos);
+    }
     let generate_seconds = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
-    let lay = Layout::new(prompts, &gen.completions)?;
+    let lay = Layout::new(prompts, &completions)?;
     // 2. one forward each: policy, reference (LoRA off), critic; no backward follows, so the
     //    fused blocks are only a faster forward with less memory here
     let policy = Forward {
@@ -323,16 +338,29 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
         fused_blocks: true,
         ..Default::default()
     };
-    let (logp, _) = response_logprobs(actors.policy, &lay, policy, cfg.temperature)?;
-    let (ref_logp, _) = response_logprobs(
-        actors.frozen,
-        &lay,
-        Forward {
-            fused_blocks: true,
-            ..actors.reference_forward()
-        },
-        cfg.temperature,
-    )?;
+    let reference = Forward {
+        fused_blocks: true,
+        ..actors.reference_forward()
+    };
+    let chunk = if cfg.forward_batch == 0 {
+        lay.b
+    } else {
+        cfg.forward_batch
+    };
+    let (mut logp, mut ref_logp) = (Vec::with_capacity(lay.mask.len()), vec![]);
+    let rows: Vec<usize> = (0..lay.b).collect();
+    for idx in rows.chunks(chunk.max(1)) {
+        let part = if idx.len() == lay.b {
+            lay.clone()
+        } else {
+            lay.rows(idx)
+        };
+        let (lp, _) = response_logprobs(actors.policy, &part, policy, cfg.temperature)?;
+        logp.extend(masked_vec(&lp, &part.mask)?);
+        drop(lp);
+        let (rl, _) = response_logprobs(actors.frozen, &part, reference, cfg.temperature)?;
+        ref_logp.extend(masked_vec(&rl, &part.mask)?);
+    }
     let values = match actors.critic {
         None => vec![],
         Some(critic) => {
@@ -344,12 +372,10 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
             }
         }
     };
-    let logp = masked_vec(&logp, &lay.mask)?;
-    let ref_logp = masked_vec(&ref_logp, &lay.mask)?;
     Ok(Rollout {
         prompts: prompts.to_vec(),
-        responses: gen.completions,
-        ended_with_eos: gen.ended_with_eos,
+        responses: completions,
+        ended_with_eos: ended,
         layout: lay,
         logp,
         ref_logp,

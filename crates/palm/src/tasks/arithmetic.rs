@@ -155,6 +155,22 @@ impl ArithmeticTask {
         )
     }
 
+    /// Two worked turns (user question, assistant reply) shown before each question, so a small
+    /// model sees the answer format; fixed, and never among the generated problems' answers'
+    /// forms at levels 3-5.
+    pub fn examples(&self) -> Vec<(String, String)> {
+        [("What is 23 + 14?", 37), ("What is 8 - 3?", 5)]
+            .into_iter()
+            .map(|(q, a)| {
+                let p = Problem {
+                    question: q.into(),
+                    answer: a,
+                };
+                (self.user_message(&p), format!("{OPEN}{a}{CLOSE}"))
+            })
+            .collect()
+    }
+
     fn draw(&self, r: &mut PalmRng) -> Problem {
         let (expr, answer) = match self.level {
             1 => {
@@ -238,9 +254,17 @@ pub fn has_answer_tag(completion: &str) -> bool {
 /// The arithmetic reward as a [`Scorer`]: each prompt's ids (exactly as the trainer samples from
 /// them, chat template included) map to the answer; responses are decoded with the policy's
 /// tokenizer after dropping its end ids.
+/// The assistant turn's opening the prompts can end with (a prefill, as TinyZero's
+/// "Let me solve this step by step.\n<think>"): SmolLM2-135M-Instruct never writes the tags on
+/// its own (0 of 100 held-out prompts at every level), so without it every group's reward is 0.
+pub const ASSISTANT_PREFILL: &str = "<answer>";
+
 pub struct ArithmeticScorer {
     answers: HashMap<Vec<u32>, i64>,
     tokenizer: Tokenizer,
+    /// Text the prompts end with inside the assistant's turn (a prefill such as `<answer>`),
+    /// put back in front of each response before it is checked.
+    prefix: String,
 }
 
 impl ArithmeticScorer {
@@ -249,7 +273,15 @@ impl ArithmeticScorer {
         Self {
             answers: prompts.iter().cloned().collect(),
             tokenizer,
+            prefix: String::new(),
         }
+    }
+
+    /// The prompts end with `prefix` already written in the assistant's turn (see
+    /// [`ASSISTANT_PREFILL`]); the verifier reads `prefix + response`.
+    pub fn with_prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_string();
+        self
     }
 
     /// The completion text scored: the response without end ids, decoded (special tokens dropped).
@@ -260,7 +292,7 @@ impl ArithmeticScorer {
             .copied()
             .filter(|id| !end.contains(id))
             .collect();
-        self.tokenizer.decode(&ids)
+        Ok(format!("{}{}", self.prefix, self.tokenizer.decode(&ids)?))
     }
 }
 
