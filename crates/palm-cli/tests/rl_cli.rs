@@ -12,10 +12,14 @@ fn palm_cmd() -> Command {
 }
 
 fn tiny_checkpoint(dir: &std::path::Path) {
+    tiny_checkpoint_len(dir, 64)
+}
+
+fn tiny_checkpoint_len(dir: &std::path::Path, max_seq_len: usize) {
     let cfg = PalmConfig {
         heads: 2,
         dim_head: 8,
-        max_seq_len: 64,
+        max_seq_len,
         ..PalmConfig::new(256, 16, 1)
     };
     Model::from(Palm::new(&cfg, 0, &Device::Cpu).unwrap())
@@ -154,4 +158,78 @@ fn dpo_trains_and_evaluates_pairs() {
         (e["accuracy"].as_f64().unwrap() - acc).abs() < 1e-9,
         "{e} vs {summary}"
     );
+}
+
+#[test]
+fn rl_on_a_task_resumes_with_the_same_prompts_only() {
+    let root = tempfile::tempdir().unwrap();
+    let m = root.path().join("m");
+    // byte-level chat prompts of the default template are ~100 tokens
+    tiny_checkpoint_len(&m, 192);
+    let out = root.path().join("run");
+    let run = |extra: &[&str]| {
+        palm_cmd()
+            .args([
+                "rl",
+                "--algorithm",
+                "dr-grpo",
+                "--task",
+                "arithmetic:1",
+                "--heldout",
+                "4",
+            ])
+            .arg("--out")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let policy = m.display().to_string();
+    let o = run(&[
+        "--policy",
+        &policy,
+        "--steps",
+        "1",
+        "--train-prompts",
+        "8",
+        "--group-size",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        s["heldout_before"]["accuracy"].is_number() && s["heldout_after"]["format"].is_number(),
+        "{s}"
+    );
+    // other prompt flags: refused, naming task.json
+    let o = run(&["--resume", "--steps", "2", "--train-prompts", "9"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("task.json"), "{}", stderr(&o));
+    // a setting of the run: refused
+    let o = run(&[
+        "--resume",
+        "--steps",
+        "2",
+        "--train-prompts",
+        "8",
+        "--batch-size",
+        "3",
+    ]);
+    assert!(
+        stderr(&o).contains("only --steps may change"),
+        "{}",
+        stderr(&o)
+    );
+    // the same flags: one more step
+    let o = run(&["--resume", "--steps", "2", "--train-prompts", "8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let n = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(n, 2);
 }

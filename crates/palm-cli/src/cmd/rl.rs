@@ -71,7 +71,8 @@ pub struct Args {
     /// 11, KL weight 0.1 to the frozen reference, entropy bonus 0.01, lr 1e-4).
     #[arg(long, value_enum, default_value = "standard")]
     pub recipe: OnlineRecipeArg,
-    /// The starting policy (our checkpoint, HF directory or GGUF).
+    /// The starting policy (our checkpoint, HF directory or GGUF). With --resume the weights
+    /// come from OUT/checkpoint; give --policy again to read its tokenizer and chat template.
     #[arg(long, required_unless_present = "resume")]
     pub policy: Option<PathBuf>,
     /// A `palm reward train` model, or `vader` / `vader:DIR`.
@@ -320,6 +321,34 @@ fn run_ppo(a: Args) -> Result<()> {
     })
 }
 
+/// A task run records its prompt flags in OUT/task.json; `--resume` must repeat them, since
+/// the prompts are regenerated from them.
+fn check_task_args(a: &Args) -> Result<()> {
+    let Some(task) = &a.task else { return Ok(()) };
+    if a.eval_only {
+        return Ok(());
+    }
+    let now = serde_json::json!({"task": task, "train_prompts": a.train_prompts,
+        "heldout": a.heldout, "few_shot": a.few_shot, "no_prefill": a.no_prefill});
+    let path = a.out.join("task.json");
+    if a.resume {
+        if let Ok(then) = palm::checkpoint::read_json::<serde_json::Value>(&path) {
+            if then != now {
+                bail!(
+                    "{}: the run's task flags were {then}; --resume needs the same (got {now})",
+                    path.display()
+                );
+            }
+        }
+        return Ok(());
+    }
+    if a.out.join("checkpoint").exists() {
+        return Ok(()); // refused below: the run is not overwritten
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    Ok(palm::checkpoint::write_json_atomic(&path, &now)?)
+}
+
 /// `--eval-only`: the starting policy's greedy held-out accuracy, as JSON on stdout.
 fn eval_only(
     a: &Args,
@@ -354,7 +383,15 @@ pub fn run(a: Args) -> Result<()> {
     };
     let text = TextSide::load(&model_path, a.tokenizer.as_deref())
         .with_context(|| format!("reading the tokenizer of {}", model_path.display()))?;
-    let seed = a.seed.unwrap_or(0);
+    // the task's prompts come from the run's seed and flags: a resumed run must see the same
+    let seed = if a.resume {
+        RlTrainer::saved_config(&ck)
+            .with_context(|| format!("--resume: reading {}", ck.display()))?
+            .seed
+    } else {
+        a.seed.unwrap_or(0)
+    };
+    check_task_args(&a)?;
     // prompts and scorer, checked before anything is written
     let (prompts, scorer, held): (Vec<Vec<u32>>, Box<dyn Scorer>, _) = match (&a.task, &a.reward) {
         (Some(spec), _) => {
@@ -395,13 +432,11 @@ pub fn run(a: Args) -> Result<()> {
         return eval_only(&a, alg, &model_path, &held, &text);
     }
     let mut trainer = if a.resume {
-        if a.policy.is_some()
-            || a.batch_size.is_some()
-            || a.lr.is_some()
-            || a.seed.is_some()
-            || a.group_size.is_some()
-        {
-            bail!("--resume continues the saved run exactly: only --steps may change");
+        if a.batch_size.is_some() || a.lr.is_some() || a.seed.is_some() || a.group_size.is_some() {
+            bail!(
+                "--resume continues the saved run exactly: only --steps may change (--policy \
+                 only names where the tokenizer and chat template come from)"
+            );
         }
         RlTrainer::resume(&ck, &dev, a.steps)
             .with_context(|| format!("resuming from {}", ck.display()))?

@@ -418,6 +418,13 @@ impl RlTrainer {
         })
     }
 
+    /// The config a run saved by [`RlTrainer::save`] was started with.
+    pub fn saved_config(dir: &Path) -> Result<RlConfig> {
+        let dir = checkpoint::resolve_dir(dir);
+        let st: TrainerState = checkpoint::read_json(&dir.join(STATE_FILE))?;
+        Ok(st.config)
+    }
+
     /// Restores a run saved by [`RlTrainer::save`]; `steps` may extend it.
     pub fn resume(dir: &Path, device: &Device, steps: Option<usize>) -> Result<Self> {
         let dir = checkpoint::resolve_dir(dir);
