@@ -775,12 +775,7 @@ pub fn export_policy(model: &Model, cfg: &DpoConfig, dir: &Path) -> Result<()> {
     if cfg.lora_r.is_none() {
         return model.save(dir);
     }
-    let tmp = crate::checkpoint::temp_path(dir);
-    model.save(&tmp)?;
-    let mut m = crate::load::load_model(&tmp, model.device())?;
-    let _ = std::fs::remove_dir_all(&tmp);
-    m.merge_scope(SCOPE)?;
-    m.save(dir)
+    crate::rlhf::export_merged(model, &[], SCOPE, dir)
 }
 
 /// Reads a run's config (for resume and `palm dpo eval`).

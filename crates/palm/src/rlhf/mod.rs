@@ -17,3 +17,24 @@ pub mod rloo;
 pub mod rollout;
 pub mod scorer;
 pub mod value;
+
+/// Writes `model` to `dir` as a plain model: a copy (written and read back, so the trained
+/// model is untouched) with the LoRA scopes `remove` dropped and the scope `merge` merged into
+/// the base weights. PPO, the online trainer and DPO export their policies with it.
+pub fn export_merged(
+    model: &crate::model::Model,
+    remove: &[&str],
+    merge: &str,
+    dir: &std::path::Path,
+) -> crate::error::Result<()> {
+    let tmp = crate::checkpoint::temp_path(dir);
+    model.save(&tmp)?;
+    let copy = crate::load::load_model(&tmp, model.device());
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut m = copy?;
+    for s in remove {
+        m.remove_scope(s)?;
+    }
+    m.merge_scope(merge)?;
+    m.save(dir)
+}

@@ -450,12 +450,7 @@ impl RlTrainer {
 
     /// The trained policy as a plain model (the actor scope merged into a copy of the base).
     pub fn export_policy(&self, dir: &Path) -> Result<()> {
-        let tmp = checkpoint::temp_path(dir);
-        self.model.save(&tmp)?;
-        let mut m = crate::load::load_model(&tmp, self.model.device())?;
-        let _ = std::fs::remove_dir_all(&tmp);
-        m.merge_scope(ACTOR)?;
-        m.save(dir)
+        crate::rlhf::export_merged(&self.model, &[], ACTOR, dir)
     }
 
     fn actors(&self) -> Actors<'_> {

@@ -705,13 +705,7 @@ impl PpoTrainer {
         if self.cfg.actor == ActorMode::Full {
             return self.model.save(dir);
         }
-        let tmp = checkpoint::temp_path(dir);
-        self.model.save(&tmp)?;
-        let mut m = crate::load::load_model(&tmp, self.model.device())?;
-        let _ = std::fs::remove_dir_all(&tmp);
-        m.remove_scope(CRITIC)?;
-        m.merge_scope(ACTOR)?;
-        m.save(dir)
+        crate::rlhf::export_merged(&self.model, &[CRITIC], ACTOR, dir)
     }
 
     /// One PPO iteration; returns its metrics.
