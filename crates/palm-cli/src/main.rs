@@ -59,6 +59,11 @@ enum Command {
     Dpo(Box<cmd::dpo::Args>),
     /// The whole RLHF pipeline on a built-in task, in minutes on a CPU.
     Quickstart(cmd::quickstart::Args),
+    /// Serve a model: an OpenAI-compatible API and web pages to chat, rank replies and write
+    /// demonstrations (stored in SQLite or PostgreSQL).
+    Serve(Box<cmd::serve::Args>),
+    /// People's feedback from `palm serve`: accounts, prompts, exports for training.
+    Feedback(cmd::feedback::Args),
 }
 
 fn main() {
@@ -76,21 +81,12 @@ fn main() {
         .without_time()
         .init();
     let command = cli.command;
-    // on a worker of rayon's pool: every parallel op forks from inside it (see on_rayon_worker)
-    let result = palm::ops::on_rayon_worker(move || match command {
-        Command::Info(a) => cmd::info::run(a),
-        Command::Generate(a) => cmd::generate::run(a),
-        Command::Chat(a) => cmd::chat::run(a),
-        Command::Tokenize(a) => cmd::tokenize::run(a),
-        Command::Export(a) => cmd::export::run(a),
-        Command::Bench(a) => cmd::bench::run(a),
-        Command::Train(a) => cmd::train::run(a),
-        Command::Reward(a) => cmd::reward::run(a),
-        Command::Ppo(a) => cmd::ppo::run(*a),
-        Command::Rl(a) => cmd::rl::run(*a),
-        Command::Dpo(a) => cmd::dpo::run(*a),
-        Command::Quickstart(a) => cmd::quickstart::run(a),
-    });
+    let result = match command {
+        // async commands: their own runtime; the server's engine thread joins rayon's pool itself
+        Command::Serve(a) => cmd::serve::run(*a),
+        Command::Feedback(a) => cmd::feedback::run(a),
+        other => run_on_pool(other),
+    };
     if let Err(e) = result {
         eprintln!("error: {e}");
         // Print each cause once: library errors often already end with their source's text.
@@ -104,4 +100,26 @@ fn main() {
         }
         std::process::exit(1);
     }
+}
+
+/// Runs a command on a worker of rayon's pool: every parallel op forks from inside it (see
+/// `palm::ops::on_rayon_worker`).
+fn run_on_pool(command: Command) -> anyhow::Result<()> {
+    palm::ops::on_rayon_worker(move || match command {
+        Command::Info(a) => cmd::info::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
+        Command::Tokenize(a) => cmd::tokenize::run(a),
+        Command::Export(a) => cmd::export::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Train(a) => cmd::train::run(a),
+        Command::Reward(a) => cmd::reward::run(a),
+        Command::Ppo(a) => cmd::ppo::run(*a),
+        Command::Rl(a) => cmd::rl::run(*a),
+        Command::Dpo(a) => cmd::dpo::run(*a),
+        Command::Quickstart(a) => cmd::quickstart::run(a),
+        Command::Serve(_) | Command::Feedback(_) => Err(anyhow::anyhow!(
+            "serve and feedback run on their own runtime"
+        )),
+    })
 }

@@ -61,6 +61,28 @@ impl LayerKv {
     }
 }
 
+impl LayerKv {
+    /// The filled keys and values, padded on the left with zeros to `len` positions.
+    fn padded(&self, len: usize) -> Result<(Tensor, Tensor)> {
+        let (Some(k), Some(v)) = (&self.k, &self.v) else {
+            candle_core::bail!("kv cache join: a layer of a non-empty cache has no buffers");
+        };
+        let d = self.seq_dim;
+        let pad = len - self.len;
+        let fill = |t: &Tensor| -> Result<Tensor> {
+            let t = t.narrow(d, 0, self.len)?;
+            if pad == 0 {
+                return t.contiguous();
+            }
+            let mut dims = t.dims().to_vec();
+            dims[d] = pad;
+            let z = Tensor::zeros(dims, t.dtype(), t.device())?;
+            Tensor::cat(&[&z, &t], d)
+        };
+        Ok((fill(k)?, fill(v)?))
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<LayerKv>,
@@ -99,6 +121,38 @@ impl KvCache {
 
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
+    }
+
+    /// Appends the rows of `other` after this cache's rows (continuous batching: a sequence joins
+    /// a running batch). The shorter cache is padded on the left with zero keys and values, so
+    /// both end at the same position; callers mask the padded positions (`Forward::key_mask`).
+    /// Rotary and xPos depend on relative positions only, so a padded row attends as it would
+    /// alone. The joined buffers hold exactly the filled positions and grow on the next append.
+    pub fn join(&mut self, other: &KvCache) -> Result<()> {
+        if other.is_empty() {
+            return Ok(());
+        }
+        if self.is_empty() {
+            *self = other.clone();
+            return Ok(());
+        }
+        if other.layers.len() != self.layers.len() {
+            candle_core::bail!(
+                "kv cache join: {} layers vs {}",
+                self.layers.len(),
+                other.layers.len()
+            );
+        }
+        let len = self.len.max(other.len);
+        for (a, b) in self.layers.iter_mut().zip(&other.layers) {
+            let (ak, av) = a.padded(len)?;
+            let (bk, bv) = b.padded(len)?;
+            a.k = Some(Tensor::cat(&[&ak, &bk], 0)?);
+            a.v = Some(Tensor::cat(&[&av, &bv], 0)?);
+            a.len = len;
+        }
+        self.len = len;
+        Ok(())
     }
 
     /// Keeps only the batch rows in `rows` (e.g. to drop finished sequences).
@@ -143,6 +197,42 @@ mod tests {
             assert_eq!(va.to_vec3::<f32>()?, (want * -1.0)?.to_vec3::<f32>()?);
         }
         assert_eq!(l.len, 5);
+        Ok(())
+    }
+
+    #[test]
+    fn join_pads_the_shorter_cache_on_the_left() -> Result<()> {
+        let dev = Device::Cpu;
+        let fill = |b: usize, t: usize, base: f32| -> Result<KvCache> {
+            let mut c = KvCache::with_capacity(1, 8);
+            let k = (Tensor::arange(0f32, (b * t * 2) as f32, &dev)?.reshape((b, t, 2))?
+                + base as f64)?;
+            let (l, reserve) = c.layer_mut(0);
+            l.append(&k, &k, 1, reserve)?;
+            c.advance(t);
+            Ok(c)
+        };
+        let mut a = fill(1, 3, 0.0)?; // one row, 3 positions
+        let b = fill(2, 1, 100.0)?; // two rows, 1 position
+        a.join(&b)?;
+        assert_eq!(a.len(), 3);
+        let (l, reserve) = a.layer_mut(0);
+        // appending one more position works on the joined buffers
+        let next = Tensor::full(7f32, (3, 1, 2), &dev)?;
+        let (k, _) = l.append(&next, &next, 1, reserve)?;
+        let got = k.to_vec3::<f32>()?;
+        assert_eq!(
+            got[0],
+            vec![vec![0., 1.], vec![2., 3.], vec![4., 5.], vec![7., 7.]]
+        );
+        assert_eq!(
+            got[1],
+            vec![vec![0., 0.], vec![0., 0.], vec![100., 101.], vec![7., 7.]]
+        );
+        assert_eq!(
+            got[2],
+            vec![vec![0., 0.], vec![0., 0.], vec![102., 103.], vec![7., 7.]]
+        );
         Ok(())
     }
 }

@@ -4,12 +4,14 @@ pub mod bench;
 pub mod chat;
 pub mod dpo;
 pub mod export;
+pub mod feedback;
 pub mod generate;
 pub mod info;
 pub mod ppo;
 pub mod quickstart;
 pub mod reward;
 pub mod rl;
+pub mod serve;
 pub mod tokenize;
 pub mod train;
 

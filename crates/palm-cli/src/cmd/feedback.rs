@@ -1,0 +1,177 @@
+//! `palm feedback`: accounts, prompt import and exports of the people's labels
+//! (`palm serve`'s database) as training data.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use palm_serve::store::Store;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Labeller accounts.
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Import prompts to label (JSONL with `prompt` or `messages`, or one per line).
+    Prompts {
+        /// The database: `sqlite://FILE` or `postgres://...`.
+        #[arg(long)]
+        db: String,
+        file: PathBuf,
+    },
+    /// Export rankings as preference pairs, or demonstrations as SFT data (JSONL).
+    Export {
+        #[arg(long)]
+        db: String,
+        /// Output file (`-` for stdout).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = Kind::Pairs)]
+        kind: Kind,
+        /// Keep only tasks ranked by 2+ labellers whose mean pairwise agreement is at least X.
+        #[arg(long)]
+        min_agreement: Option<f64>,
+    },
+    /// Agreement between labellers on shared tasks (JSON).
+    Agreement {
+        #[arg(long)]
+        db: String,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum UserCommand {
+    /// Add a user and print their token on stdout (shown once; only its hash is stored).
+    Add {
+        name: String,
+        #[arg(long)]
+        db: String,
+        /// The user can manage users and prompts, and export.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List users with their counts (JSON lines).
+    List {
+        #[arg(long)]
+        db: String,
+    },
+}
+
+/// `--kind`: what to export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// `{"prompt", "chosen", "rejected"}` per ordered pair of each ranking (for `palm reward
+    /// train` and `palm dpo`).
+    Pairs,
+    /// `{"messages": [...]}` per written demonstration (for `palm train`).
+    Sft,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(dispatch(a.command))
+}
+
+async fn open(db: &str) -> Result<Store> {
+    Store::open(db)
+        .await
+        .with_context(|| format!("opening the database {}", redact(db)))
+}
+
+/// The URL without a password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let cred = &url[s + 3..at];
+            match cred.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn dispatch(c: Command) -> Result<()> {
+    match c {
+        Command::User {
+            command: UserCommand::Add { name, db, admin },
+        } => {
+            let store = open(&db).await?;
+            let (user, token) = store.add_user(name.trim(), admin).await?;
+            println!("{token}");
+            eprintln!(
+                "added {} `{}`; hand the token over privately: it is not shown again",
+                if user.admin { "admin" } else { "labeller" },
+                user.name
+            );
+        }
+        Command::User {
+            command: UserCommand::List { db },
+        } => {
+            for u in open(&db).await?.list_users().await? {
+                println!("{}", serde_json::to_string(&u)?);
+            }
+        }
+        Command::Prompts { db, file } => {
+            let texts = palm_serve::labels::read_prompts(&file).map_err(anyhow::Error::msg)?;
+            let added = open(&db)
+                .await?
+                .add_prompts(&texts, &file.display().to_string())
+                .await?;
+            eprintln!("{}: {} prompts, {added} new", file.display(), texts.len());
+        }
+        Command::Export {
+            db,
+            out,
+            kind,
+            min_agreement,
+        } => {
+            let store = open(&db).await?;
+            let lines = match kind {
+                Kind::Pairs => {
+                    palm_serve::labels::to_lines(&store.export_pairs(min_agreement).await?)
+                }
+                Kind::Sft => palm_serve::labels::to_lines(&store.export_sft().await?),
+            }
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            write_lines(&out, &lines)?;
+            eprintln!(
+                "wrote {} {} records to {}",
+                lines.len(),
+                format!("{kind:?}").to_lowercase(),
+                out.display()
+            );
+        }
+        Command::Agreement { db } => {
+            let a = open(&db).await?.agreement().await?;
+            println!("{}", serde_json::to_string_pretty(&a)?);
+        }
+    }
+    Ok(())
+}
+
+/// Writes JSONL to `out` (atomically for a file) or stdout for `-`.
+fn write_lines(out: &PathBuf, lines: &[String]) -> Result<()> {
+    let mut text = lines.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    if out.as_os_str() == "-" {
+        std::io::stdout().write_all(text.as_bytes())?;
+        return Ok(());
+    }
+    palm::checkpoint::write_atomic(out, text.as_bytes())
+        .with_context(|| format!("writing {}", out.display()))
+}
