@@ -339,3 +339,48 @@ fn a_full_queue_gives_503_and_loses_nothing_and_a_gone_client_is_cancelled() {
     assert_eq!(st, 200, "the slot is free again");
     s.stop();
 }
+
+/// The same on a Hugging Face decoder (tiny random Llama; positions come from the key mask, so a
+/// row prefilled alone joins a batch of any length) and on Qwen2.
+#[test]
+fn hf_decoders_batch_exactly_too() {
+    for rel in [
+        "models/tiny-random-hf/llama",
+        "models/tiny-random-hf-2/qwen2",
+    ] {
+        let Some(model) = palm::fixtures::require(palm::fixtures::data_path(rel)) else {
+            continue;
+        };
+        let s = TestServer::start(Db::Sqlite, |c| {
+            c.model = model.clone();
+            c.tokenizer = Some("bytes".into());
+            c.max_batch = 8;
+        })
+        .expect("sqlite always runs");
+        let bodies: Vec<Value> = (0..5)
+            .map(|i| {
+                json!({"prompt": "y".repeat(3 + 9 * i), "max_tokens": 12 + 4 * i,
+                       "seed": 7 + i, "temperature": if i % 2 == 0 { 1.0 } else { 0.0 }})
+            })
+            .collect();
+        let complete = |b: &Value| s.post(&s.admin, "/v1/completions", b);
+        let alone: Vec<Value> = bodies
+            .iter()
+            .map(|b| complete(b).1["choices"][0]["text"].clone())
+            .collect();
+        let before = s.state().engine.stats.batched_steps.load(Ordering::SeqCst);
+        let together: Vec<Value> = std::thread::scope(|sc| {
+            let hs: Vec<_> = bodies
+                .iter()
+                .map(|b| sc.spawn(move || complete(b)))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("thread").1["choices"][0]["text"].clone())
+                .collect()
+        });
+        let batched = s.state().engine.stats.batched_steps.load(Ordering::SeqCst) - before;
+        assert!(batched > 0, "{rel}: the requests never shared a step");
+        assert_eq!(together, alone, "{rel}");
+        s.stop();
+    }
+}

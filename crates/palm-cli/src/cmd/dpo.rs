@@ -47,7 +47,8 @@ pub struct TrainArgs {
     /// The starting policy (also the reference).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Preference files (JSONL/Parquet: prompt/chosen/rejected, or HH chosen/rejected dialogues).
+    /// Preference files (JSONL/Parquet: prompt/chosen/rejected, or HH chosen/rejected dialogues),
+    /// or a `palm serve` database (`sqlite://FILE`, `postgres://...`): its rankings as pairs.
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
     /// Held-out pairs, evaluated before and after.
@@ -149,7 +150,11 @@ fn load_pairs(
     Ok((enc, st))
 }
 
-fn run_train(a: TrainArgs) -> Result<()> {
+fn run_train(mut a: TrainArgs) -> Result<()> {
+    // a feedback database (`sqlite://`, `postgres://`) becomes a pairs snapshot in the run
+    if let Some(out) = &a.out {
+        a.data = super::feedback::materialise(&a.data, super::feedback::Kind::Pairs, out)?;
+    }
     let (Some(model_path), Some(out)) = (&a.model, &a.out) else {
         bail!("palm dpo needs --model and --out (and --data); see palm dpo --help");
     };

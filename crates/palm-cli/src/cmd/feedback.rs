@@ -2,7 +2,7 @@
 //! (`palm serve`'s database) as training data.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use palm_serve::store::Store;
@@ -163,7 +163,7 @@ async fn dispatch(c: Command) -> Result<()> {
 }
 
 /// Writes JSONL to `out` (atomically for a file) or stdout for `-`.
-fn write_lines(out: &PathBuf, lines: &[String]) -> Result<()> {
+fn write_lines(out: &Path, lines: &[String]) -> Result<()> {
     let mut text = lines.join("\n");
     if !text.is_empty() {
         text.push('\n');
@@ -174,4 +174,68 @@ fn write_lines(out: &PathBuf, lines: &[String]) -> Result<()> {
     }
     palm::checkpoint::write_atomic(out, text.as_bytes())
         .with_context(|| format!("writing {}", out.display()))
+}
+
+/// Whether a `--data` value names a feedback database rather than a file.
+fn is_db_url(p: &Path) -> bool {
+    let s = p.to_string_lossy();
+    s.starts_with("sqlite:") || s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// `--data` values that are database URLs (`sqlite://...`, `postgres://...`) become a JSONL
+/// snapshot in the run directory (`feedback-pairs-I.jsonl` / `feedback-sft-I.jsonl`): the
+/// rankings as pairs, or the demonstrations as messages. A snapshot that exists is reused, so a
+/// resumed run trains on the same data even if labels arrived since. Files pass through.
+pub fn materialise(data: &[PathBuf], kind: Kind, out: &Path) -> Result<Vec<PathBuf>> {
+    if !data.iter().any(|p| is_db_url(p)) {
+        return Ok(data.to_vec());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let name = format!("{kind:?}").to_lowercase();
+    let mut files = Vec::with_capacity(data.len());
+    for (i, p) in data.iter().enumerate() {
+        if !is_db_url(p) {
+            files.push(p.clone());
+            continue;
+        }
+        let snap = out.join(format!("feedback-{name}-{i}.jsonl"));
+        if snap.exists() {
+            tracing::info!(
+                "{}: reusing the snapshot {}",
+                redact(&p.to_string_lossy()),
+                snap.display()
+            );
+        } else {
+            let url = p.to_string_lossy().into_owned();
+            let lines = rt.block_on(async {
+                let store = open(&url).await?;
+                let lines = match kind {
+                    Kind::Pairs => palm_serve::labels::to_lines(&store.export_pairs(None).await?),
+                    Kind::Sft => palm_serve::labels::to_lines(&store.export_sft().await?),
+                }
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                store.close().await;
+                anyhow::Ok(lines)
+            })?;
+            if lines.is_empty() {
+                anyhow::bail!(
+                    "{}: the database has no {name} to train on yet",
+                    redact(&url)
+                );
+            }
+            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+            write_lines(&snap, &lines)?;
+            tracing::info!(
+                "{}: {} {name} records -> {}",
+                redact(&url),
+                lines.len(),
+                snap.display()
+            );
+        }
+        files.push(snap);
+    }
+    Ok(files)
 }

@@ -47,7 +47,8 @@ pub struct TrainArgs {
     pub model: PathBuf,
     /// Preference files (.jsonl, .jsonl.gz, .parquet or a directory of shards):
     /// {"prompt","chosen","rejected"} or HH {"chosen","rejected"};
-    /// or rating files {"prompt","response","score"} (all records of one kind).
+    /// or rating files {"prompt","response","score"} (all records of one kind);
+    /// or a `palm serve` database (`sqlite://FILE`, `postgres://...`): its rankings as pairs.
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
     /// Run directory: metrics.jsonl, metrics.svg, checkpoint/, reward_model/, summary.json.
@@ -261,7 +262,9 @@ pub(crate) fn report_truncation(what: &str, st: &TruncationStats) {
     }
 }
 
-fn run_train(a: TrainArgs) -> Result<()> {
+fn run_train(mut a: TrainArgs) -> Result<()> {
+    // a feedback database (`sqlite://`, `postgres://`) becomes a pairs snapshot in the run
+    a.data = super::feedback::materialise(&a.data, super::feedback::Kind::Pairs, &a.out)?;
     // 1. validate everything before writing anything
     let ck = checkpoint_dir(&a.out);
     if a.resume && !ck.exists() {

@@ -47,7 +47,9 @@ Examples:
   palm train --data chat.jsonl --out runs/sft --model runs/shakespeare/final --lora-scope sft --lora-r 8
   palm train --out runs/shakespeare --resume")]
 pub struct Args {
-    /// Training data: text files, JSONL or Parquet files, shard directories (see below). With --resume, defaults to the run's files.
+    /// Training data: text files, JSONL or Parquet files, shard directories (see below), or a
+    /// `palm serve` database (`sqlite://FILE`, `postgres://...`): its written demonstrations as
+    /// SFT messages. With --resume, defaults to the run's files.
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
     /// Run directory (metrics, plots, checkpoints, final model).
@@ -227,8 +229,10 @@ fn read_data(files: &[PathBuf], tokenizer: &str, val_fraction: f64) -> Result<Da
     })
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
     a.precision.apply();
+    // a feedback database (`sqlite://`, `postgres://`) becomes an SFT snapshot in the run
+    a.data = super::feedback::materialise(&a.data, super::feedback::Kind::Sft, &a.out)?;
     let stop = palm::train::run::stop_flag();
     let mut trainer = if a.resume {
         let (ckpt, st) = Trainer::resume_state(&a.out)?;
