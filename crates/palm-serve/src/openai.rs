@@ -153,18 +153,19 @@ fn chat_messages(req: &ChatRequest) -> Result<Vec<Message>, ApiError> {
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            let role =
-                match m.role.as_str() {
-                    "system" | "developer" => "system",
-                    "user" => "user",
-                    "assistant" => "assistant",
-                    other => return Err(ApiError::bad(
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::bad(
                         &format!("messages[{i}].role"),
                         format!(
                             "role `{other}` is not supported (system, developer, user, assistant)"
                         ),
-                    )),
-                };
+                    ))
+                }
+            };
             Ok(Message::new(role, content_text(m, i)?))
         })
         .collect()
