@@ -896,6 +896,25 @@ async fn concurrent_writes() {
     on_both(|s, _| async move {
         let a = user(&s, "alice").await;
         let conv = s.new_conversation(&a.id, "m").await.unwrap();
+        // Six labellers racing for the two free places of a task with overlap 3.
+        let (p, g) = prompt_with_replies(&s, "shared", &["s1", "s2"]).await;
+        let t = s.create_task(&a.id, &p, &g).await.unwrap().task_id;
+        let mut racers = Vec::new();
+        for i in 0..6 {
+            let s = s.clone();
+            racers.push(tokio::spawn(async move {
+                let u = user(&s, &format!("racer{i}")).await;
+                s.assign_shared_task(&u.id, 3)
+                    .await
+                    .unwrap()
+                    .map(|v| v.task_id)
+            }));
+        }
+        let mut got = Vec::new();
+        for r in racers {
+            got.extend(r.await.unwrap());
+        }
+        assert_eq!(got, [t.clone(), t.clone()]);
         let mut handles = Vec::new();
         for i in 0..16 {
             let (s, uid, conv) = (s.clone(), a.id.clone(), conv.clone());
