@@ -80,14 +80,15 @@ async fn next_task(
                     ));
                 };
                 let replies = sample_replies(&s, &prompt.text).await?;
+                let rewards = score_replies(&s, &prompt.text, &replies).await?;
                 let mut ids = Vec::with_capacity(replies.len());
-                for (text, params) in replies {
+                for ((text, params), reward) in replies.into_iter().zip(rewards) {
                     let g = NewGeneration {
                         prompt_id: prompt.id.clone(),
                         model: s.model_id.clone(),
                         params,
                         text,
-                        reward: None,
+                        reward,
                     };
                     ids.push(s.store.add_generation(&g).await?);
                 }
@@ -142,6 +143,39 @@ async fn sample_replies(s: &AppState, prompt: &str) -> Result<Vec<(String, Value
             (t.trim().to_string(), params)
         })
         .collect())
+}
+
+/// The reward model's score of each reply (`--reward`), off the async threads; `None` without one.
+async fn score_replies(
+    s: &AppState,
+    prompt: &str,
+    replies: &[(String, Value)],
+) -> Result<Vec<Option<f64>>, ApiError> {
+    let Some(rm) = s.reward.clone() else {
+        return Ok(vec![None; replies.len()]);
+    };
+    let text = s.text.clone();
+    let prompt = prompt.to_string();
+    let texts: Vec<String> = replies.iter().map(|(t, _)| t.clone()).collect();
+    let job = move || -> Result<Vec<Option<f64>>, String> {
+        let p = text
+            .chat_ids(&[Message::new("user", &prompt)])
+            .map_err(|e| e.to_string())?;
+        let mut f = rm
+            .lock()
+            .map_err(|_| "the reward model failed earlier".to_string())?;
+        texts
+            .iter()
+            .map(|t| {
+                let r = text.tokenizer.encode(t).map_err(|e| e.to_string())?;
+                f(&p, &r).map(|x| Some(x as f64))
+            })
+            .collect()
+    };
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("the reward model failed: {e}")))
 }
 
 async fn get_task(

@@ -77,6 +77,10 @@ impl ServeConfig {
     }
 }
 
+/// Scores a reply (prompt ids, reply ids) for the labelling tasks: `palm serve --reward RM`.
+/// Scores are stored with the generations and never sent to labellers.
+pub type RewardFn = Arc<std::sync::Mutex<dyn FnMut(&[u32], &[u32]) -> Result<f32, String> + Send>>;
+
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
@@ -87,6 +91,7 @@ pub struct AppState {
     pub max_seq_len: usize,
     pub created: u64,
     pub cfg: Arc<ServeConfig>,
+    pub reward: Option<RewardFn>,
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -395,6 +400,14 @@ pub enum StartError {
 
 /// Loads the model, opens the database, imports `--prompts`, binds and serves in the background.
 pub async fn start(cfg: ServeConfig) -> Result<Running, StartError> {
+    start_with_reward(cfg, None).await
+}
+
+/// [`start`], with a reward model that scores every labelling reply.
+pub async fn start_with_reward(
+    cfg: ServeConfig,
+    reward: Option<RewardFn>,
+) -> Result<Running, StartError> {
     let device = candle_core::Device::Cpu;
     let pre =
         Pretrained::load(&cfg.model, cfg.tokenizer.as_deref(), &device).map_err(|source| {
@@ -450,6 +463,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, StartError> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         cfg: Arc::new(cfg),
+        reward,
     };
     let app = router(state.clone());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -265,3 +265,33 @@ fn login_sets_a_safe_cookie_and_bodies_must_be_json() {
     );
     s.stop();
 }
+
+/// `--reward`: every labelling reply is scored and the score stored, never sent.
+#[test]
+fn reward_scores_are_stored_and_hidden() {
+    use std::sync::{Arc, Mutex};
+    // the score of a reply: its number of ids
+    let rm: palm_serve::server::RewardFn =
+        Arc::new(Mutex::new(|_p: &[u32], r: &[u32]| Ok(r.len() as f32)));
+    let s = TestServer::start_with(Db::Sqlite, |c| c.replies = 2, Some(rm))
+        .expect("sqlite always runs");
+    s.rt.block_on(s.state().store.add_prompts(&["Score me".to_string()], "t"))
+        .expect("prompts");
+    let (st, t) = s.post(&s.admin, "/api/tasks/next", &json!({}));
+    assert_eq!(st, 200, "{t}");
+    assert!(!t.to_string().contains("reward"), "{t}");
+    for r in t["replies"].as_array().expect("replies") {
+        let id = r["id"].as_str().expect("id");
+        let text = r["text"].as_str().expect("text");
+        let row: (f64,) =
+            s.rt.block_on(
+                sqlx::query_as("SELECT reward FROM generations WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(s.state().store.pool()),
+            )
+            .expect("generation row");
+        // bytes tokenizer: one id per byte of the (trimmed) reply
+        assert_eq!(row.0, text.len() as f64, "{id}");
+    }
+    s.stop();
+}

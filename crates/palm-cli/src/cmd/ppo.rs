@@ -223,7 +223,10 @@ fn apply_flags(cfg: &mut PpoConfig, a: &Args) -> Result<()> {
 }
 
 /// What `--reward` names, loaded: the scorer and the vocabulary it expects (None: text-based).
-pub(crate) fn load_reward(arg: &str, tok: &Tokenizer) -> Result<(Box<dyn Scorer>, Option<usize>)> {
+pub(crate) fn load_reward(
+    arg: &str,
+    tok: &Tokenizer,
+) -> Result<(Box<dyn Scorer + Send>, Option<usize>)> {
     if arg == "vader" || arg.starts_with("vader:") {
         let dir = match arg.strip_prefix("vader:") {
             Some(d) if !d.is_empty() => PathBuf::from(d),

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use palm_serve::server::{start, ServeConfig};
+use palm_serve::server::{start_with_reward, RewardFn, ServeConfig};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -20,6 +20,10 @@ pub struct Args {
     /// Port (0 picks a free one; the address is printed on stderr).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// A reward model (`palm reward train` output) that scores every labelling reply; the scores
+    /// are stored with the replies and never shown to labellers.
+    #[arg(long)]
+    pub reward: Option<String>,
     /// Prompts to import for labelling: JSONL with `prompt` (or `messages`), or one per line.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
@@ -64,6 +68,28 @@ pub fn run(a: Args) -> Result<()> {
     rt.block_on(serve(a))
 }
 
+/// `--reward`: the reward model as a scoring function of (prompt ids, reply ids).
+fn reward_fn(arg: &str, model: &std::path::Path, tokenizer: Option<&str>) -> Result<RewardFn> {
+    let tok = super::resolve_tokenizer(tokenizer, model)?;
+    let (scorer, vocab) = super::ppo::load_reward(arg, &tok)?;
+    if let Some(v) = vocab {
+        anyhow::ensure!(
+            tok.vocab_size() <= v,
+            "--reward {arg}: its vocabulary ({v}) is smaller than the model's tokenizer ({})",
+            tok.vocab_size()
+        );
+    }
+    let f = move |p: &[u32], r: &[u32]| -> std::result::Result<f32, String> {
+        let s = scorer
+            .score(&[p.to_vec()], &[r.to_vec()])
+            .map_err(|e| e.to_string())?;
+        s.first()
+            .copied()
+            .ok_or_else(|| "the reward model gave no score".to_string())
+    };
+    Ok(std::sync::Arc::new(std::sync::Mutex::new(f)))
+}
+
 async fn serve(a: Args) -> Result<()> {
     let mut cfg = ServeConfig::new(a.model.clone(), a.db.clone());
     cfg.model_name = a.model_name;
@@ -79,7 +105,11 @@ async fn serve(a: Args) -> Result<()> {
     cfg.overlap = a.overlap;
     cfg.label_temperature = a.label_temperature;
     cfg.label_max_tokens = a.label_max_tokens;
-    let running = start(cfg).await?;
+    let reward = match &a.reward {
+        Some(r) => Some(reward_fn(r, &a.model, cfg.tokenizer.as_deref())?),
+        None => None,
+    };
+    let running = start_with_reward(cfg, reward).await?;
     let store = &running.state.store;
     if store.list_users().await?.is_empty() {
         let (user, token) = store.add_user("admin", true).await?;

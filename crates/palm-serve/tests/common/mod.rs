@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use palm::config::PalmConfig;
 use palm::Palm;
-use palm_serve::server::{start, Running, ServeConfig};
+use palm_serve::server::{Running, ServeConfig};
 use palm_serve::store::testing;
 use serde_json::Value;
 
@@ -45,6 +45,15 @@ impl TestServer {
     /// Starts a server; `None` when the database is PostgreSQL and no test server is configured
     /// (skipped loudly by `testing::postgres_db`).
     pub fn start(db: Db, tweak: impl FnOnce(&mut ServeConfig)) -> Option<Self> {
+        Self::start_with(db, tweak, None)
+    }
+
+    /// [`TestServer::start`] with a reward function scoring the labelling replies.
+    pub fn start_with(
+        db: Db,
+        tweak: impl FnOnce(&mut ServeConfig),
+        reward: Option<palm_serve::server::RewardFn>,
+    ) -> Option<Self> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -63,7 +72,9 @@ impl TestServer {
         cfg.label_max_tokens = 12;
         cfg.default_max_tokens = 16;
         tweak(&mut cfg);
-        let running = rt.block_on(start(cfg)).expect("server starts");
+        let running = rt
+            .block_on(palm_serve::server::start_with_reward(cfg, reward))
+            .expect("server starts");
         let admin = rt
             .block_on(running.state.store.add_user("admin", true))
             .expect("admin")
