@@ -1,6 +1,6 @@
 //! palm-rlhf: PaLM + RLHF in Rust on candle.
 //!
-//! Map: `config` (model config), `model` (PaLM; `model::hf`: Hugging Face decoders; `model::palm_decode`: fast CPU sampling), `lora` (LoRA scopes), `kv_cache`, `sample`
+//! Map: `config` (model config), `model` (PaLM; `model::hf`: Hugging Face decoders; `model::palm_decode`: fast CPU sampling), `lora` (LoRA scopes), `kv_cache` (incl. joining rows for continuous batching), `sample`
 //! (sampling and batched generation), `tokenizer` (+ `tokenizer_llama2c`: scored BPE, `tokenizer_gguf`: from GGUF metadata), `chat` (chat templates), `dialogue` (conversations as training text: SFT segments, preference prompts, HH dialogues), `pretrained` (a model with its tokenizer, template and end ids from one path), `judges` (VADER sentiment), `params` (parameters by checkpoint name),
 //! `checkpoint` (atomic files and directories), `load` (model loading from any supported path),
 //! `fixtures` (where the shared test data lives), `records` (data set records from JSONL, Parquet or shard directories), `rng` (seeded streams), `ops` (fused CPU kernels
