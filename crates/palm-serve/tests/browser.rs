@@ -311,6 +311,72 @@ fn a_labeller_ranks_with_the_keyboard_in_chromium() {
     let got = got.expect("a ranking").ranking;
     assert_eq!(got, vec![ids[2].clone(), ids[0].clone(), ids[1].clone()]);
 
+    // model output with markup is shown as text and never runs: a task whose replies are HTML
+    let evil = [
+        "<script>window.pwned = 1</script>reply one".to_string(),
+        "<img src=x onerror=\"window.pwned = 2\">reply two".to_string(),
+    ];
+    s.rt.block_on(async {
+        store
+            .add_prompts(&["Markup in replies".to_string()], "test")
+            .await
+            .expect("prompt");
+        let p = store
+            .prompt_for_new_task(&user.id)
+            .await
+            .expect("db")
+            .expect("a prompt");
+        let mut gens = Vec::new();
+        for t in &evil {
+            let g = palm_serve::store::NewGeneration {
+                prompt_id: p.id.clone(),
+                model: "test".into(),
+                params: json!({}),
+                text: t.clone(),
+                reward: None,
+            };
+            gens.push(store.add_generation(&g).await.expect("generation"));
+        }
+        store
+            .create_task(&user.id, &p.id, &gens)
+            .await
+            .expect("task");
+    });
+    d.go(&s.url("/label"));
+    let prompt = d.find("#prompt");
+    d.wait_for("the markup task", || d.text(&prompt) == "Markup in replies");
+    let shown: Vec<String> = d
+        .call(
+            "POST",
+            &d.s("/elements"),
+            Some(json!({"using": "css selector", "value": ".reply"})),
+        )
+        .as_array()
+        .expect("replies")
+        .iter()
+        .map(|e| {
+            d.text(
+                e.as_object()
+                    .and_then(|o| o.values().next())
+                    .and_then(Value::as_str)
+                    .expect("element"),
+            )
+        })
+        .collect();
+    for t in &evil {
+        assert!(
+            shown.iter().any(|x| x.contains(t.as_str())),
+            "{t:?} not shown as text in {shown:?}"
+        );
+    }
+    let pwned = d.call(
+        "POST",
+        &d.s("/execute/sync"),
+        Some(json!({"script": "return window.pwned || 0", "args": []})),
+    );
+    assert_eq!(pwned, json!(0), "markup in a reply ran");
+    assert_eq!(d.count(".reply img"), 0);
+
     // chat on /: a reply streams in and is shown as text
     d.go(&s.url("/"));
     // the tiny model's context is 256 tokens: ask for a short reply
