@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::engine::Job;
-use crate::server::{ApiError, ApiJson, AppState};
+use crate::server::{ApiError, ApiJson, AppState, Served};
 use crate::store::{NewGeneration, RankingSubmission, User};
 
 pub fn routes() -> Router<AppState> {
@@ -82,12 +82,12 @@ async fn next_task(
                 let replies = sample_replies(&s, &prompt.text).await?;
                 let rewards = score_replies(&s, &prompt.text, &replies).await?;
                 let mut ids = Vec::with_capacity(replies.len());
-                for ((text, params), reward) in replies.into_iter().zip(rewards) {
+                for (r, reward) in replies.into_iter().zip(rewards) {
                     let g = NewGeneration {
                         prompt_id: prompt.id.clone(),
-                        model: s.model_id.clone(),
-                        params,
-                        text,
+                        model: r.model,
+                        params: r.params,
+                        text: r.text,
                         reward,
                     };
                     ids.push(s.store.add_generation(&g).await?);
@@ -103,24 +103,57 @@ async fn next_task(
     Ok(Json(v))
 }
 
-/// Samples `--replies` replies to `prompt` (as a user turn through the chat template), each with
-/// the sampling parameters it was drawn with.
-async fn sample_replies(s: &AppState, prompt: &str) -> Result<Vec<(String, Value)>, ApiError> {
-    let ids = s
+/// A sampled labelling reply: its text, the model and the sampling parameters it came from.
+struct Sampled {
+    text: String,
+    model: String,
+    params: Value,
+}
+
+/// Samples `--replies` replies to `prompt` (as a user turn through each model's chat template).
+/// With `--compare`, the models take turns (the first model gets the odd one), and the replies
+/// are shuffled so the position does not tell which model wrote a reply.
+async fn sample_replies(s: &AppState, prompt: &str) -> Result<Vec<Sampled>, ApiError> {
+    let n = s.cfg.replies.clamp(2, 4);
+    let k = s.models.len();
+    let seed: u64 = rand::random::<u64>() >> 1;
+    let mut out = Vec::with_capacity(n);
+    for (j, m) in s.models.iter().enumerate() {
+        let share = n / k + usize::from(j < n % k);
+        if share > 0 {
+            out.extend(sample_from(s, m, prompt, share, seed).await?);
+        }
+    }
+    if k > 1 {
+        use rand::seq::SliceRandom;
+        let mut rng = palm::rng::seeded(seed);
+        out.shuffle(&mut rng);
+    }
+    Ok(out)
+}
+
+/// `n` replies of model `m`, each with the sampling parameters it was drawn with.
+async fn sample_from(
+    s: &AppState,
+    m: &Served,
+    prompt: &str,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<Sampled>, ApiError> {
+    let ids = m
         .text
         .chat_ids(&[Message::new("user", prompt)])
         .map_err(|e| ApiError::internal(format!("the chat template failed: {e}")))?;
-    if ids.len() + 1 >= s.max_seq_len {
+    if ids.len() + 1 >= m.max_seq_len {
         return Err(ApiError::bad(
             "prompt",
-            "the prompt fills the model's context",
+            format!("the prompt fills the context of `{}`", m.id),
         ));
     }
-    let max_tokens = s.cfg.label_max_tokens.min(s.max_seq_len - ids.len());
-    let seed: u64 = rand::random::<u64>() >> 1;
+    let max_tokens = s.cfg.label_max_tokens.min(m.max_seq_len - ids.len());
     let job = Job {
         prompt: ids,
-        n: s.cfg.replies.clamp(2, 4),
+        n,
         max_tokens,
         sampling: Sampling {
             temperature: s.cfg.label_temperature,
@@ -131,16 +164,16 @@ async fn sample_replies(s: &AppState, prompt: &str) -> Result<Vec<(String, Value
         seed,
         stop: vec![],
     };
-    let n = job.n;
-    let rx = s.engine.submit(job)?;
+    let rx = m.engine.submit(job)?;
     let (texts, _, _) = crate::openai::collect(rx, n).await?;
     Ok(texts
         .into_iter()
         .enumerate()
-        .map(|(i, t)| {
-            let params = json!({"temperature": s.cfg.label_temperature, "top_p": 0.95,
-                                "max_tokens": max_tokens, "seed": seed, "choice": i});
-            (t.trim().to_string(), params)
+        .map(|(i, t)| Sampled {
+            text: t.trim().to_string(),
+            model: m.id.clone(),
+            params: json!({"temperature": s.cfg.label_temperature, "top_p": 0.95,
+                           "max_tokens": max_tokens, "seed": seed, "choice": i}),
         })
         .collect())
 }
@@ -149,14 +182,14 @@ async fn sample_replies(s: &AppState, prompt: &str) -> Result<Vec<(String, Value
 async fn score_replies(
     s: &AppState,
     prompt: &str,
-    replies: &[(String, Value)],
+    replies: &[Sampled],
 ) -> Result<Vec<Option<f64>>, ApiError> {
     let Some(rm) = s.reward.clone() else {
         return Ok(vec![None; replies.len()]);
     };
-    let text = s.text.clone();
+    let text = s.main().text.clone();
     let prompt = prompt.to_string();
-    let texts: Vec<String> = replies.iter().map(|(t, _)| t.clone()).collect();
+    let texts: Vec<String> = replies.iter().map(|r| r.text.clone()).collect();
     let job = move || -> Result<Vec<Option<f64>>, String> {
         let p = text
             .chat_ids(&[Message::new("user", &prompt)])
@@ -263,7 +296,7 @@ async fn new_conversation(
     Extension(u): Extension<User>,
     ApiJson(_): ApiJson<Empty>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = s.store.new_conversation(&u.id, &s.model_id).await?;
+    let id = s.store.new_conversation(&u.id, &s.main().id).await?;
     Ok(Json(json!({"id": id})))
 }
 

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::engine::{Event, FinishReason, Job};
-use crate::server::{ApiError, ApiJson, AppState};
+use crate::server::{ApiError, ApiJson, AppState, Served};
 
 /// `stop`: one string or a list.
 #[derive(Debug, Deserialize)]
@@ -83,34 +83,21 @@ pub struct CompletionRequest {
 }
 
 pub async fn models(State(s): State<AppState>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_card(&s)]}))
+    let data: Vec<Value> = s.models.iter().map(|m| model_card(&s, m)).collect();
+    Json(json!({"object": "list", "data": data}))
 }
 
 pub async fn model(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if id != s.model_id {
-        return Err(unknown_model(&id, &s));
-    }
-    Ok(Json(model_card(&s)))
+    let m = s.model(Some(&id))?;
+    Ok(Json(model_card(&s, m)))
 }
 
-fn model_card(s: &AppState) -> Value {
-    json!({"id": s.model_id, "object": "model", "created": s.created, "owned_by": "palm",
-           "max_model_len": s.max_seq_len})
-}
-
-fn unknown_model(id: &str, s: &AppState) -> ApiError {
-    ApiError::new(
-        axum::http::StatusCode::NOT_FOUND,
-        "invalid_request_error",
-        format!(
-            "the model `{id}` does not exist; this server serves `{}`",
-            s.model_id
-        ),
-    )
-    .code("model_not_found")
+fn model_card(s: &AppState, m: &Served) -> Value {
+    json!({"id": m.id, "object": "model", "created": s.created, "owned_by": "palm",
+           "max_model_len": m.max_seq_len})
 }
 
 /// A chat message's text: a string, or the text parts of a content array.
@@ -178,13 +165,8 @@ pub struct Plan {
     pub include_usage: bool,
 }
 
-/// Checks the shared fields and builds the job for `prompt` ids.
-pub fn plan(p: &Params, prompt: Vec<u32>, s: &AppState) -> Result<Plan, ApiError> {
-    if let Some(m) = &p.model {
-        if !m.is_empty() && *m != s.model_id {
-            return Err(unknown_model(m, s));
-        }
-    }
+/// Checks the shared fields and builds the job for `prompt` ids on model `m`.
+pub fn plan(p: &Params, prompt: Vec<u32>, s: &AppState, m: &Served) -> Result<Plan, ApiError> {
     refuse_unsupported(p)?;
     let temperature = p.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
@@ -222,7 +204,7 @@ pub fn plan(p: &Params, prompt: Vec<u32>, s: &AppState) -> Result<Plan, ApiError
     if stop.len() > 4 {
         return Err(ApiError::bad("stop", "at most 4 stop sequences"));
     }
-    let ctx = s.max_seq_len;
+    let ctx = m.max_seq_len;
     if prompt.is_empty() {
         return Err(ApiError::bad("prompt", "the prompt is empty"));
     }
@@ -337,12 +319,13 @@ pub async fn chat_completions(
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let messages = chat_messages(&req)?;
-    let ids = s
+    let m = s.model(req.params.model.as_deref())?;
+    let ids = m
         .text
         .chat_ids(&messages)
         .map_err(|e| ApiError::bad("messages", format!("the chat template failed: {e}")))?;
-    let plan = plan(&req.params, ids, &s)?;
-    answer(s, plan, Kind::Chat).await
+    let plan = plan(&req.params, ids, &s, m)?;
+    answer(m, plan, Kind::Chat).await
 }
 
 pub async fn completions(
@@ -361,20 +344,21 @@ pub async fn completions(
             ))
         }
     };
-    let ids = s
+    let m = s.model(req.params.model.as_deref())?;
+    let ids = m
         .text
         .tokenizer
         .encode_prompt(&text)
         .map_err(|e| ApiError::bad("prompt", format!("tokenizing the prompt failed: {e}")))?;
-    let plan = plan(&req.params, ids, &s)?;
-    answer(s, plan, Kind::Text).await
+    let plan = plan(&req.params, ids, &s, m)?;
+    answer(m, plan, Kind::Text).await
 }
 
 /// Submits the job and answers as one JSON object or as a stream.
-async fn answer(s: AppState, plan: Plan, kind: Kind) -> Result<Response, ApiError> {
+async fn answer(m: &Served, plan: Plan, kind: Kind) -> Result<Response, ApiError> {
     let prompt_tokens = plan.job.prompt.len();
     let n = plan.job.n;
-    let rx = s.engine.submit(plan.job)?;
+    let rx = m.engine.submit(plan.job)?;
     let id = format!(
         "{}-{:024x}",
         if kind == Kind::Chat {
@@ -387,7 +371,7 @@ async fn answer(s: AppState, plan: Plan, kind: Kind) -> Result<Response, ApiErro
     let head = Head {
         id,
         created: now(),
-        model: s.model_id.clone(),
+        model: m.id.clone(),
         kind,
     };
     if plan.stream {

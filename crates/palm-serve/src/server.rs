@@ -37,6 +37,9 @@ pub struct ServeConfig {
     pub port: u16,
     /// Prompts to import for labelling (JSONL with `prompt` or `messages`, or one per line).
     pub prompts: Option<PathBuf>,
+    /// A second model: served beside the first (pick it with `model`), and about half of every
+    /// labelling task's replies come from it, shuffled, to compare two policies.
+    pub compare: Option<PathBuf>,
     pub max_batch: usize,
     pub queue: usize,
     /// Largest request body in bytes.
@@ -64,6 +67,7 @@ impl ServeConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             prompts: None,
+            compare: None,
             max_batch: 8,
             queue: 32,
             max_body: 1 << 20,
@@ -81,14 +85,20 @@ impl ServeConfig {
 /// Scores are stored with the generations and never sent to labellers.
 pub type RewardFn = Arc<std::sync::Mutex<dyn FnMut(&[u32], &[u32]) -> Result<f32, String> + Send>>;
 
+/// A served model: its engine, tokenizer and template, id and context.
+pub struct Served {
+    pub id: String,
+    pub engine: Engine,
+    pub text: Arc<TextSide>,
+    pub max_seq_len: usize,
+}
+
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
-    pub engine: Engine,
-    pub text: Arc<TextSide>,
+    /// The served models; the first is the default (`--model`), a second one is `--compare`.
+    pub models: Arc<Vec<Served>>,
     pub store: Store,
-    pub model_id: String,
-    pub max_seq_len: usize,
     pub created: u64,
     pub cfg: Arc<ServeConfig>,
     pub reward: Option<RewardFn>,
@@ -102,6 +112,32 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+}
+
+impl AppState {
+    /// The default model.
+    pub fn main(&self) -> &Served {
+        &self.models[0]
+    }
+
+    /// The model a request names (`None` or empty: the default), or 404.
+    pub fn model(&self, id: Option<&str>) -> Result<&Served, ApiError> {
+        match id {
+            None | Some("") => Ok(self.main()),
+            Some(id) => self.models.iter().find(|m| m.id == id).ok_or_else(|| {
+                let ids: Vec<String> = self.models.iter().map(|m| format!("`{}`", m.id)).collect();
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    format!(
+                        "the model `{id}` does not exist; this server serves {}",
+                        ids.join(", ")
+                    ),
+                )
+                .code("model_not_found")
+            }),
+        }
+    }
 }
 
 impl ApiError {
@@ -408,40 +444,24 @@ pub async fn start_with_reward(
     cfg: ServeConfig,
     reward: Option<RewardFn>,
 ) -> Result<Running, StartError> {
-    let device = candle_core::Device::Cpu;
-    let pre =
-        Pretrained::load(&cfg.model, cfg.tokenizer.as_deref(), &device).map_err(|source| {
-            StartError::Model {
-                path: cfg.model.clone(),
-                source,
-            }
-        })?;
+    let mut models = vec![load_served(&cfg, &cfg.model, cfg.model_name.clone())?];
+    if let Some(c) = &cfg.compare {
+        let second = load_served(&cfg, c, None)?;
+        if second.id == models[0].id {
+            return Err(StartError::Prompts(format!(
+                "--compare {}: both models are called `{}`; name the first with --model-name",
+                c.display(),
+                second.id
+            )));
+        }
+        models.push(second);
+    }
     let store = Store::open(&cfg.db).await?;
     if let Some(p) = &cfg.prompts {
         let texts = crate::labels::read_prompts(p).map_err(StartError::Prompts)?;
         let added = store.add_prompts(&texts, &p.display().to_string()).await?;
         tracing::info!("{}: {} prompts, {added} new", p.display(), texts.len());
     }
-    let model_id = cfg
-        .model_name
-        .clone()
-        .unwrap_or_else(|| model_id_of(&cfg.model));
-    let max_seq_len = pre.model.max_seq_len();
-    let Pretrained {
-        model,
-        text,
-        end_ids,
-        ..
-    } = pre;
-    let engine = Engine::start(
-        model,
-        text.tokenizer.clone(),
-        end_ids,
-        EngineConfig {
-            max_batch: cfg.max_batch,
-            queue: cfg.queue,
-        },
-    );
     let addr = format!("{}:{}", cfg.host, cfg.port);
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -453,11 +473,8 @@ pub async fn start_with_reward(
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
     let state = AppState {
-        engine,
-        text: Arc::new(text),
+        models: Arc::new(models),
         store,
-        model_id,
-        max_seq_len,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -479,6 +496,44 @@ pub async fn start_with_reward(
         state,
         shutdown: Some(tx),
         task,
+    })
+}
+
+/// Loads one model and starts its engine.
+fn load_served(
+    cfg: &ServeConfig,
+    path: &std::path::Path,
+    name: Option<String>,
+) -> Result<Served, StartError> {
+    let device = candle_core::Device::Cpu;
+    let pre = Pretrained::load(path, cfg.tokenizer.as_deref(), &device).map_err(|source| {
+        StartError::Model {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    let id = name.unwrap_or_else(|| model_id_of(path));
+    let max_seq_len = pre.model.max_seq_len();
+    let Pretrained {
+        model,
+        text,
+        end_ids,
+        ..
+    } = pre;
+    let engine = Engine::start(
+        model,
+        text.tokenizer.clone(),
+        end_ids,
+        EngineConfig {
+            max_batch: cfg.max_batch,
+            queue: cfg.queue,
+        },
+    );
+    Ok(Served {
+        id,
+        engine,
+        text: Arc::new(text),
+        max_seq_len,
     })
 }
 

@@ -135,7 +135,7 @@ fn chat_completion_shape_seed_n_and_stop() {
         Some(u["prompt_tokens"].as_u64().unwrap_or(0) + 12)
     );
     // the prompt is the template's rendering, one id per byte
-    let rendered = s.state().text.render_chat(&[
+    let rendered = s.state().main().text.render_chat(&[
         palm::chat::Message::new("system", "Be brief."),
         palm::chat::Message::new("user", "Hello there"),
     ]);
@@ -251,7 +251,13 @@ fn concurrent_requests_are_batched_and_equal_to_alone() {
         .iter()
         .map(|b| text_of(&chat(&s, b.clone()).1, 0))
         .collect();
-    let before = s.state().engine.stats.batched_steps.load(Ordering::SeqCst);
+    let before = s
+        .state()
+        .main()
+        .engine
+        .stats
+        .batched_steps
+        .load(Ordering::SeqCst);
     // together
     let together: Vec<String> = std::thread::scope(|sc| {
         let hs: Vec<_> = bodies
@@ -266,8 +272,21 @@ fn concurrent_requests_are_batched_and_equal_to_alone() {
             })
             .collect()
     });
-    let batched = s.state().engine.stats.batched_steps.load(Ordering::SeqCst) - before;
-    let max_rows = s.state().engine.stats.max_rows.load(Ordering::SeqCst);
+    let batched = s
+        .state()
+        .main()
+        .engine
+        .stats
+        .batched_steps
+        .load(Ordering::SeqCst)
+        - before;
+    let max_rows = s
+        .state()
+        .main()
+        .engine
+        .stats
+        .max_rows
+        .load(Ordering::SeqCst);
     eprintln!("batched steps: {batched}, largest batch: {max_rows}");
     assert!(
         batched > 0 && max_rows > 1,
@@ -292,7 +311,15 @@ fn a_full_queue_gives_503_and_loses_nothing_and_a_gone_client_is_cancelled() {
         let h = sc.spawn(|| chat(&s, long.clone()));
         // wait until the long request is running
         let t0 = std::time::Instant::now();
-        while s.state().engine.stats.in_flight.load(Ordering::SeqCst) == 0 {
+        while s
+            .state()
+            .main()
+            .engine
+            .stats
+            .in_flight
+            .load(Ordering::SeqCst)
+            == 0
+        {
             assert!(t0.elapsed().as_secs() < 20, "the request never started");
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
@@ -311,7 +338,13 @@ fn a_full_queue_gives_503_and_loses_nothing_and_a_gone_client_is_cancelled() {
         );
     });
     // a client that goes away mid-stream is cancelled, and its slot is freed
-    let before = s.state().engine.stats.cancelled.load(Ordering::SeqCst);
+    let before = s
+        .state()
+        .main()
+        .engine
+        .stats
+        .cancelled
+        .load(Ordering::SeqCst);
     {
         let mut b = long.clone();
         b["stream"] = json!(true);
@@ -325,7 +358,15 @@ fn a_full_queue_gives_503_and_loses_nothing_and_a_gone_client_is_cancelled() {
         // dropping the reader closes the connection
     }
     let t0 = std::time::Instant::now();
-    while s.state().engine.stats.cancelled.load(Ordering::SeqCst) == before {
+    while s
+        .state()
+        .main()
+        .engine
+        .stats
+        .cancelled
+        .load(Ordering::SeqCst)
+        == before
+    {
         assert!(
             t0.elapsed().as_secs() < 20,
             "the gone client's request was not cancelled"
@@ -368,7 +409,13 @@ fn hf_decoders_batch_exactly_too() {
             .iter()
             .map(|b| complete(b).1["choices"][0]["text"].clone())
             .collect();
-        let before = s.state().engine.stats.batched_steps.load(Ordering::SeqCst);
+        let before = s
+            .state()
+            .main()
+            .engine
+            .stats
+            .batched_steps
+            .load(Ordering::SeqCst);
         let together: Vec<Value> = std::thread::scope(|sc| {
             let hs: Vec<_> = bodies
                 .iter()
@@ -378,7 +425,14 @@ fn hf_decoders_batch_exactly_too() {
                 .map(|h| h.join().expect("thread").1["choices"][0]["text"].clone())
                 .collect()
         });
-        let batched = s.state().engine.stats.batched_steps.load(Ordering::SeqCst) - before;
+        let batched = s
+            .state()
+            .main()
+            .engine
+            .stats
+            .batched_steps
+            .load(Ordering::SeqCst)
+            - before;
         assert!(batched > 0, "{rel}: the requests never shared a step");
         assert_eq!(together, alone, "{rel}");
         s.stop();

@@ -295,3 +295,71 @@ fn reward_scores_are_stored_and_hidden() {
     }
     s.stop();
 }
+
+/// `--compare`: both models are served, and a task's replies come from both, shuffled.
+#[test]
+fn a_second_model_is_served_and_shares_the_replies() {
+    let second = tempfile::tempdir().expect("tempdir");
+    let cfg = palm::config::PalmConfig {
+        heads: 2,
+        dim_head: 8,
+        max_seq_len: 256,
+        ..palm::config::PalmConfig::new(256, 32, 2)
+    };
+    let m2 = second.path().join("policy-b");
+    palm::load::save_palm(
+        &palm::Palm::new(&cfg, 99, &candle_core::Device::Cpu).expect("model"),
+        &m2,
+    )
+    .expect("save");
+    let s = TestServer::start(Db::Sqlite, |c| {
+        c.replies = 4;
+        c.compare = Some(m2.clone());
+    })
+    .expect("sqlite always runs");
+    let (_, models) = s.get(&s.admin, "/v1/models");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["model", "policy-b"]);
+    let ask = |model: &str| {
+        s.post(
+            &s.admin,
+            "/v1/completions",
+            &json!({"model": model, "prompt": "abc", "max_tokens": 8, "temperature": 0}),
+        )
+    };
+    let (st, a) = ask("model");
+    let (st2, b) = ask("policy-b");
+    assert_eq!((st, st2), (200, 200));
+    assert_eq!(b["model"], "policy-b");
+    assert_ne!(
+        a["choices"][0]["text"], b["choices"][0]["text"],
+        "two different models"
+    );
+    s.rt.block_on(s.state().store.add_prompts(&["Compare".to_string()], "t"))
+        .expect("prompts");
+    let (st, t) = s.post(&s.admin, "/api/tasks/next", &json!({}));
+    assert_eq!(st, 200, "{t}");
+    let mut by_model = std::collections::BTreeMap::new();
+    for r in t["replies"].as_array().expect("replies") {
+        let row: (String,) =
+            s.rt.block_on(
+                sqlx::query_as("SELECT model FROM generations WHERE id = $1")
+                    .bind(r["id"].as_str().expect("id"))
+                    .fetch_one(s.state().store.pool()),
+            )
+            .expect("generation");
+        *by_model.entry(row.0).or_insert(0) += 1;
+    }
+    assert_eq!(
+        by_model,
+        [("model".to_string(), 2), ("policy-b".to_string(), 2)]
+            .into_iter()
+            .collect()
+    );
+    s.stop();
+}

@@ -27,6 +27,10 @@ pub struct Args {
     /// Prompts to import for labelling: JSONL with `prompt` (or `messages`), or one per line.
     #[arg(long)]
     pub prompts: Option<PathBuf>,
+    /// A second model to compare with: served beside the first (pick it with the request's
+    /// `model`), and about half of every labelling task's replies come from it, shuffled.
+    #[arg(long)]
+    pub compare: Option<PathBuf>,
     /// The model's id in the API (default: the file or folder name).
     #[arg(long)]
     pub model_name: Option<String>,
@@ -97,6 +101,7 @@ async fn serve(a: Args) -> Result<()> {
     cfg.host = a.host;
     cfg.port = a.port;
     cfg.prompts = a.prompts;
+    cfg.compare = a.compare;
     cfg.max_batch = a.max_batch;
     cfg.queue = a.queue;
     cfg.max_body = a.max_body;
@@ -120,9 +125,16 @@ async fn serve(a: Args) -> Result<()> {
             user.name, a.db
         );
     }
+    let ids: Vec<String> = running
+        .state
+        .models
+        .iter()
+        .map(|m| format!("`{}`", m.id))
+        .collect();
     eprintln!(
-        "palm serve: model `{}` on http://{} (chat /, label /label, write /write, admin /admin, OpenAI API /v1); Ctrl-C stops",
-        running.state.model_id, running.addr
+        "palm serve: model {} on http://{} (chat /, label /label, write /write, admin /admin, OpenAI API /v1); Ctrl-C stops",
+        ids.join(" and "),
+        running.addr
     );
     tokio::select! {
         r = tokio::signal::ctrl_c() => {
