@@ -190,10 +190,12 @@ pub fn plan(p: &Params, prompt: Vec<u32>, s: &AppState, m: &Served) -> Result<Pl
         }
     };
     let n = p.n.unwrap_or(1);
-    if n < 1 || n as usize > s.cfg.max_n {
+    // the choices of one request decode together, so `n` is bounded by the batch as well
+    let max_n = s.cfg.max_n.min(s.cfg.max_batch.max(1));
+    if n < 1 || n as usize > max_n {
         return Err(ApiError::bad(
             "n",
-            format!("n must be between 1 and {}", s.cfg.max_n),
+            format!("n must be between 1 and {max_n}"),
         ));
     }
     let stop = match &p.stop {
