@@ -242,4 +242,45 @@ fn kill_9_while_rankings_arrive_loses_no_acknowledged_ranking() {
     );
     let snap = std::fs::read_to_string(rm2.join("feedback-pairs-0.jsonl")).expect("snapshot");
     assert_eq!(snap, text, "the snapshot is the export");
+
+    // the rest of the loop: PPO against the people's reward model, then serve the new policy
+    let ppo = dir.path().join("ppo");
+    let out = Command::new(palm_bin())
+        .args([
+            "ppo",
+            "--steps",
+            "1",
+            "--batch-size",
+            "3",
+            "--minibatch-size",
+            "3",
+        ])
+        .args(["--epochs", "1", "--max-new-tokens", "4", "--seed", "3"])
+        .arg("--policy")
+        .arg(&model)
+        .arg("--reward")
+        .arg(&rm2)
+        .arg("--prompts")
+        .arg(&prompts)
+        .arg("--out")
+        .arg(&ppo)
+        .output()
+        .expect("palm ppo runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (mut child, base) = serve(&ppo.join("policy"), &db);
+    let (st, v) = post(
+        &base,
+        &token,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Prompt number 1?"}], "max_tokens": 4}),
+    )
+    .expect("the new policy answers");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["model"], "policy");
+    child.kill().expect("stop");
+    child.wait().expect("reaped");
 }

@@ -504,6 +504,7 @@ pub fn incomplete_tail(b: &[u8]) -> usize {
             continue; // a continuation byte: look further back for the lead byte
         }
         let need = match c {
+            0xF8.. => return 0, // never a lead byte: invalid, shown as U+FFFD
             0xF0.. => 4,
             0xE0.. => 3,
             0xC0.. => 2,
