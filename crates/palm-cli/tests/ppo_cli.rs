@@ -36,7 +36,21 @@ fn ppo(dir: &Path, prompts: &str, out: &str, extra: &[&str]) -> Command {
 
 #[test]
 fn ppo_with_a_trained_reward_model_then_resume() {
-    ppo_then_resume(&[]);
+    let d = ppo_then_resume(&[]);
+    // a new run on the same --out is refused, and the run is untouched
+    let metrics = d.path().join("run/metrics.jsonl");
+    let before = std::fs::read(&metrics).unwrap();
+    let out = ppo(
+        d.path(),
+        "prompts.txt",
+        "run",
+        &["--policy", "base", "--steps", "1"],
+    )
+    .assert()
+    .failure();
+    let e = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(e.contains("already holds a PPO run"), "{e}");
+    assert_eq!(std::fs::read(&metrics).unwrap(), before);
 }
 
 #[test]

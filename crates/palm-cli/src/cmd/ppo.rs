@@ -303,6 +303,18 @@ pub fn run(a: Args) -> Result<()> {
         PpoTrainer::resume(&a.out.join("checkpoint"), &dev, a.steps)
             .with_context(|| format!("resuming from {}", a.out.join("checkpoint").display()))?
     } else {
+        // a new run never overwrites another: its checkpoint, policy or metrics
+        if let Some(f) = ["checkpoint", "policy", "metrics.jsonl"]
+            .iter()
+            .map(|f| a.out.join(f))
+            .find(|p| p.exists())
+        {
+            bail!(
+                "{} already holds a PPO run ({} exists): pass --resume to continue it, or choose another --out",
+                a.out.display(),
+                f.display()
+            );
+        }
         let mut cfg = match &a.config {
             Some(p) => palm::checkpoint::read_json::<PpoConfig>(p)?,
             None => PpoConfig::for_recipe(a.recipe.map(Into::into).unwrap_or_default()),
