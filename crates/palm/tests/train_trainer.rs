@@ -363,3 +363,23 @@ fn stop_flag_saves_a_resumable_checkpoint() {
     t.quiet = true;
     assert!(t.run(&AtomicBool::new(false)).unwrap().completed);
 }
+
+#[test]
+fn min_lr_above_lr_is_refused() {
+    let cfg = TrainConfig {
+        lr: 1e-3,
+        min_lr: 1e-2,
+        ..TrainConfig::default()
+    };
+    let e = cfg
+        .validate()
+        .expect_err("min_lr > lr must be refused")
+        .to_string();
+    assert!(e.contains("min_lr 0.01 is above lr 0.001"), "{e}");
+    let ok = TrainConfig {
+        lr: 1e-3,
+        min_lr: 1e-3,
+        ..TrainConfig::default()
+    };
+    ok.validate().expect("min_lr == lr is a constant schedule");
+}

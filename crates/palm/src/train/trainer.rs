@@ -118,6 +118,12 @@ impl TrainConfig {
                 self.lr, self.min_lr
             ));
         }
+        if self.min_lr > self.lr {
+            return bad(format!(
+                "min_lr {} is above lr {}: the schedule decays from lr down to min_lr",
+                self.min_lr, self.lr
+            ));
+        }
         if self.eval_batches == 0 {
             return bad("eval batches must be positive".into());
         }
