@@ -149,3 +149,102 @@ fn tiny_run_then_resume_to_more_steps() {
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 6);
 }
+
+/// SIGTERM (what `timeout`, `docker stop` and Slurm send) saves a checkpoint and exits 130, and
+/// `--resume` continues from it.
+#[test]
+fn sigterm_saves_and_exits_130_then_resume_continues() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::write(
+        r.join("t.txt"),
+        "to be or not to be, that is the question. ".repeat(40),
+    )
+    .unwrap();
+    let cfg = tiny_config(r);
+    let run = r.join("run");
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("palm"))
+        .current_dir(r)
+        .args([
+            "train",
+            "--quiet",
+            "--data",
+            "t.txt",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+        ])
+        .args([
+            "--save-every",
+            "1000000",
+            "--eval-every",
+            "1000000",
+            "--steps",
+            "1000000",
+            "--config",
+        ])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&run)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait until it trains (its metrics file appears), then SIGTERM
+    let t0 = std::time::Instant::now();
+    while !run.join("metrics.jsonl").exists() {
+        assert!(t0.elapsed().as_secs() < 60, "training never started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["completed"], false);
+    let steps = s["steps"].as_u64().unwrap();
+    assert!(!run.join("final").exists(), "no final model after a stop");
+    // no temporary checkpoint directory is left behind
+    let leftovers: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        leftovers.iter().all(|n| !n.contains(".tmp")),
+        "{leftovers:?}"
+    );
+    let out = palm_cmd()
+        .current_dir(r)
+        .args([
+            "train",
+            "--quiet",
+            "--resume",
+            "--steps",
+            &(steps + 2).to_string(),
+            "--out",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["steps"].as_u64(), Some(steps + 2));
+    assert_eq!(s["completed"], true);
+}

@@ -293,6 +293,9 @@ pub fn run(mut a: Args) -> Result<()> {
             summary.steps,
             a.out.display()
         );
+        // as Unix programs do after an interrupt: `palm train ... && palm generate --model
+        // RUN/final` must not go on to a model that was not written
+        std::process::exit(130);
     }
     Ok(())
 }

@@ -12,8 +12,9 @@ use crate::error::{Error, Result};
 static STOP: AtomicBool = AtomicBool::new(false);
 static HANDLER: OnceLock<bool> = OnceLock::new();
 
-/// The process-wide stop flag, set by Ctrl-C (SIGINT/SIGTERM). The first call installs the handler;
-/// a second Ctrl-C while a trainer is saving exits at once (status 130).
+/// The process-wide stop flag, set by Ctrl-C (SIGINT) and by SIGTERM/SIGHUP (what `timeout`,
+/// `docker stop` and Slurm send; ctrlc's `termination` feature). The first call installs the
+/// handler; a second signal while a trainer is saving exits at once (status 130).
 pub fn stop_flag() -> &'static AtomicBool {
     HANDLER.get_or_init(|| {
         ctrlc::set_handler(|| {
