@@ -138,3 +138,57 @@ fn bad_inputs_exit_1_with_a_clear_message() {
         insta::assert_snapshot!(name, scrub(&out.stderr, root.path()));
     }
 }
+
+#[test]
+fn nan_weights_are_an_error_naming_the_model_not_garbage() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_checkpoint(d.path());
+    // every weight NaN
+    let file = d.path().join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let nan: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| (k, (t * f64::NAN).unwrap()))
+        .collect();
+    candle_core::safetensors::save(&nan, &file).unwrap();
+    let out = palm_cmd()
+        .args([
+            "generate",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "3",
+            "--model",
+        ])
+        .arg(d.path())
+        .assert()
+        .code(1);
+    let e = scrub(&out.get_output().stderr, d.path());
+    assert!(e.contains("generating with [TMP]"), "{e}");
+    assert!(e.contains("non-finite logit"), "{e}");
+}
+
+#[test]
+fn logs_to_a_file_or_pipe_carry_no_colour_codes() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_checkpoint(d.path());
+    // no NO_COLOR here: stderr is a pipe, so the log must still be plain text
+    let out = Command::cargo_bin("palm")
+        .unwrap()
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .args([
+            "generate",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+            "--model",
+        ])
+        .arg(d.path())
+        .assert()
+        .success();
+    let e = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(e.contains("INFO"), "a log line is expected: {e}");
+    assert!(!e.contains('\u{1b}'), "ANSI escape in a piped log: {e:?}");
+}

@@ -136,6 +136,38 @@ fn train_eval_score_and_best_of() {
         .arg(&run)
         .assert()
         .success();
+
+    // a model of another vocabulary is refused by name, not with an index error
+    let other_cfg = PalmConfig {
+        heads: 2,
+        dim_head: 8,
+        max_seq_len: 64,
+        ..PalmConfig::new(300, 16, 1)
+    };
+    let other = d.path().join("other");
+    Model::Palm(Palm::new(&other_cfg, 0, &Device::Cpu).unwrap())
+        .save(&other)
+        .unwrap();
+    let out = palm()
+        .args(["generate", "--tokenizer", "bytes", "--model"])
+        .arg(&other)
+        .args([
+            "--prompt",
+            "Q1:",
+            "--max-new-tokens",
+            "4",
+            "--best-of",
+            "2",
+            "--reward",
+        ])
+        .arg(&run)
+        .assert()
+        .failure();
+    let e = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        e.contains("vocabulary (256) differs from the model's (300)"),
+        "{e}"
+    );
 }
 
 #[test]

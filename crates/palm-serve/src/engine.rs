@@ -331,12 +331,19 @@ impl Worker {
             .embeddings(ids, &opts, Some(cache))
             .map_err(candle_core::Error::wrap)?;
         let last = emb.narrow(1, t - 1, 1)?.squeeze(1)?; // [B, C]
-        self.model
+        let logits: Vec<f32> = self
+            .model
             .logits_from(&last, false)
             .map_err(candle_core::Error::wrap)?
             .to_dtype(DType::F32)?
             .flatten_all()?
-            .to_vec1()
+            .to_vec1()?;
+        if let Some(x) = logits.iter().find(|x| !x.is_finite()) {
+            candle_core::bail!(
+                "the model produced a non-finite logit ({x}): its weights or inputs hold NaN or infinity"
+            );
+        }
+        Ok(logits)
     }
 
     /// One decode step for every running row, then the finished and cancelled rows leave.

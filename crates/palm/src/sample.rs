@@ -254,6 +254,15 @@ pub fn generate(
             }
         };
         let vsz = logits.len() / b;
+        if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+            return Err(Error::msg(format!(
+                "the model produced a non-finite logit ({}) for row {} at new token {}: its weights \
+                 or inputs hold NaN or infinity",
+                logits[i],
+                i / vsz,
+                completions[i / vsz].len() + 1
+            )));
+        }
         step_ids.clear();
         step_mask.clear();
         for row in 0..b {

@@ -92,11 +92,14 @@ pub fn run(a: Args) -> Result<()> {
         scope: a.scope.clone(),
         disable_lora: false,
     };
+    req.sampling.validate()?; // argument errors first, without the model's context
     if a.best_of > 1 || a.reward.is_some() {
-        return best_of_n(&a, model, tok, req);
+        return best_of_n(&a, model, tok, req)
+            .with_context(|| format!("generating with {}", a.model.display()));
     }
     let t0 = std::time::Instant::now();
-    let g = super::stream_to_stdout(model, &req, tok)?;
+    let g = super::stream_to_stdout(model, &req, tok)
+        .with_context(|| format!("generating with {}", a.model.display()))?;
     let n = g.completions[0].len();
     tracing::info!(
         "{n} tokens in {:.2}s ({:.1} tokens/s){}",
@@ -126,6 +129,15 @@ fn best_of_n(
         bail!("--best-of must be at least 1");
     }
     let rm = super::reward::load_reward_model(rm_path)?;
+    // the reward model reads the policy's ids: they must share a vocabulary (as palm ppo checks)
+    if rm.trunk.vocab_size() != model.vocab_size() {
+        bail!(
+            "--reward {}: the reward model's vocabulary ({}) differs from the model's ({});              train the reward model on the same base model or tokenizer",
+            rm_path.display(),
+            rm.trunk.vocab_size(),
+            model.vocab_size()
+        );
+    }
     let prompt = req.prompts[0].clone();
     req.prompts = vec![prompt.clone(); a.best_of];
     let g = generate(model, &req, |_, _| {})?;
