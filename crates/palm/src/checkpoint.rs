@@ -60,6 +60,31 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// Removes `DIR.tmp-*` siblings of `dir` (this process's own included).
+fn remove_stale_temporaries(dir: &Path) -> Result<()> {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Ok(());
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Ok(()); // no parent yet: nothing left behind
+    };
+    let prefix = format!("{}.tmp-", name.to_string_lossy());
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let p = entry.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).map_err(|e| Error::io(&p, e))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn with_suffix(dir: &Path, suffix: &str) -> PathBuf {
     let mut s = dir.as_os_str().to_owned();
     s.push(suffix);
@@ -68,11 +93,11 @@ fn with_suffix(dir: &Path, suffix: &str) -> PathBuf {
 
 /// Builds a directory atomically: `fill` writes into a fresh temporary directory, which then
 /// replaces `dir`. On error the temporary directory is removed and `dir` is untouched.
+/// Temporary directories of earlier writes of `dir` that never finished (a process killed
+/// mid-write leaves `DIR.tmp-PID`) are removed first.
 pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = with_suffix(dir, &format!(".tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
+    remove_stale_temporaries(dir)?;
     if let Some(parent) = dir.parent() {
         if !parent.as_os_str().is_empty() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -139,6 +164,20 @@ mod tests {
         assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"two");
         let names: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temp left behind");
+    }
+
+    #[test]
+    fn a_killed_writer_s_temporary_is_removed_by_the_next_write() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("checkpoint");
+        // what kill -9 during a write leaves: another pid's half-written temporary
+        let stale = root.path().join("checkpoint.tmp-424242");
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join("model.safetensors"), b"half").unwrap();
+        write_dir_atomic(&dir, |d| write_atomic(&d.join("a"), b"ok")).unwrap();
+        assert!(!stale.exists());
+        let names: Vec<_> = std::fs::read_dir(root.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "only the checkpoint is left");
     }
 
     #[test]

@@ -112,6 +112,29 @@ impl Checkpoints {
         Ok(out)
     }
 
+    /// Removes the temporary directories of checkpoint writes that never finished (a process
+    /// killed mid-write leaves `step-XXXXXX.tmp-PID`): called when a run starts or resumes, so
+    /// they do not pile up. Returns how many were removed.
+    pub fn clean_temporaries(&self) -> Result<usize> {
+        if !self.dir.exists() {
+            return Ok(0);
+        }
+        let mut n = 0;
+        for entry in std::fs::read_dir(&self.dir).map_err(|e| Error::io(&self.dir, e))? {
+            let path = entry.map_err(|e| Error::io(&self.dir, e))?.path();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name.is_some_and(|n| n.starts_with("step-") && n.contains(".tmp-")) {
+                std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+                tracing::info!(
+                    "removed {}, left by an interrupted checkpoint write",
+                    path.display()
+                );
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     pub fn latest(&self) -> Result<Option<(usize, PathBuf)>> {
         Ok(self.list()?.pop())
     }
@@ -146,6 +169,21 @@ mod tests {
         let steps: Vec<usize> = ck.list().unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, vec![20, 30]);
         assert_eq!(ck.latest().unwrap().unwrap().1, ck.path(30));
+    }
+
+    #[test]
+    fn temporaries_of_interrupted_writes_are_cleaned() {
+        let root = tempfile::tempdir().unwrap();
+        let ck = Checkpoints::new(root.path(), 2);
+        ck.write(10, |d| crate::checkpoint::write_atomic(&d.join("x"), b"1"))
+            .unwrap();
+        let stale = ck.dir.join("step-000020.tmp-99999");
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join("x"), b"half").unwrap();
+        assert_eq!(ck.clean_temporaries().unwrap(), 1);
+        assert!(!stale.exists());
+        let steps: Vec<usize> = ck.list().unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![10], "complete checkpoints are kept");
     }
 
     #[test]

@@ -220,6 +220,7 @@ impl Trainer {
     pub fn new(cfg: TrainConfig, mut model: Model, data: DataSpec, run_dir: &Path) -> Result<Self> {
         cfg.validate()?;
         let checkpoints = Checkpoints::new(run_dir, cfg.keep_checkpoints);
+        checkpoints.clean_temporaries()?;
         if !checkpoints.list()?.is_empty() || run_dir.join("final").exists() {
             return Err(Error::msg(format!(
                 "{} already holds a training run: use --resume to continue it, or another --out",
@@ -293,6 +294,7 @@ impl Trainer {
             .map_err(|e| Error::msg(format!("{}: {e}", ckpt.display())))?;
         let metrics = MetricsLog::open(run_dir, Some(st.step as u64))?;
         let checkpoints = Checkpoints::new(run_dir, cfg.keep_checkpoints);
+        checkpoints.clean_temporaries()?;
         let mut t = Self::assemble(
             cfg,
             model,
