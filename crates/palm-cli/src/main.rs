@@ -1,7 +1,7 @@
 //! `palm`: PaLM + RLHF from the command line. Each subcommand lives in `cmd/<name>.rs`.
 //! stdout carries data (completions, JSON results); stderr carries progress and logs.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 mod cmd;
 
@@ -71,7 +71,11 @@ fn main() {
         // SAFETY: sets a documented mimalloc option before any threads start.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Train(a), Some(("train", m))) = (&mut cli.command, matches.subcommand()) {
+        a.explicit = explicit_flags(m);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     // colour only on a terminal (and never with NO_COLOR): logs sent to a file stay plain text
@@ -104,6 +108,14 @@ fn main() {
         }
         std::process::exit(1);
     }
+}
+
+/// The ids of the arguments given on the command line (not those left at their defaults).
+fn explicit_flags(m: &clap::ArgMatches) -> Vec<String> {
+    m.ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|id| id.as_str().to_string())
+        .collect()
 }
 
 /// Runs a command on a worker of rayon's pool: every parallel op forks from inside it (see

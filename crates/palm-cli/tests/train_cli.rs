@@ -148,6 +148,47 @@ fn tiny_run_then_resume_to_more_steps() {
     assert_eq!(s["steps"], 6);
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 6);
+
+    // --resume refuses flags that differ from the run's settings, naming them and the run's values
+    std::fs::write(r.join("other.txt"), "another corpus entirely. ".repeat(40)).unwrap();
+    let resume = |extra: &[&str]| {
+        palm_cmd()
+            .current_dir(r)
+            .args(["train", "--quiet", "--resume", "--steps", "7"])
+            .args(extra)
+            .arg("--out")
+            .arg(&run)
+            .output()
+            .unwrap()
+    };
+    let out = resume(&[
+        "--batch-size",
+        "4",
+        "--data",
+        "other.txt",
+        "--seq-len",
+        "16",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = scrub(&out.stderr, r);
+    assert!(e.contains("--batch-size 4 (the run's: 2)"), "{e}");
+    assert!(
+        e.contains("--data other.txt (the run's: [TMP]/t.txt)"),
+        "{e}"
+    );
+    assert!(!e.contains("--seq-len"), "the same value is fine: {e}");
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.jsonl")).unwrap(),
+        lines,
+        "nothing ran"
+    );
+    // the same values and the same data are accepted
+    let out = resume(&["--batch-size", "2", "--data", "t.txt"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// SIGTERM (what `timeout`, `docker stop` and Slurm send) saves a checkpoint and exits 130, and

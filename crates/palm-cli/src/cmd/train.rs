@@ -138,6 +138,10 @@ pub struct Args {
     /// Also write every batch and the initial model into --out (for scripts/compare-train.sh).
     #[arg(long, hide = true)]
     pub export_batches: bool,
+    /// The flags given on the command line (not defaulted), set by main: `--resume` refuses
+    /// those that differ from the run's saved settings.
+    #[arg(skip)]
+    pub explicit: Vec<String>,
 }
 
 fn train_config(a: &Args) -> TrainConfig {
@@ -181,6 +185,98 @@ fn train_config(a: &Args) -> TrainConfig {
         }),
         export_batches: a.export_batches,
     }
+}
+
+/// `--resume` continues the run with the settings saved in its checkpoint: a flag given on the
+/// command line that differs from them is refused by name (with the run's value), rather than
+/// silently ignored. `--steps` may extend the run; `--out`, `--quiet`, `--precision` and a
+/// `--data` naming the same files are fine.
+fn check_resume_flags(
+    a: &Args,
+    saved: &TrainConfig,
+    saved_files: &[PathBuf],
+    saved_tokenizer: &str,
+) -> Result<()> {
+    let given = serde_json::to_value(train_config(a))?;
+    let run = serde_json::to_value(saved)?;
+    // flag id -> the saved setting it sets (a JSON pointer into TrainConfig)
+    const FLAGS: &[(&str, &str)] = &[
+        ("batch_size", "/batch_size"),
+        ("grad_accum", "/grad_accum"),
+        ("seq_len", "/seq_len"),
+        ("lr", "/lr"),
+        ("min_lr", "/min_lr"),
+        ("warmup", "/warmup"),
+        ("optimizer", "/optimizer"),
+        ("weight_decay", "/optimizer"),
+        ("max_grad_norm", "/max_grad_norm"),
+        ("eval_every", "/eval_every"),
+        ("eval_batches", "/eval_batches"),
+        ("sample_every", "/sample_every"),
+        ("save_every", "/save_every"),
+        ("keep_checkpoints", "/keep_checkpoints"),
+        ("seed", "/seed"),
+        ("order", "/order"),
+        ("val_fraction", "/val_fraction"),
+        ("lora_scope", "/lora/scope"),
+        ("lora_r", "/lora/r"),
+        ("export_batches", "/export_batches"),
+    ];
+    let flag = |id: &str| format!("--{}", id.replace('_', "-"));
+    let mut differ = Vec::new();
+    for id in &a.explicit {
+        if let Some((_, ptr)) = FLAGS.iter().find(|(f, _)| f == id) {
+            let (g, r) = (given.pointer(ptr), run.pointer(ptr));
+            if g != r {
+                let show =
+                    |v: Option<&serde_json::Value>| v.map_or("none".to_string(), |v| v.to_string());
+                differ.push(format!("{} {} (the run's: {})", flag(id), show(g), show(r)));
+            }
+        }
+    }
+    for id in ["model", "config"] {
+        if a.explicit.iter().any(|e| e == id) {
+            differ.push(format!(
+                "{} (the run's model comes from its checkpoint)",
+                flag(id)
+            ));
+        }
+    }
+    if let Some(t) = a.tokenizer.as_ref().filter(|t| {
+        let abs = std::fs::canonicalize(t).map(|p| p.display().to_string());
+        t.as_str() != saved_tokenizer && abs.as_deref().ok() != Some(saved_tokenizer)
+    }) {
+        differ.push(format!("--tokenizer {t} (the run's: {saved_tokenizer})"));
+    }
+    if !a.data.is_empty() {
+        let abs: Vec<PathBuf> = a
+            .data
+            .iter()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+            .collect();
+        if abs != saved_files {
+            let names = |v: &[PathBuf]| {
+                v.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            differ.push(format!(
+                "--data {} (the run's: {})",
+                names(&a.data),
+                names(saved_files)
+            ));
+        }
+    }
+    if !differ.is_empty() {
+        bail!(
+            "--resume continues {} with its saved settings, and these flags differ from them:\n  {}\n\
+             drop them (only --steps may change on resume), or start a new run with another --out",
+            a.out.display(),
+            differ.join("\n  ")
+        );
+    }
+    Ok(())
 }
 
 /// The fresh model of `--config` (default `small`), with the tokenizer's vocabulary.
@@ -236,6 +332,7 @@ pub fn run(mut a: Args) -> Result<()> {
     let stop = palm::train::run::stop_flag();
     let mut trainer = if a.resume {
         let (ckpt, st) = Trainer::resume_state(&a.out)?;
+        check_resume_flags(&a, &st.config, &st.data_files, &st.tokenizer)?;
         let files = if a.data.is_empty() {
             st.data_files.clone()
         } else {
