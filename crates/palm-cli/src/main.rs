@@ -71,7 +71,8 @@ fn main() {
         // SAFETY: sets a documented mimalloc option before any threads start.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     }
-    let matches = Cli::command().get_matches();
+    // negative numbers are values, not flags (`--clip-low -0.2`, `--seed -1` gets clap's range error)
+    let matches = Cli::command().mut_subcommands(negatives).get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     if let (Command::Train(a), Some(("train", m))) = (&mut cli.command, matches.subcommand()) {
         a.explicit = explicit_flags(m);
@@ -108,6 +109,11 @@ fn main() {
         }
         std::process::exit(1);
     }
+}
+
+/// Lets a command and all its subcommands take negative numbers as values.
+fn negatives(c: clap::Command) -> clap::Command {
+    c.allow_negative_numbers(true).mut_subcommands(negatives)
 }
 
 /// The ids of the arguments given on the command line (not those left at their defaults).

@@ -192,3 +192,15 @@ fn logs_to_a_file_or_pipe_carry_no_colour_codes() {
     assert!(e.contains("INFO"), "a log line is expected: {e}");
     assert!(!e.contains('\u{1b}'), "ANSI escape in a piped log: {e:?}");
 }
+
+#[test]
+fn negative_numbers_are_values() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_checkpoint(d.path());
+    // a negative temperature reaches the sampler (greedy), not clap's "unexpected argument"
+    palm_cmd()
+        .args(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "-1", "--model"])
+        .arg(d.path())
+        .assert()
+        .success();
+}

@@ -154,10 +154,26 @@ impl PalmConfig {
                 dim_head: 64,
                 ..Self::new(256, 512, 8)
             }),
+            other if other.ends_with(".json") || other.contains(std::path::MAIN_SEPARATOR) => {
+                Err(Error::Config(format!(
+                    "{other}: no such file (a --config is a preset: tiny, small or base, or a config.json)"
+                )))
+            }
             other => Err(Error::Config(format!(
                 "unknown preset `{other}` (expected tiny, small or base, or a JSON file)"
             ))),
         }
+    }
+
+    /// Parameters of the model this config describes (embedding, blocks, final norm; the output
+    /// projection is tied), for a memory estimate before anything is allocated.
+    pub fn num_parameters(&self) -> u128 {
+        let (d, v) = (self.dim as u128, self.num_tokens as u128);
+        let fused = self.fused_dim() as u128;
+        let attn_out = self.attn_inner_dim() as u128 * d;
+        let ff_out = self.ff_inner_dim() as u128 * d;
+        let block = d + fused * d + attn_out + ff_out;
+        v * d + self.depth as u128 * block + d
     }
 
     pub fn attn_inner_dim(&self) -> usize {
@@ -228,6 +244,28 @@ mod tests {
         assert_eq!((c.dim_head, c.heads, c.ff_mult, c.lora_r), (64, 8, 4, 8));
         assert!(c.causal && !c.qk_rmsnorm);
         assert_eq!(c.rotary_xpos_scale_base, 512);
+    }
+
+    #[test]
+    fn num_parameters_counts_what_palm_new_allocates() {
+        for name in ["tiny", "small"] {
+            let c = PalmConfig::preset(name).unwrap();
+            let m = crate::Palm::new(&c, 0, &candle_core::Device::Cpu).unwrap();
+            assert_eq!(c.num_parameters(), m.vars.num_elements() as u128, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_config_too_big_for_memory_is_refused_before_allocating() {
+        let c = PalmConfig::new(256, 200_000, 4);
+        let e = crate::Palm::new(&c, 0, &candle_core::Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("GiB of f32 weights") && e.contains("memory available"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_config_file_says_so() {
+        let e = PalmConfig::preset("missing.json").unwrap_err().to_string();
+        assert!(e.contains("missing.json: no such file"), "{e}");
     }
 
     #[test]

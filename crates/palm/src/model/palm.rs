@@ -47,6 +47,34 @@ pub struct Forward<'a> {
     pub fused_blocks: bool,
 }
 
+/// Refuses a config whose f32 weights alone exceed the memory available (Linux's
+/// `MemAvailable`), with the figures, before the allocation would abort the process.
+fn check_fits_in_memory(cfg: &crate::config::PalmConfig) -> Result<()> {
+    let params = cfg.num_parameters();
+    let bytes = params.saturating_mul(4);
+    let Some(avail) = available_memory() else {
+        return Ok(());
+    };
+    if bytes > avail as u128 {
+        let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
+        return Err(Error::Config(format!(
+            "this config has {params} parameters: {:.1} GiB of f32 weights alone (training needs about 4x), \
+             more than the {:.1} GiB of memory available; reduce dim, depth or the vocabulary",
+            gib(bytes),
+            gib(avail as u128)
+        )));
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes (None where it cannot be read).
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Masked attention scores take this value, as in the original (-FLT_MAX, not -inf), so a fully
 /// masked row gives uniform attention instead of NaN.
 const MASK_VALUE: f32 = -f32::MAX;
@@ -487,6 +515,7 @@ impl Palm {
     /// U(-1/sqrt(in), 1/sqrt(in)), norm gains 0 (offsets), qk scales 1).
     pub fn new(cfg: &PalmConfig, seed: u64, device: &Device) -> Result<Self> {
         cfg.validate()?;
+        check_fits_in_memory(cfg)?;
         let mut r = rng::stream(seed, 0x1417);
         let mut vars = VarStore::new();
         let (c, v) = (cfg.dim, cfg.num_tokens);
