@@ -199,7 +199,16 @@ fn negative_numbers_are_values() {
     tiny_checkpoint(d.path());
     // a negative temperature reaches the sampler (greedy), not clap's "unexpected argument"
     palm_cmd()
-        .args(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--temperature", "-1", "--model"])
+        .args([
+            "generate",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+            "--temperature",
+            "-1",
+            "--model",
+        ])
         .arg(d.path())
         .assert()
         .success();

@@ -51,6 +51,21 @@ fn ppo_with_a_trained_reward_model_then_resume() {
     let e = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
     assert!(e.contains("already holds a PPO run"), "{e}");
     assert_eq!(std::fs::read(&metrics).unwrap(), before);
+
+    // a prompt too long for the context is refused before anything is written
+    let long = "Q".repeat(70);
+    std::fs::write(d.path().join("long.txt"), format!("Q1:\n{long}\n")).unwrap();
+    let out = ppo(
+        d.path(),
+        "long.txt",
+        "run-long",
+        &["--policy", "base", "--steps", "1"],
+    )
+    .assert()
+    .failure();
+    let e = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(e.contains("long.txt: prompt 2 has"), "{e}");
+    assert!(!d.path().join("run-long").exists(), "nothing written");
 }
 
 #[test]
@@ -121,9 +136,15 @@ fn ppo_then_resume(extra: &[&str]) -> tempfile::TempDir {
     let mut args = vec!["--policy", "base", "--steps", "2"];
     args.extend(small);
     args.extend(extra);
-    ppo(d.path(), "prompts.txt", "run", &args)
+    let out = ppo(d.path(), "prompts.txt", "run", &args)
         .assert()
         .success();
+    // stderr is a pipe here: a progress line per step instead of a bar
+    let e = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        e.contains("ppo step 1/2: score") && e.contains("ppo step 2/2"),
+        "{e}"
+    );
     let lines = |p: &Path| std::fs::read_to_string(p).unwrap().lines().count();
     let metrics = d.path().join("run/metrics.jsonl");
     assert_eq!(lines(&metrics), 2);

@@ -258,8 +258,13 @@ mod tests {
     #[test]
     fn a_config_too_big_for_memory_is_refused_before_allocating() {
         let c = PalmConfig::new(256, 200_000, 4);
-        let e = crate::Palm::new(&c, 0, &candle_core::Device::Cpu).unwrap_err().to_string();
-        assert!(e.contains("GiB of f32 weights") && e.contains("memory available"), "{e}");
+        let e = crate::Palm::new(&c, 0, &candle_core::Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("GiB of f32 weights") && e.contains("memory available"),
+            "{e}"
+        );
     }
 
     #[test]

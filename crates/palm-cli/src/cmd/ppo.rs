@@ -265,6 +265,30 @@ pub(crate) fn load_reward(
     )
 }
 
+/// Every prompt and its `max_new_tokens` must fit the policy's context: checked before anything
+/// is written (a too-long prompt used to fail mid-run and leave `metrics.jsonl` behind).
+fn check_prompt_lengths(
+    file: &Path,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    ctx: usize,
+) -> Result<()> {
+    if let Some((i, p)) = prompts
+        .iter()
+        .enumerate()
+        .find(|(_, p)| p.len() + max_new_tokens > ctx)
+    {
+        bail!(
+            "{}: prompt {} has {} tokens; with --max-new-tokens {max_new_tokens} that exceeds the \
+             policy's context of {ctx} (shorten it, or lower --max-new-tokens)",
+            file.display(),
+            i + 1,
+            p.len()
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: Args) -> Result<()> {
     let dev = super::device();
     let tok = match (&a.policy, &a.tokenizer) {
@@ -300,8 +324,15 @@ pub fn run(a: Args) -> Result<()> {
         {
             bail!("--resume continues the saved run exactly: only --steps may change");
         }
-        PpoTrainer::resume(&a.out.join("checkpoint"), &dev, a.steps)
-            .with_context(|| format!("resuming from {}", a.out.join("checkpoint").display()))?
+        let t = PpoTrainer::resume(&a.out.join("checkpoint"), &dev, a.steps)
+            .with_context(|| format!("resuming from {}", a.out.join("checkpoint").display()))?;
+        check_prompt_lengths(
+            &a.prompts,
+            &prompts,
+            t.cfg.max_new_tokens,
+            t.model.max_seq_len(),
+        )?;
+        t
     } else {
         // a new run never overwrites another: its checkpoint, policy or metrics
         if let Some(f) = ["checkpoint", "policy", "metrics.jsonl"]
@@ -327,6 +358,12 @@ pub fn run(a: Args) -> Result<()> {
         let policy = a.policy.as_ref().context("--policy is required")?;
         let model = palm::load::load_model(policy, &dev)
             .with_context(|| format!("loading policy {}", policy.display()))?;
+        check_prompt_lengths(
+            &a.prompts,
+            &prompts,
+            cfg.max_new_tokens,
+            model.max_seq_len(),
+        )?;
         if let Some(v) = rm_vocab.filter(|&v| v != model.vocab_size()) {
             bail!(
                 "the policy's vocabulary ({}) differs from the reward model's ({v})",
@@ -371,6 +408,7 @@ pub fn run(a: Args) -> Result<()> {
         PpoTrainer::with_reward_model(model, cfg, rm.as_ref())?
     };
     let total = trainer.cfg.steps as u64;
+    let piped = !std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = ProgressBar::new(total).with_position(trainer.step as u64);
     bar.set_style(ProgressStyle::with_template(
         "ppo {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
@@ -383,12 +421,17 @@ pub fn run(a: Args) -> Result<()> {
         None,
         &a.out,
         |m| {
-            bar.set_message(format!(
+            let msg = format!(
                 "score {:.3} kl {:.3}",
                 m["objective/scores"].as_f64().unwrap_or(f64::NAN),
                 m["objective/kl"].as_f64().unwrap_or(f64::NAN)
-            ));
+            );
             bar.inc(1);
+            if piped {
+                // no bar where stderr is a file or a pipe: a log line per step instead
+                tracing::info!("ppo step {}/{total}: {msg}", bar.position());
+            }
+            bar.set_message(msg);
         },
     )?;
     bar.finish();
