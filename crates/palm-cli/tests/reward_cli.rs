@@ -197,3 +197,35 @@ fn bad_data_names_file_and_line_and_writes_nothing() {
     assert!(msg.contains(&format!("{}:2:", bad.display())), "{msg}");
     assert!(!run.exists(), "nothing written before the inputs are valid");
 }
+
+#[test]
+fn resume_extends_epochs_and_names_what_differs() {
+    let d = tempfile::tempdir().unwrap();
+    let base = tiny_base(d.path());
+    let data = pairs_file(d.path());
+    let run = d.path().join("rm");
+    let train = |extra: &[&str]| {
+        palm()
+            .args(["reward", "train", "--max-len", "32", "--model"])
+            .arg(&base)
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&run)
+            .args(extra)
+            .assert()
+    };
+    train(&["--epochs", "1", "--batch-size", "4"]).success();
+    let lines = |p: &Path| std::fs::read_to_string(p).unwrap().lines().count();
+    assert_eq!(lines(&run.join("metrics.jsonl")), 3);
+    // more epochs continue the run
+    let out = train(&["--epochs", "2", "--batch-size", "4", "--resume"]).success();
+    assert_eq!(json(&out.get_output().stdout)["steps"], 6);
+    assert_eq!(lines(&run.join("metrics.jsonl")), 6);
+    // other settings are refused by name, with the run's values, and nothing runs
+    let out = train(&["--epochs", "3", "--batch-size", "2", "--resume"]).failure();
+    let e = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(e.contains("batch_size: 2 (the run's: 4)"), "{e}");
+    assert!(!e.contains("RewardTrainConfig {"), "no Debug dump: {e}");
+    assert_eq!(lines(&run.join("metrics.jsonl")), 6);
+}

@@ -493,13 +493,11 @@ pub fn train_examples(
     if resume {
         let ck = checkpoint_dir(run_dir);
         let st: TrainerState = read_json(&ck.join(TRAINER_FILE))?;
-        if st.cfg != *cfg || st.train_pairs != n_train || st.ratings != ratings {
+        check_resume(&ck.join(TRAINER_FILE), &st, cfg, n_train, ratings)?;
+        if st.step > total {
             return Err(Error::Config(format!(
-                "{}: the run was started with other settings or data ({} {}, {:?}); resume with the same ones",
-                ck.join(TRAINER_FILE).display(),
-                st.train_pairs,
-                if st.ratings { "ratings" } else { "pairs" },
-                st.cfg
+                "--epochs {} gives {total} steps, but the run is already at step {}",
+                cfg.epochs, st.step
             )));
         }
         opt.load_state(&read_tensors(
@@ -662,6 +660,55 @@ pub fn train_examples(
     };
     write_json_atomic(&run_dir.join(SUMMARY_FILE), &summary)?;
     Ok(summary)
+}
+
+/// A resumed run must have the same data and settings, except `epochs`, which may extend it
+/// (the learning-rate schedule then stretches, as `palm train --resume --steps` does). A mismatch
+/// names each differing setting with both values.
+fn check_resume(
+    file: &Path,
+    st: &TrainerState,
+    cfg: &RewardTrainConfig,
+    n_train: usize,
+    ratings: bool,
+) -> Result<()> {
+    let mut differ = Vec::new();
+    if st.train_pairs != n_train || st.ratings != ratings {
+        let kind = |r: bool| if r { "ratings" } else { "pairs" };
+        differ.push(format!(
+            "data: {n_train} {} (the run's: {} {})",
+            kind(ratings),
+            st.train_pairs,
+            kind(st.ratings)
+        ));
+    }
+    let (now, run) = (
+        serde_json::to_value(cfg).map_err(|e| Error::msg(e.to_string()))?,
+        serde_json::to_value(&st.cfg).map_err(|e| Error::msg(e.to_string()))?,
+    );
+    if let (Some(now), Some(run)) = (now.as_object(), run.as_object()) {
+        for (k, v) in now {
+            if k != "epochs" && run.get(k) != Some(v) {
+                let was = run.get(k).map_or("none".to_string(), |r| r.to_string());
+                differ.push(format!("{k}: {v} (the run's: {was})"));
+            }
+        }
+    }
+    if !differ.is_empty() {
+        return Err(Error::Config(format!(
+            "{}: resume with the run's data and settings (only --epochs may change); these differ:\n  {}",
+            file.display(),
+            differ.join("\n  ")
+        )));
+    }
+    if cfg.epochs != st.cfg.epochs {
+        tracing::warn!(
+            "--epochs {} replaces the run's {} (the learning-rate schedule stretches)",
+            cfg.epochs,
+            st.cfg.epochs
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
