@@ -213,3 +213,57 @@ fn negative_numbers_are_values() {
         .assert()
         .success();
 }
+
+/// Every flag of every command says what it does in `--help` (half of `palm ppo --help` once had
+/// no descriptions).
+#[test]
+fn every_flag_of_every_command_has_a_description() {
+    let commands: &[&[&str]] = &[
+        &["info"],
+        &["generate"],
+        &["chat"],
+        &["tokenize"],
+        &["export"],
+        &["bench"],
+        &["train"],
+        &["reward", "train"],
+        &["reward", "eval"],
+        &["reward", "score"],
+        &["ppo"],
+        &["rl"],
+        &["dpo"],
+        &["dpo", "eval"],
+        &["quickstart"],
+        &["serve"],
+        &["feedback", "user", "add"],
+        &["feedback", "user", "list"],
+        &["feedback", "export"],
+        &["feedback", "prompts"],
+        &["feedback", "agreement"],
+    ];
+    let mut bare = Vec::new();
+    for c in commands {
+        let out = palm_cmd().args(*c).arg("--help").assert().success();
+        let help = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let is_flag = l.starts_with("      --") || l.starts_with("  -");
+            // short help puts the description on the flag's line, long help on the next
+            let inline = l
+                .trim_start()
+                .split_once("  ")
+                .is_some_and(|(_, d)| !d.trim().is_empty());
+            let next_is_text = lines.get(i + 1).is_some_and(|n| {
+                !n.trim().is_empty() && !n.starts_with("      --") && !n.starts_with("  -")
+            });
+            if is_flag && !inline && !next_is_text {
+                bare.push(format!("palm {}: {}", c.join(" "), l.trim()));
+            }
+        }
+    }
+    assert!(
+        bare.is_empty(),
+        "flags without a description:\n{}",
+        bare.join("\n")
+    );
+}

@@ -54,8 +54,10 @@ pub struct TrainArgs {
     /// Held-out pairs, evaluated before and after.
     #[arg(long, num_args = 1..)]
     pub eval: Vec<PathBuf>,
+    /// Run directory (metrics, plots, reference log-probs, checkpoint, policy/).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Continue OUT/checkpoint exactly.
     #[arg(long)]
     pub resume: bool,
     #[arg(long, value_enum, default_value_t = LossArg::Sigmoid)]
@@ -92,6 +94,7 @@ pub struct TrainArgs {
     pub eval_every: usize,
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
+    /// `bytes`, a tokenizer.json or a llama2.c .bin (default: the model's own).
     #[arg(long)]
     pub tokenizer: Option<String>,
     /// `auto`: render pairs with the model's chat template (when it has one); `none`: raw text.
@@ -104,12 +107,16 @@ pub struct EvalArgs {
     /// A `palm dpo` run directory.
     #[arg(long)]
     pub run: PathBuf,
+    /// Held-out preference files (the same formats as `palm dpo --data`).
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
+    /// Token budget per pair (default and most: the model's context).
     #[arg(long)]
     pub max_len: Option<usize>,
+    /// Evaluate at most this many pairs.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// `bytes`, a tokenizer.json or a llama2.c .bin (default: the model's own).
     #[arg(long)]
     pub tokenizer: Option<String>,
     #[arg(long, value_enum, default_value_t = TemplateArg::Auto)]

@@ -29,6 +29,7 @@ pub enum Command {
     },
     /// Export rankings as preference pairs, or demonstrations as SFT data (JSONL).
     Export {
+        /// The database: `sqlite://FILE` or `postgres://...`.
         #[arg(long)]
         db: String,
         /// Output file (`-` for stdout).
@@ -42,6 +43,7 @@ pub enum Command {
     },
     /// Agreement between labellers on shared tasks (JSON).
     Agreement {
+        /// The database: `sqlite://FILE` or `postgres://...`.
         #[arg(long)]
         db: String,
     },
@@ -52,6 +54,7 @@ pub enum UserCommand {
     /// Add a user and print their token on stdout (shown once; only its hash is stored).
     Add {
         name: String,
+        /// The database: `sqlite://FILE` or `postgres://...`.
         #[arg(long)]
         db: String,
         /// The user can manage users and prompts, and export.
@@ -60,6 +63,7 @@ pub enum UserCommand {
     },
     /// List users with their counts (JSON lines).
     List {
+        /// The database: `sqlite://FILE` or `postgres://...`.
         #[arg(long)]
         db: String,
     },

@@ -103,21 +103,29 @@ pub struct Args {
     /// `palm generate`; bytes when none is found or on --resume without --policy).
     #[arg(long)]
     pub tokenizer: Option<String>,
+    /// PPO iterations (each: a batch of rollouts, then the updates) [default: 100; with
+    /// --resume, the run's own: more extends it].
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Rollouts (prompt + sampled response) per iteration [default: 64].
     #[arg(long)]
     pub batch_size: Option<usize>,
+    /// Rollouts per gradient update [default: 16].
     #[arg(long)]
     pub minibatch_size: Option<usize>,
+    /// Passes over each iteration's rollouts [default: 4].
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Most tokens of a sampled response [default: 16].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
     /// Rollout temperature (pure temperature sampling; also used for the log-probs).
     #[arg(long)]
     pub temperature: Option<f32>,
+    /// Learning rate of the policy (LoRA or full) [default: 1e-3].
     #[arg(long)]
     pub actor_lr: Option<f64>,
+    /// Learning rate of the critic (its LoRA scope and value head) [default: 1e-3].
     #[arg(long)]
     pub critic_lr: Option<f64>,
     /// KL coefficient beta (initial value when --kl-target is given).
@@ -126,11 +134,14 @@ pub struct Args {
     /// Target KL per response for the adaptive controller.
     #[arg(long)]
     pub kl_target: Option<f64>,
-    /// k1, k2 or k3.
+    /// KL estimator: k1 (log-ratio), k2 (squared log-ratio / 2) or k3 (ratio - 1 - log-ratio)
+    /// [default: k1].
     #[arg(long)]
     pub kl_estimator: Option<String>,
+    /// Fixes LoRA init, prompt order and sampling [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Checkpoint every N iterations (0: only at the end) [default: 0].
     #[arg(long)]
     pub save_every: Option<usize>,
     /// Before and after training, sample N responses per prompt (seed 0, the run's temperature and

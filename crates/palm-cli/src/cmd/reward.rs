@@ -133,13 +133,16 @@ pub struct EvalArgs {
     /// Reward model directory (or a run directory holding reward_model/).
     #[arg(long)]
     pub model: PathBuf,
+    /// Held-out preference pairs or ratings (the same formats as `palm reward train --data`).
     #[arg(long, num_args = 1.., required = true)]
     pub data: Vec<PathBuf>,
     /// Token budget per sequence (default: the one the model was trained with).
     #[arg(long)]
     pub max_len: Option<usize>,
+    /// Sequences scored per forward.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// `bytes`, a tokenizer.json or a llama2.c .bin (default: the reward model's own).
     #[arg(long)]
     pub tokenizer: Option<String>,
     /// As for `palm reward train` (use the training run's choice).
@@ -152,10 +155,13 @@ pub struct ScoreArgs {
     /// Reward model directory (or a run directory holding reward_model/).
     #[arg(long)]
     pub model: PathBuf,
+    /// The prompt (or the user turn, with the chat template).
     #[arg(long)]
     pub prompt: String,
+    /// The response to score.
     #[arg(long)]
     pub response: String,
+    /// `bytes`, a tokenizer.json or a llama2.c .bin (default: the reward model's own).
     #[arg(long)]
     pub tokenizer: Option<String>,
     /// As for `palm reward train` (use the training run's choice).

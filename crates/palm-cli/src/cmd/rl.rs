@@ -86,16 +86,19 @@ pub struct Args {
     /// Prompts (JSONL or text) when a reward model or judge scores.
     #[arg(long, required_unless_present = "task")]
     pub prompts: Option<PathBuf>,
+    /// Run directory (metrics, plots, checkpoint, policy/).
     #[arg(long)]
     pub out: PathBuf,
     /// Continue OUT/checkpoint exactly (only --steps may change).
     #[arg(long)]
     pub resume: bool,
+    /// `bytes`, a tokenizer.json or a llama2.c .bin (default: the policy's own).
     #[arg(long)]
     pub tokenizer: Option<String>,
     /// Responses per prompt (G); at least 2 for group estimators.
     #[arg(long)]
     pub group_size: Option<usize>,
+    /// Iterations [default: 100; with --resume, the run's own: more extends it].
     #[arg(long)]
     pub steps: Option<usize>,
     /// Prompts per step.
@@ -110,12 +113,16 @@ pub struct Args {
     /// Responses per forward within an optimiser step (gradient accumulation; 0: all).
     #[arg(long)]
     pub micro_batch_size: Option<usize>,
+    /// Most tokens of a sampled completion [default: 16].
     #[arg(long)]
     pub max_new_tokens: Option<usize>,
+    /// Sampling temperature; the training forward divides the logits by it too [default: 1.0].
     #[arg(long)]
     pub temperature: Option<f32>,
+    /// Learning rate of the policy [default: 1e-3].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// KL coefficient beta (0 turns the KL term off) [default: the algorithm's].
     #[arg(long)]
     pub kl_coef: Option<f64>,
     /// k1, k2 or k3.
@@ -126,8 +133,10 @@ pub struct Args {
     /// token-mean, seq-mean-token-mean, seq-mean-token-sum or seq-mean-token-sum-norm.
     #[arg(long)]
     pub loss_agg: Option<String>,
+    /// Lower clip range of the ratio (1 - eps_low) [default: 0.2].
     #[arg(long)]
     pub clip_low: Option<f32>,
+    /// Upper clip range of the ratio (1 + eps_high; DAPO raises it) [default: 0.2, DAPO 0.28].
     #[arg(long)]
     pub clip_high: Option<f32>,
     /// DAPO's dynamic sampling: drop groups whose rewards are all equal.
@@ -145,10 +154,13 @@ pub struct Args {
     /// Entropy-shaped advantages: A_t += min(0.4 H_t, |A_t| / 2).
     #[arg(long)]
     pub entropy_advantage: Option<bool>,
+    /// LoRA rank of the policy scope [default: 8].
     #[arg(long)]
     pub lora_r: Option<usize>,
+    /// Fixes LoRA init, prompt order and sampling [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Checkpoint every N iterations (0: only at the end) [default: 0].
     #[arg(long)]
     pub save_every: Option<usize>,
     /// Held-out task prompts scored greedily before and after (with --task).
