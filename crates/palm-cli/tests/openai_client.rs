@@ -17,7 +17,7 @@ fn the_official_openai_client_works_unchanged() {
         if std::env::var("PALM_REQUIRE_OPENAI").as_deref() == Ok("1") {
             panic!("python3 is missing and PALM_REQUIRE_OPENAI=1");
         }
-        eprintln!("\n!!! SKIPPED: python3 is absent (CI sets PALM_REQUIRE_OPENAI=1) !!!\n");
+        palm::fixtures::skipped("python3 is absent (CI sets PALM_REQUIRE_OPENAI=1)");
         return;
     }
     let Some(model) = palm::fixtures::require(palm::fixtures::data_path(

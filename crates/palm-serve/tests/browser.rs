@@ -26,7 +26,7 @@ fn browser_available() -> bool {
     if std::env::var("PALM_REQUIRE_BROWSER").as_deref() == Ok("1") {
         panic!("{CHROMIUM} or {CHROMEDRIVER} is missing and PALM_REQUIRE_BROWSER=1 (apt-get install chromium chromium-driver)");
     }
-    eprintln!("\n!!! SKIPPED: {CHROMIUM} / {CHROMEDRIVER} absent (apt-get install chromium chromium-driver; CI sets PALM_REQUIRE_BROWSER=1) !!!\n");
+    palm::fixtures::skipped(&format!("{CHROMIUM} / {CHROMEDRIVER} absent (apt-get install chromium chromium-driver; CI sets PALM_REQUIRE_BROWSER=1)"));
     false
 }
 

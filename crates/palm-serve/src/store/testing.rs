@@ -36,10 +36,10 @@ pub async fn postgres_db() -> Option<TempDb> {
                      (set it to e.g. postgres://postgres@127.0.0.1:5432/test)"
                 );
             }
-            eprintln!(
-                "!!! SKIPPED: PALM_TEST_POSTGRES_URL is not set, so the PostgreSQL half of this \
-                 test did not run (set it to e.g. postgres://postgres@127.0.0.1:5432/test; \
-                 PALM_REQUIRE_POSTGRES=1 makes this an error)"
+            palm::fixtures::skipped(
+                "PALM_TEST_POSTGRES_URL is not set, so the PostgreSQL half of this test did not \
+                 run (set it to e.g. postgres://postgres@127.0.0.1:5432/test; \
+                 PALM_REQUIRE_POSTGRES=1 makes this an error)",
             );
             return None;
         }
