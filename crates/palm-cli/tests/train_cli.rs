@@ -1,6 +1,8 @@
 //! `palm train` from the command line: bad input is refused before RUN_DIR is touched (stderr
 //! snapshots), a tiny run writes its run directory, and `--resume` extends it.
 
+use std::path::Path;
+
 use assert_cmd::Command;
 
 fn palm_cmd() -> Command {
@@ -288,4 +290,120 @@ fn sigterm_saves_and_exits_130_then_resume_continues() {
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(s["steps"].as_u64(), Some(steps + 2));
     assert_eq!(s["completed"], true);
+}
+
+/// kill -9 at seeded random moments (the checkpoint writes slowed down so kills land inside
+/// them), resuming after each: the newest checkpoint always loads, and the run ends with the
+/// same per-step losses and the same final weights, bit for bit, as an uninterrupted run.
+/// `PALM_KILL_ROUNDS` sets the number of kills (default 6).
+#[test]
+fn kill_9_at_random_moments_then_resume_ends_where_an_uninterrupted_run_ends() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::write(
+        r.join("t.txt"),
+        "to be or not to be, that is the question. ".repeat(40),
+    )
+    .unwrap();
+    let cfg = tiny_config(r);
+    let start = |run: &Path, resume: bool| {
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("palm"));
+        c.current_dir(r)
+            .env("PALM_TEST_CHECKPOINT_DELAY_MS", "40")
+            .args(["train", "--quiet"]);
+        if resume {
+            c.arg("--resume");
+        } else {
+            c.args([
+                "--data",
+                "t.txt",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "2",
+                "--steps",
+                "40",
+            ]);
+            c.args([
+                "--save-every",
+                "2",
+                "--eval-every",
+                "4",
+                "--eval-batches",
+                "2",
+                "--config",
+            ])
+            .arg(&cfg);
+        }
+        c.arg("--out")
+            .arg(run)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c.spawn().unwrap()
+    };
+    // the uninterrupted run
+    let reference = r.join("reference");
+    assert!(start(&reference, false).wait().unwrap().success());
+    // the killed one
+    let run = r.join("killed");
+    let rounds: usize = std::env::var("PALM_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let mut seed: u64 = 0x5eed;
+    let (mut kills, mut finished, mut in_writes) = (0, false, 0);
+    while kills < rounds && !finished {
+        let has_checkpoint = run.join("checkpoints").read_dir().is_ok_and(|mut d| {
+            d.any(|e| e.is_ok_and(|e| !e.file_name().to_string_lossy().contains(".tmp-")))
+        });
+        let mut child = start(&run, has_checkpoint);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let wait_ms = 20 + (seed >> 33) % 250;
+        std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+        match child.try_wait().unwrap() {
+            Some(st) => {
+                assert!(st.success(), "round {kills}: the run failed on its own");
+                finished = true;
+            }
+            None => {
+                child.kill().unwrap(); // SIGKILL
+                child.wait().unwrap();
+                kills += 1;
+                let mid_write = run.join("checkpoints").read_dir().is_ok_and(|mut d| {
+                    d.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().contains(".tmp-")))
+                });
+                in_writes += usize::from(mid_write);
+            }
+        }
+    }
+    if !finished {
+        let has_checkpoint = run.join("checkpoints").exists();
+        assert!(
+            start(&run, has_checkpoint).wait().unwrap().success(),
+            "the last resume"
+        );
+    }
+    eprintln!("{kills} kills survived, {in_writes} of them during a checkpoint write");
+    // same per-step losses, same final weights
+    let losses = |run: &Path| -> Vec<(u64, String)> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["step"].as_u64().unwrap(), v["loss"].to_string())
+            })
+            .collect()
+    };
+    assert_eq!(losses(&run), losses(&reference));
+    let weights = |run: &Path| std::fs::read(run.join("final/model.safetensors")).unwrap();
+    assert!(weights(&run) == weights(&reference), "final weights differ");
+    let summary = |run: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+    };
+    for k in ["final_train_loss", "final_val_loss", "steps", "completed"] {
+        assert_eq!(summary(&run)[k], summary(&reference)[k], "{k}");
+    }
 }

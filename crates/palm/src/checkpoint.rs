@@ -60,6 +60,17 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     })
 }
 
+/// Crash tests widen the window between a checkpoint's files and its rename with
+/// `PALM_TEST_CHECKPOINT_DELAY_MS`, so a kill lands inside a write; unset, nothing happens.
+fn test_delay() {
+    if let Some(ms) = std::env::var("PALM_TEST_CHECKPOINT_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
 /// Removes `DIR.tmp-*` siblings of `dir` (this process's own included).
 fn remove_stale_temporaries(dir: &Path) -> Result<()> {
     let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
@@ -108,6 +119,7 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    test_delay();
     // fsync every file written.
     for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
         let p = entry.map_err(|e| Error::io(&tmp, e))?.path();
