@@ -189,6 +189,13 @@ struct Worker {
 
 type Incoming = mpsc::UnboundedReceiver<(Job, mpsc::UnboundedSender<Event>)>;
 
+/// How a prefill failed: before its rows joined (the job alone fails), or while joining (the
+/// batch does).
+enum Prefill {
+    Job(candle_core::Error),
+    Batch(candle_core::Error),
+}
+
 impl Worker {
     fn run(mut self, mut rx: Incoming) {
         loop {
@@ -221,11 +228,15 @@ impl Worker {
                 break;
             }
             let w = self.waiting.pop_front().expect("front exists");
-            if let Err(e) = self.prefill(&w) {
-                // this job fails alone; the running batch is untouched
-                tracing::error!("engine: prefill failed: {e}");
-                self.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
-                let _ = w.events.send(Event::Error(e.to_string()));
+            match self.prefill(&w) {
+                Ok(()) => {}
+                Err(Prefill::Job(e)) => {
+                    // nothing of this job joined: it fails alone, the running batch goes on
+                    tracing::error!("engine: prefill failed: {e}");
+                    self.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
+                    let _ = w.events.send(Event::Error(e.to_string()));
+                }
+                Err(Prefill::Batch(e)) => return Err(e),
             }
         }
         Ok(())
@@ -263,7 +274,11 @@ impl Worker {
     /// Runs the prompt, samples each choice's first token, and joins the rows that go on. With
     /// absolute positions, the prompt is prefilled left-padded to the batch's length, so its keys
     /// sit at the positions the batch continues from.
-    fn prefill(&mut self, w: &Waiting) -> candle_core::Result<()> {
+    ///
+    /// A failure before any row joins ([`Prefill::Job`]) ends this job alone; a failure while
+    /// joining ([`Prefill::Batch`]) leaves the batch inconsistent, so the caller fails it all (the
+    /// job's rows are already in it, so every open row is accounted for).
+    fn prefill(&mut self, w: &Waiting) -> Result<(), Prefill> {
         let job = &w.job;
         let dev = self.model.device().clone();
         let mut cache = KvCache::new(self.model.depth());
@@ -275,12 +290,14 @@ impl Worker {
         let len = pad + job.prompt.len();
         let mut ids = vec![0i64; pad];
         ids.extend(job.prompt.iter().map(|&t| t as i64));
-        let ids = Tensor::from_vec(ids, (1, len), &dev)?; // [1, pad + L]
         let mut m = vec![0u8; pad];
         m.extend(std::iter::repeat_n(1u8, job.prompt.len()));
-        let key_mask = Tensor::from_vec(m, (1, len), &dev)?;
-        let logits = self.last_logits(&ids, (pad > 0).then_some(&key_mask), &mut cache)?;
+        let logits = Tensor::from_vec(ids, (1, len), &dev) // [1, pad + L]
+            .and_then(|ids| Ok((ids, Tensor::from_vec(m, (1, len), &dev)?)))
+            .and_then(|(ids, km)| self.last_logits(&ids, (pad > 0).then_some(&km), &mut cache))
+            .map_err(Prefill::Job)?;
         let open = Arc::new(AtomicUsize::new(job.n));
+        let mut joining = Vec::with_capacity(job.n);
         for choice in 0..job.n {
             let mut row = Row {
                 choice,
@@ -296,9 +313,11 @@ impl Worker {
             };
             let tok = sample_token(&logits, &row.sampling, &mut row.rng);
             self.push_token(&mut row, tok);
-            if row.done {
-                continue;
+            if !row.done {
+                joining.push(row);
             }
+        }
+        for row in joining {
             // the row joins: pad the batch or the prompt on the left to a common length
             let len = self.cache.len().max(cache.len());
             for m in self.mask.iter_mut() {
@@ -308,8 +327,17 @@ impl Worker {
             let mut m = vec![0u8; len - job.prompt.len()];
             m.extend(std::iter::repeat_n(1u8, job.prompt.len()));
             self.mask.push(m);
-            self.cache.join(&cache)?;
             self.rows.push(row);
+        }
+        // every continuing row is in `rows` before the caches join, so a failure here is the
+        // whole batch's (fail_all closes each row once)
+        let rows_of_job = self
+            .rows
+            .iter()
+            .filter(|r| Arc::ptr_eq(&r.open, &open))
+            .count();
+        for _ in 0..rows_of_job {
+            self.cache.join(&cache).map_err(Prefill::Batch)?;
         }
         Ok(())
     }

@@ -438,3 +438,71 @@ fn hf_decoders_batch_exactly_too() {
         s.stop();
     }
 }
+
+/// A job whose prefill fails (an id outside the vocabulary) fails alone: the running batch goes
+/// on, its slot is freed, and the next job runs.
+#[test]
+fn a_failing_prefill_fails_its_job_alone() {
+    use palm_serve::engine::{Engine, EngineConfig, Event, Job};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = common::tiny_model(dir.path());
+    let model = palm::load::load_model(&path, &candle_core::Device::Cpu).expect("model");
+    let engine = Engine::start(
+        model,
+        palm::tokenizer::Tokenizer::Bytes,
+        vec![],
+        EngineConfig {
+            max_batch: 4,
+            queue: 4,
+        },
+    );
+    let job = |prompt: Vec<u32>, max_tokens: usize| Job {
+        prompt,
+        n: 1,
+        max_tokens,
+        sampling: palm::sample::Sampling::greedy(),
+        seed: 0,
+        stop: vec![],
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let mut long = engine.submit(job(vec![1, 2, 3], 40)).expect("admitted");
+        // wait for the long job's first token: it is running
+        assert!(matches!(
+            long.recv().await,
+            Some(Event::Text { .. }) | Some(Event::Done { .. })
+        ));
+        let mut bad = engine.submit(job(vec![1, 999], 4)).expect("admitted");
+        match bad.recv().await {
+            Some(Event::Error(e)) => assert!(e.contains("999") || e.contains("index"), "{e}"),
+            other => panic!("expected an error, got {other:?}"),
+        }
+        // the long job still ends normally
+        let mut done = false;
+        while let Some(ev) = long.recv().await {
+            assert!(!matches!(ev, Event::Error(_)), "{ev:?}");
+            if matches!(ev, Event::Done { .. }) {
+                done = true;
+                break;
+            }
+        }
+        assert!(done);
+        let mut ok = engine.submit(job(vec![5, 6], 3)).expect("admitted");
+        let mut got_done = false;
+        while let Some(ev) = ok.recv().await {
+            if matches!(ev, Event::Done { tokens: 3, .. }) {
+                got_done = true;
+                break;
+            }
+        }
+        assert!(got_done);
+    });
+    assert_eq!(
+        engine.stats.in_flight.load(Ordering::SeqCst),
+        0,
+        "every slot is free"
+    );
+}
