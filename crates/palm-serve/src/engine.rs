@@ -461,10 +461,7 @@ impl Worker {
     /// Ends a row. The job leaves `in_flight` before its last event is sent, so a client that
     /// has its answer finds the slot free.
     fn finish(&self, row: &mut Row, reason: FinishReason) {
-        row.done = true;
-        if row.open.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
-        }
+        close(row, &self.stats);
         let _ = row.events.send(Event::Done {
             choice: row.choice,
             reason,
@@ -479,10 +476,7 @@ impl Worker {
             return Ok(());
         }
         for r in self.rows.iter_mut().filter(|r| r.events.is_closed()) {
-            r.done = true;
-            if r.open.fetch_sub(1, Ordering::SeqCst) == 1 {
-                self.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
-            }
+            close(r, &self.stats);
         }
         self.keep_rows(|r| !r.done)?;
         self.stats.cancelled.fetch_add(gone, Ordering::SeqCst);
@@ -520,14 +514,20 @@ impl Worker {
     fn fail_all(&mut self, msg: &str) {
         tracing::error!("engine: {msg}");
         for mut r in std::mem::take(&mut self.rows) {
-            r.done = true;
-            if r.open.fetch_sub(1, Ordering::SeqCst) == 1 {
-                self.stats.in_flight.fetch_sub(1, Ordering::SeqCst);
-            }
+            close(&mut r, &self.stats);
             let _ = r.events.send(Event::Error(msg.to_string()));
         }
         self.mask.clear();
         self.cache = KvCache::new(self.model.depth());
+    }
+}
+
+/// Marks a row done; when it was its job's last open row, the job leaves `in_flight`. Every way a
+/// row ends (finished, cancelled, failed) goes through here, so a job leaves exactly once.
+fn close(row: &mut Row, stats: &Stats) {
+    row.done = true;
+    if row.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+        stats.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
