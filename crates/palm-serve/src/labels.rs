@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 
 use crate::engine::Job;
 use crate::server::{ApiError, ApiJson, AppState, Served};
-use crate::store::{NewGeneration, RankingSubmission, User};
+use crate::store::{NewGeneration, RankingSubmission, Store, User};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -427,10 +427,9 @@ async fn export(
     Query(q): Query<ExportQuery>,
 ) -> Result<Response, ApiError> {
     admin_only(&u)?;
-    let kind = q.kind.as_deref().unwrap_or("pairs");
-    let lines: Vec<String> = match kind {
-        "pairs" => to_lines(&s.store.export_pairs(q.min_agreement).await?)?,
-        "sft" => to_lines(&s.store.export_sft().await?)?,
+    let kind = match q.kind.as_deref().unwrap_or("pairs") {
+        "pairs" => ExportKind::Pairs,
+        "sft" => ExportKind::Sft,
         other => {
             return Err(ApiError::bad(
                 "kind",
@@ -438,10 +437,8 @@ async fn export(
             ))
         }
     };
-    let mut body = lines.join("\n");
-    if !body.is_empty() {
-        body.push('\n');
-    }
+    let body = jsonl(&export_lines(&s.store, kind, q.min_agreement).await?);
+    let kind = kind.name();
     Ok((
         [
             (
@@ -456,6 +453,46 @@ async fn export(
         body,
     )
         .into_response())
+}
+
+/// What an export holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportKind {
+    /// `{"prompt", "chosen", "rejected"}` per ordered pair of each usable ranking.
+    Pairs,
+    /// `{"messages": [...]}` per written demonstration.
+    Sft,
+}
+
+impl ExportKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ExportKind::Pairs => "pairs",
+            ExportKind::Sft => "sft",
+        }
+    }
+}
+
+/// The JSON lines of an export: the page's download, `palm feedback export` and the
+/// `--data sqlite://...` snapshots all come from here. `min_agreement` filters pairs only.
+pub async fn export_lines(
+    store: &Store,
+    kind: ExportKind,
+    min_agreement: Option<f64>,
+) -> Result<Vec<String>, ApiError> {
+    match kind {
+        ExportKind::Pairs => to_lines(&store.export_pairs(min_agreement).await?),
+        ExportKind::Sft => to_lines(&store.export_sft().await?),
+    }
+}
+
+/// Lines as a JSONL text: one per line, newline-terminated (empty for none).
+pub fn jsonl(lines: &[String]) -> String {
+    let mut text = lines.join("\n");
+    if !text.is_empty() {
+        text.push('\n');
+    }
+    text
 }
 
 /// One JSON line per record.

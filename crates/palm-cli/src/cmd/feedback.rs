@@ -5,7 +5,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use palm_serve::store::Store;
+use palm_serve::labels::{export_lines, jsonl, ExportKind};
+use palm_serve::store::{redact_url, Store};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -69,6 +70,15 @@ pub enum UserCommand {
     },
 }
 
+impl From<Kind> for ExportKind {
+    fn from(k: Kind) -> Self {
+        match k {
+            Kind::Pairs => ExportKind::Pairs,
+            Kind::Sft => ExportKind::Sft,
+        }
+    }
+}
+
 /// `--kind`: what to export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kind {
@@ -90,21 +100,7 @@ pub fn run(a: Args) -> Result<()> {
 async fn open(db: &str) -> Result<Store> {
     Store::open(db)
         .await
-        .with_context(|| format!("opening the database {}", redact(db)))
-}
-
-/// The URL without a password.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let cred = &url[s + 3..at];
-            match cred.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
+        .with_context(|| format!("opening the database {}", redact_url(db)))
 }
 
 async fn dispatch(c: Command) -> Result<()> {
@@ -143,18 +139,14 @@ async fn dispatch(c: Command) -> Result<()> {
             min_agreement,
         } => {
             let store = open(&db).await?;
-            let lines = match kind {
-                Kind::Pairs => {
-                    palm_serve::labels::to_lines(&store.export_pairs(min_agreement).await?)
-                }
-                Kind::Sft => palm_serve::labels::to_lines(&store.export_sft().await?),
-            }
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let lines = export_lines(&store, kind.into(), min_agreement)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
             write_lines(&out, &lines)?;
             eprintln!(
                 "wrote {} {} records to {}",
                 lines.len(),
-                format!("{kind:?}").to_lowercase(),
+                ExportKind::from(kind).name(),
                 out.display()
             );
         }
@@ -168,10 +160,7 @@ async fn dispatch(c: Command) -> Result<()> {
 
 /// Writes JSONL to `out` (atomically for a file) or stdout for `-`.
 fn write_lines(out: &Path, lines: &[String]) -> Result<()> {
-    let mut text = lines.join("\n");
-    if !text.is_empty() {
-        text.push('\n');
-    }
+    let text = jsonl(lines);
     if out.as_os_str() == "-" {
         std::io::stdout().write_all(text.as_bytes())?;
         return Ok(());
@@ -198,7 +187,7 @@ pub fn materialise(data: &[PathBuf], kind: Kind, out: &Path) -> Result<Vec<PathB
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let name = format!("{kind:?}").to_lowercase();
+    let name = ExportKind::from(kind).name();
     let mut files = Vec::with_capacity(data.len());
     for (i, p) in data.iter().enumerate() {
         if !is_db_url(p) {
@@ -209,32 +198,30 @@ pub fn materialise(data: &[PathBuf], kind: Kind, out: &Path) -> Result<Vec<PathB
         if snap.exists() {
             tracing::info!(
                 "{}: reusing the snapshot {}",
-                redact(&p.to_string_lossy()),
+                redact_url(&p.to_string_lossy()),
                 snap.display()
             );
         } else {
             let url = p.to_string_lossy().into_owned();
             let lines = rt.block_on(async {
                 let store = open(&url).await?;
-                let lines = match kind {
-                    Kind::Pairs => palm_serve::labels::to_lines(&store.export_pairs(None).await?),
-                    Kind::Sft => palm_serve::labels::to_lines(&store.export_sft().await?),
-                }
-                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+                let lines = export_lines(&store, kind.into(), None)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
                 store.close().await;
                 anyhow::Ok(lines)
             })?;
             if lines.is_empty() {
                 anyhow::bail!(
                     "{}: the database has no {name} to train on yet",
-                    redact(&url)
+                    redact_url(&url)
                 );
             }
             std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
             write_lines(&snap, &lines)?;
             tracing::info!(
                 "{}: {} {name} records -> {}",
-                redact(&url),
+                redact_url(&url),
                 lines.len(),
                 snap.display()
             );
