@@ -504,11 +504,14 @@ pub fn to_lines<T: serde::Serialize>(records: &[T]) -> Result<Vec<String>, ApiEr
 }
 
 /// Prompts from a file: JSONL lines with `prompt` (or `messages`: the first user turn), or plain
-/// text with one prompt per line. Errors name the file and line.
+/// text with one prompt per line (gzip when the name ends in `.gz`). The file is streamed a line
+/// at a time and a line may hold at most [`palm::records::MAX_LINE_BYTES`]. Errors name the file
+/// and line.
 pub fn read_prompts(path: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines = palm::records::lines(path).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    while let Some(next) = lines.next_str() {
+        let (n, line) = next.map_err(|e| e.to_string())?;
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -518,7 +521,7 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>, String> {
             continue;
         }
         let v: Value =
-            serde_json::from_str(line).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+            serde_json::from_str(line).map_err(|e| format!("{}:{n}: {e}", path.display()))?;
         let p = v
             .get("prompt")
             .and_then(Value::as_str)
@@ -533,12 +536,42 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>, String> {
             Some(p) if !p.trim().is_empty() => out.push(p.trim().to_string()),
             _ => {
                 return Err(format!(
-                    "{}:{}: a line needs a `prompt` string or a user message",
-                    path.display(),
-                    i + 1
+                    "{}:{n}: a line needs a `prompt` string or a user message",
+                    path.display()
                 ))
             }
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod read_prompts_tests {
+    use super::read_prompts;
+
+    #[test]
+    fn prompts_stream_and_bad_lines_are_located() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("p.txt");
+        std::fs::write(
+            &p,
+            "Once upon a time\r\n\n{\"prompt\": \" Q \"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+        )
+        .unwrap();
+        assert_eq!(read_prompts(&p).unwrap(), ["Once upon a time", "Q", "hi"]);
+        std::fs::write(&p, "ok\n{\"q\": 1}\n").unwrap();
+        let e = read_prompts(&p).unwrap_err();
+        assert!(
+            e.ends_with("p.txt:2: a line needs a `prompt` string or a user message"),
+            "{e}"
+        );
+        std::fs::write(&p, b"ok\n\xff\n").unwrap();
+        let e = read_prompts(&p).unwrap_err();
+        assert!(
+            e.ends_with("p.txt:2: invalid UTF-8 at byte 0 of the line"),
+            "{e}"
+        );
+        std::fs::write(&p, "ok\n{oops\n").unwrap();
+        assert!(read_prompts(&p).unwrap_err().contains("p.txt:2: "));
+    }
 }

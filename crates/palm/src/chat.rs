@@ -46,6 +46,17 @@ pub const CHATML: &str = "{%- for message in messages %}\
 {%- endfor %}\
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}";
 
+/// Fuel of one render: minijinja's budget for the instructions run and the data created (one
+/// unit per instruction or per 64 bytes), so that a template from the internet that loops for
+/// ever, or doubles a string until memory runs out, stops with an error instead of hanging
+/// `palm chat`. Real templates use about 25 units a message plus 4 bytes copied per byte of
+/// content (SmolLM2's: 51,000 for 2,000 short turns, 176,000 for 2,000 turns of 1 KB); the budget
+/// is [`FUEL_BASE`], plus 20 times that per message, plus 16 bytes copied per byte of content.
+const FUEL_BASE: u64 = 100_000;
+const FUEL_PER_MESSAGE: u64 = 500;
+/// Recursion depth of one render (macros, nested blocks); minijinja's own cap is 500.
+const RECURSION_LIMIT: usize = 100;
+
 /// End-of-turn tokens in the order they are looked for.
 const END_OF_TURN: [&str; 5] = [
     "<|im_end|>",
@@ -104,7 +115,46 @@ impl ChatTemplate {
             .build()
             .map_err(|e| Error::msg(format!("chat template syntax config: {e}")))?;
         env.set_syntax(syntax);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.set_recursion_limit(RECURSION_LIMIT);
+        env.set_formatter(bounded_formatter);
+        // the filters that print a whole value, size-checked first (see `check_printable`)
+        env.add_filter("string", |state: &minijinja::State, value: &Value| {
+            check_printable(state, value, 1)?;
+            minijinja::filters::string(state, value)
+        });
+        env.add_filter(
+            "tojson",
+            |state: &minijinja::State,
+             value: &Value,
+             indent: Option<Value>,
+             args: minijinja::value::Kwargs| {
+                // escaping and indenting: up to 6 bytes a byte
+                check_printable(state, value, 6)?;
+                minijinja::filters::tojson(value, indent, args)
+            },
+        );
+        env.add_filter(
+            "join",
+            |state: &mut minijinja::State,
+             value: &Value,
+             joiner: Option<minijinja::value::StringInput<'_>>,
+             attribute: Option<&str>,
+             kwargs: minijinja::value::Kwargs| {
+                check_printable(state, value, 1)?;
+                minijinja::filters::join(state, value, joiner, attribute, kwargs)
+            },
+        );
+        env.add_filter("pprint", |state: &minijinja::State, value: &Value| {
+            check_printable(state, value, 4)?;
+            Ok::<_, minijinja::Error>(minijinja::filters::pprint(value))
+        });
+        // Python methods (`.strip()`, `', '.join(...)`), their arguments size-checked first
+        env.set_unknown_method_callback(|state, value, method, args| {
+            for v in std::iter::once(value).chain(args) {
+                check_printable(state, v, 1)?;
+            }
+            minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+        });
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<Value, minijinja::Error> {
@@ -200,12 +250,28 @@ impl ChatTemplate {
                 Value::from(self.eos.clone().unwrap_or_default()),
             ),
         ]);
-        let tmpl = self
-            .env
+        let bytes: usize = messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .sum();
+        let mut env = self.env.clone();
+        let fuel = FUEL_BASE + FUEL_PER_MESSAGE * messages.len() as u64 + bytes as u64 / 4;
+        env.set_fuel(Some(fuel));
+        let tmpl = env
             .get_template(NAME)
             .map_err(|e| template_error(&self.origin, &e))?;
-        tmpl.render(ctx)
-            .map_err(|e| template_error(&self.origin, &e))
+        tmpl.render(ctx).map_err(|e| {
+            if e.kind() == ErrorKind::OutOfFuel {
+                Error::msg(format!(
+                    "{}: chat template: rendering {} messages took more work or memory than a \
+                     template may (an endless loop?)",
+                    self.origin,
+                    messages.len()
+                ))
+            } else {
+                template_error(&self.origin, &e)
+            }
+        })
     }
 
     /// The token that closes a turn under this template: the first of `<|im_end|>`,
@@ -245,6 +311,110 @@ impl ChatTemplate {
     pub fn eos_token(&self) -> Option<&str> {
         self.eos.as_deref()
     }
+}
+
+/// Prints `{{ value }}`. Strings, numbers and the like as minijinja does; a sequence, map or
+/// other object through a buffer capped at what the remaining fuel pays for (64 bytes a unit):
+/// minijinja charges for output only after writing it, and `{{ messages * 10000000 }}` (a lazy
+/// repetition, cheap to create) prints gigabytes.
+fn bounded_formatter(
+    out: &mut minijinja::Output,
+    state: &mut minijinja::State,
+    value: &Value,
+) -> std::result::Result<(), minijinja::Error> {
+    if value.as_object().is_none() {
+        return minijinja::escape_formatter(out, state, value);
+    }
+    // a value's `Display` visits every item even after the buffer below refuses more text
+    check_printable(state, value, 1)?;
+    struct Capped {
+        text: String,
+        cap: usize,
+    }
+    impl std::fmt::Write for Capped {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            if self.text.len() + s.len() > self.cap {
+                return Err(std::fmt::Error);
+            }
+            self.text.push_str(s);
+            Ok(())
+        }
+    }
+    let cap = state
+        .fuel_levels()
+        .map_or(usize::MAX, |(_, left)| left.saturating_mul(64) as usize);
+    let mut buf = Capped {
+        text: String::new(),
+        cap,
+    };
+    if std::fmt::Write::write_fmt(&mut buf, format_args!("{value}")).is_err() {
+        return Err(minijinja::Error::new(
+            ErrorKind::OutOfFuel,
+            format!("printing a value of more than {cap} bytes"),
+        ));
+    }
+    minijinja::escape_formatter(out, state, &Value::from(buf.text))
+}
+
+/// Whether `value` prints in at most `budget` bytes (estimated: strings by their length, other
+/// scalars as 8 bytes, 2 bytes of separator an item), counting nested sequences and maps and
+/// stopping as soon as the budget runs out, so that the count itself is cheap.
+fn prints_within(value: &Value, budget: &mut u64) -> bool {
+    let mut pay = |n: u64| match budget.checked_sub(n) {
+        Some(left) => {
+            *budget = left;
+            true
+        }
+        None => false,
+    };
+    let Some(obj) = value.as_object() else {
+        return pay(value.as_str().map_or(8, |s| s.len() as u64 + 2));
+    };
+    if obj.repr() == minijinja::value::ObjectRepr::Plain {
+        return pay(64);
+    }
+    let Ok(iter) = value.try_iter() else {
+        return pay(64);
+    };
+    let map = obj.repr() == minijinja::value::ObjectRepr::Map;
+    for item in iter {
+        if *budget < 2 {
+            return false;
+        }
+        *budget -= 2;
+        if !prints_within(&item, budget) {
+            return false;
+        }
+        if map {
+            if let Ok(v) = value.get_item(&item) {
+                if !prints_within(&v, budget) {
+                    return false;
+                }
+            }
+        }
+    }
+    true
+}
+
+/// Refuses to print `value` (as text, JSON or a debug dump) when its estimated size, times
+/// `expansion`, is above what the remaining fuel pays for: minijinja charges for such text only
+/// after building it, and a lazy repetition (`messages * 10000000`, cheap to create) prints
+/// gigabytes.
+fn check_printable(
+    state: &minijinja::State,
+    value: &Value,
+    expansion: u64,
+) -> std::result::Result<(), minijinja::Error> {
+    let Some((_, left)) = state.fuel_levels() else {
+        return Ok(());
+    };
+    if value.as_object().is_some() && !prints_within(value, &mut (left * 64 / expansion)) {
+        return Err(minijinja::Error::new(
+            ErrorKind::OutOfFuel,
+            "printing a sequence or map larger than the remaining fuel pays for",
+        ));
+    }
+    Ok(())
 }
 
 /// A minijinja error as ours: `origin:line: what` (or `origin: what` without a line).

@@ -66,6 +66,84 @@ fn d_max_seq_len() -> usize {
     2048
 }
 
+/// Limits of `validate`: far above any real model, low enough that products of sizes fit.
+const MAX_WIDTH: usize = 1 << 20;
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_DEPTH: usize = 1 << 12;
+const MAX_HEADS: usize = 1 << 12;
+const MAX_FF_MULT: usize = 1 << 8;
+const MAX_SEQ_LEN: usize = 1 << 28;
+
+/// The key path (`lora_scopes.actor.r`, `finetune_scopes[1]`) of the value that ends at
+/// `line`:`column` (1-based, as serde_json reports them) of a JSON text whose start up to there is
+/// well formed; `None` at the top level.
+fn json_key_at(text: &[u8], line: usize, column: usize) -> Option<String> {
+    let mut end = 0;
+    for (i, l) in text.split_inclusive(|&b| b == b'\n').enumerate() {
+        if i + 1 == line {
+            end += column.min(l.len());
+            break;
+        }
+        end += l.len();
+    }
+    enum Frame {
+        Object(Option<String>),
+        Array(usize),
+    }
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut expect_key = false;
+    let mut i = 0;
+    while i < end.min(text.len()) {
+        match text[i] {
+            b'{' => {
+                stack.push(Frame::Object(None));
+                expect_key = true;
+            }
+            b'[' => stack.push(Frame::Array(0)),
+            b'}' | b']' => {
+                stack.pop();
+            }
+            b',' => match stack.last_mut() {
+                Some(Frame::Array(n)) => *n += 1,
+                Some(Frame::Object(_)) => expect_key = true,
+                None => {}
+            },
+            b'"' => {
+                let start = i;
+                i += 1;
+                while i < text.len() && text[i] != b'"' {
+                    i += if text[i] == b'\\' { 2 } else { 1 };
+                }
+                if expect_key {
+                    expect_key = false;
+                    let key = text
+                        .get(start..=i)
+                        .and_then(|k| serde_json::from_slice(k).ok());
+                    if let Some(Frame::Object(k)) = stack.last_mut() {
+                        *k = key;
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    let mut path = String::new();
+    for f in &stack {
+        match f {
+            Frame::Object(Some(k)) => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+            }
+            Frame::Object(None) => {}
+            Frame::Array(n) => path.push_str(&format!("[{n}]")),
+        }
+    }
+    (!path.is_empty()).then_some(path)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PalmConfig {
@@ -187,20 +265,69 @@ impl PalmConfig {
         self.attn_inner_dim() + 2 * self.dim_head + 2 * self.ff_inner_dim()
     }
 
+    /// Checks every field, naming the first bad one: sizes must be positive and below limits far
+    /// above any real model (so that no product of them overflows and nothing is sized from an
+    /// absurd value), `dim_head` even, dropouts in [0, 1), LoRA ranks positive.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::Config(m.to_string()));
-        if self.dim == 0 || self.num_tokens == 0 || self.depth == 0 || self.heads == 0 {
-            return bad("dim, num_tokens, depth and heads must be positive");
+        let bad = |m: String| Err(Error::Config(m));
+        for (field, v, max) in [
+            ("dim", self.dim, MAX_WIDTH),
+            ("num_tokens", self.num_tokens, MAX_VOCAB),
+            ("depth", self.depth, MAX_DEPTH),
+            ("heads", self.heads, MAX_HEADS),
+            ("dim_head", self.dim_head, MAX_WIDTH),
+            ("ff_mult", self.ff_mult, MAX_FF_MULT),
+            ("max_seq_len", self.max_seq_len, MAX_SEQ_LEN),
+        ] {
+            if v == 0 {
+                return bad(format!("`{field}` must be positive, found 0"));
+            }
+            if v > max {
+                return bad(format!("`{field}` is {v}, above the limit of {max}"));
+            }
         }
-        if self.dim_head == 0 || !self.dim_head.is_multiple_of(2) {
-            return bad("dim_head must be even and positive (rotary embeddings rotate halves)");
+        if !self.dim_head.is_multiple_of(2) {
+            return bad(format!(
+                "`dim_head` must be even (rotary embeddings rotate halves), found {}",
+                self.dim_head
+            ));
         }
-        if !(0.0..1.0).contains(&self.attn_dropout) || !(0.0..1.0).contains(&self.ff_dropout) {
-            return bad("dropout must be in [0, 1)");
+        for (field, p) in [
+            ("attn_dropout", self.attn_dropout),
+            ("ff_dropout", self.ff_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return bad(format!("`{field}` must be in [0, 1), found {p}"));
+            }
+        }
+        if self.causal && self.rotary_xpos_scale_base == 0 {
+            return bad(
+                "`rotary_xpos_scale_base` must be positive (xPos divides positions by it)".into(),
+            );
+        }
+        if self.lora_r > MAX_WIDTH || (self.lora_r == 0 && !self.finetune_scopes.is_empty()) {
+            return bad(format!(
+                "`lora_r` (the rank of `finetune_scopes`) must be in 1..={MAX_WIDTH}, found {}",
+                self.lora_r
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for name in &self.finetune_scopes {
+            if !seen.insert(name) {
+                return bad(format!("`finetune_scopes` names scope `{name}` twice"));
+            }
         }
         for (name, spec) in &self.lora_scopes {
-            if spec.r == 0 {
-                return Err(Error::Config(format!("LoRA scope `{name}` has rank 0")));
+            if spec.r == 0 || spec.r > MAX_WIDTH {
+                return bad(format!(
+                    "`lora_scopes`: scope `{name}` has rank `r` {}, not in 1..={MAX_WIDTH}",
+                    spec.r
+                ));
+            }
+            if spec.alpha.is_some_and(|a| !a.is_finite()) {
+                return bad(format!(
+                    "`lora_scopes`: scope `{name}` has a non-finite `alpha`"
+                ));
             }
         }
         Ok(())
@@ -210,13 +337,31 @@ impl PalmConfig {
         serde_json::from_str(s)
     }
 
+    /// Reads and validates a `config.json`; every error names the file, and the field where
+    /// one applies (serde's type errors give only a line and column: the field is added).
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: Self = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let cfg: Self = serde_json::from_slice(&bytes).map_err(|source| {
+            use serde_json::error::Category;
+            let msg = source.to_string();
+            let about_a_value = match source.classify() {
+                Category::Data => !msg.starts_with("missing field"),
+                _ => msg.starts_with("number out of range"),
+            };
+            match json_key_at(&bytes, source.line(), source.column()) {
+                Some(key) if about_a_value => {
+                    Error::Config(format!("{}: field `{key}`: {msg}", path.display()))
+                }
+                _ => Error::Json {
+                    path: path.to_path_buf(),
+                    source,
+                },
+            }
         })?;
-        cfg.validate()?;
+        cfg.validate().map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })?;
         Ok(cfg)
     }
 

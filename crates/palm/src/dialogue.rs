@@ -51,10 +51,44 @@ fn not_prefix(turn: usize) -> Error {
     ))
 }
 
+/// The most text [`sft_segments`] may render for one conversation: 64 MiB. Each assistant turn
+/// renders the conversation up to it (twice), so the work grows with turns times length: a
+/// 100 KB line of 2,000 short messages took 4 s, a 1 MB one would take minutes and a 64 MiB one
+/// days. The estimate counts each message's role and content and 64 bytes for the template's
+/// own text; real conversations (tens of turns) are far below it.
+pub const MAX_RENDER_BYTES: usize = 64 << 20;
+
+/// The text [`sft_segments`] would render for `messages` (see [`MAX_RENDER_BYTES`]).
+fn render_estimate(messages: &[Message]) -> usize {
+    let mut upto = 0usize;
+    let mut work = 0usize;
+    for m in messages {
+        upto = upto.saturating_add(m.role.len() + m.content.len() + 64);
+        if m.role == "assistant" {
+            work = work.saturating_add(upto.saturating_mul(2));
+        }
+    }
+    work
+}
+
 /// The conversation cut into segments: for every assistant message, the text up to its
 /// generation prompt (no loss), then its content through the template's end of turn (loss).
-/// Messages after the last assistant message are dropped (nothing to learn there).
+/// Messages after the last assistant message are dropped (nothing to learn there). A
+/// conversation whose cutting would render more than [`MAX_RENDER_BYTES`] is refused before any
+/// rendering.
 pub fn sft_segments(template: &ChatTemplate, messages: &[Message]) -> Result<Vec<Segment>> {
+    let work = render_estimate(messages);
+    if work > MAX_RENDER_BYTES {
+        let turns = messages.iter().filter(|m| m.role == "assistant").count();
+        return Err(Error::msg(format!(
+            "`messages` holds {} messages with {turns} assistant turns: too many to cut into \
+             turns (each turn renders the conversation up to it, about {} MiB of text in all, \
+             over the limit of {} MiB); split it into shorter conversations",
+            messages.len(),
+            work >> 20,
+            MAX_RENDER_BYTES >> 20
+        )));
+    }
     let mut out = Vec::new();
     let mut done = 0usize; // bytes of the rendering already emitted
     let mut last_full = String::new();
@@ -131,29 +165,41 @@ pub fn template_pair(
 }
 
 /// An HH dialogue as messages (`Human:` -> user, `Assistant:` -> assistant, contents trimmed);
-/// `None` when it does not start with a `Human:` turn.
+/// `None` when it does not start with a `Human:` turn. Linear in the dialogue's length: each
+/// marker is searched for again only once the cut has passed its last occurrence found.
 pub fn hh_messages(dialogue: &str) -> Option<Vec<Message>> {
+    const HUMAN: &str = "\n\nHuman:";
+    const ASSISTANT: &str = "\n\nAssistant:";
+    let find_from = |tag: &str, from: usize| dialogue[from..].find(tag).map(|i| from + i);
     let mut out: Vec<Message> = Vec::new();
-    let mut rest = dialogue;
+    let mut from = 0; // start of the text not yet cut
+    let (mut h, mut a) = (find_from(HUMAN, 0), find_from(ASSISTANT, 0));
     loop {
-        let h = rest.find("\n\nHuman:");
-        let a = rest.find("\n\nAssistant:");
+        // the markers can neither overlap each other nor themselves, so an occurrence found
+        // before `from` was inside text already cut: search again from `from`
+        if h.is_some_and(|h| h < from) {
+            h = find_from(HUMAN, from);
+        }
+        if a.is_some_and(|a| a < from) {
+            a = find_from(ASSISTANT, from);
+        }
         let (pos, role, tag) = match (h, a) {
-            (Some(h), Some(a)) if h < a => (h, "user", "\n\nHuman:"),
-            (Some(h), None) => (h, "user", "\n\nHuman:"),
-            (_, Some(a)) => (a, "assistant", "\n\nAssistant:"),
+            (Some(h), Some(a)) if h < a => (h, "user", HUMAN),
+            (Some(h), None) => (h, "user", HUMAN),
+            (_, Some(a)) => (a, "assistant", ASSISTANT),
             (None, None) => break,
         };
+        let before = dialogue[from..pos].trim();
         if let Some(last) = out.last_mut() {
-            last.content = rest[..pos].trim().to_string();
-        } else if !rest[..pos].trim().is_empty() {
+            last.content = before.to_string();
+        } else if !before.is_empty() {
             return None; // text before the first turn
         }
         out.push(Message::new(role, ""));
-        rest = &rest[pos + tag.len()..];
+        from = pos + tag.len();
     }
     let last = out.last_mut()?;
-    last.content = rest.trim().to_string();
+    last.content = dialogue[from..].trim().to_string();
     (out[0].role == "user").then_some(out)
 }
 
@@ -266,5 +312,45 @@ mod tests {
         );
         assert!(hh_messages("no turns").is_none());
         assert!(hh_messages("\n\nAssistant: first").is_none());
+        assert!(hh_messages("hi\n\nHuman: a").is_none());
+        // markers glued to each other and to extra newlines cut as before
+        let m = hh_messages("\n\n\nHuman:\n\nAssistant:\n\nHuman: x").unwrap();
+        let got: Vec<(&str, &str)> = m
+            .iter()
+            .map(|x| (x.role.as_str(), x.content.as_str()))
+            .collect();
+        assert_eq!(got, vec![("user", ""), ("assistant", ""), ("user", "x")]);
+    }
+
+    #[test]
+    fn conversations_too_long_to_cut_are_refused_before_rendering() {
+        let m = |n: usize| -> Vec<Message> {
+            (0..n)
+                .map(|i| Message::new(["user", "assistant"][i % 2], format!("message {i}")))
+                .collect()
+        };
+        // 1,000 short messages render about 50 MiB: accepted
+        assert!(render_estimate(&m(1000)) < MAX_RENDER_BYTES);
+        assert!(sft_segments(&chatml(), &m(200)).is_ok());
+        // 4,000 of them: about 640 MiB, refused at once (2,000 took 4 s to cut in a debug
+        // build, and the time grows with the square)
+        let t = std::time::Instant::now();
+        let e = sft_segments(&chatml(), &m(4000)).unwrap_err().to_string();
+        assert!(t.elapsed().as_secs_f64() < 1.0);
+        assert!(
+            e.contains("4000 messages with 2000 assistant turns") && e.contains("64 MiB"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn hh_dialogue_of_many_turns_is_linear() {
+        // 200,000 assistant turns and no later human turn: searching the whole rest for
+        // "\n\nHuman:" at every turn took minutes; now well under a second even in debug
+        let text = format!("\n\nHuman: q{}", "\n\nAssistant: a".repeat(200_000));
+        let t = std::time::Instant::now();
+        let m = hh_messages(&text).unwrap();
+        assert_eq!(m.len(), 200_001);
+        assert!(t.elapsed().as_secs_f64() < 5.0, "{:?}", t.elapsed());
     }
 }

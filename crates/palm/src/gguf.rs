@@ -499,13 +499,20 @@ impl GgufFile {
         })?;
 
         let mut metadata = BTreeMap::new();
+        // an unreadable key or name is located by its index and the entry before it
+        let after = |prev: &Option<String>| match prev {
+            Some(p) => format!(" (after `{p}`)"),
+            None => String::new(),
+        };
+        let mut prev: Option<String> = None;
         for i in 0..n_kv {
-            let key = c.string(&|| format!("metadata entry {i}: key"))?;
+            let key = c.string(&|| format!("metadata entry {i} of {n_kv}{}: key", after(&prev)))?;
             let t = c.u32(&|| format!("metadata `{key}`: type"))?;
             let value = c.value(t, 0, &|| format!("metadata `{key}`"))?;
             if metadata.insert(key.clone(), value).is_some() {
                 return Err(c.err(format!("metadata `{key}` appears twice")));
             }
+            prev = Some(key);
         }
         let alignment = match metadata.get("general.alignment") {
             None => DEFAULT_ALIGNMENT,
@@ -521,15 +528,21 @@ impl GgufFile {
 
         let mut tensors = Vec::with_capacity(n_tensors as usize);
         let mut index = BTreeMap::new();
+        let mut prev: Option<String> = None;
         for i in 0..n_tensors {
-            let name = c.string(&|| format!("tensor {i}: name"))?;
+            let name = c.string(&|| format!("tensor {i} of {n_tensors}{}: name", after(&prev)))?;
             let info = read_tensor_info(&mut c, name)?;
             if index.insert(info.name.clone(), tensors.len()).is_some() {
                 return Err(c.err(format!("tensor `{}` appears twice", info.name)));
             }
+            prev = Some(info.name.clone());
             tensors.push(info);
         }
-        let data_offset = c.pos.div_ceil(alignment) * alignment;
+        let mut data_offset = c.pos.div_ceil(alignment) * alignment;
+        if tensors.is_empty() {
+            // a vocabulary-only file need not pad up to a data section it does not have
+            data_offset = data_offset.min(size);
+        }
         if data_offset > size {
             return Err(c.err(format!(
                 "the data section would start at {data_offset}, past the end of the file ({size} bytes; truncated)"
@@ -652,11 +665,16 @@ impl GgufFile {
     }
 
     fn bad_type(&self, key: &str, want: &str, v: &GgufValue) -> Error {
+        // JSON has no NaN or infinity: floats as Rust prints them
+        let shown = match v {
+            GgufValue::F32(x) => x.to_string(),
+            GgufValue::F64(x) => x.to_string(),
+            _ => v.to_json(4).to_string(),
+        };
         Error::msg(format!(
-            "{}: metadata `{key}` should be {want}, found {} {:?}",
+            "{}: metadata `{key}` should be {want}, found {} {shown}",
             self.path.display(),
             v.type_name(),
-            v.to_json(4)
         ))
     }
 

@@ -6,6 +6,9 @@
 //!
 //! - `.jsonl` / `.jsonl.gz` (gzip is read directly): one JSON value a line; blank lines are
 //!   skipped. A record's location is its line (from 1): errors read `FILE:LINE: what is wrong`.
+//!   Files are streamed a line at a time, and a line may hold at most [`MAX_LINE_BYTES`] (64 MiB):
+//!   a longer one is an error naming its file and line as soon as that much of it has been read,
+//!   so neither a huge line nor a huge file is ever held whole.
 //! - `.parquet` (the format of Hugging Face datasets; snappy-, gzip- or un-compressed): one record
 //!   a row, read a row group at a time. Columns become fields: strings, numbers and booleans as
 //!   themselves, lists as arrays, structs as objects (so a `messages` column of
@@ -20,7 +23,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, ErrorKind, Read};
 use std::path::{Path, PathBuf};
 
 use parquet::file::reader::{FileReader, SerializedFileReader};
@@ -221,11 +224,7 @@ impl Records {
 }
 
 enum FileRecords {
-    Lines {
-        path: PathBuf,
-        reader: Box<dyn BufRead>,
-        line: usize,
-    },
+    Lines(Lines),
     Parquet {
         path: PathBuf,
         rows: Box<RowIter<'static>>,
@@ -236,7 +235,7 @@ enum FileRecords {
 impl FileRecords {
     fn next(&mut self) -> Option<Result<Record>> {
         match self {
-            FileRecords::Lines { path, reader, line } => next_line(path, reader, line),
+            FileRecords::Lines(lines) => next_json(lines),
             FileRecords::Parquet { path, rows, row } => {
                 let at = Location {
                     path: path.clone(),
@@ -256,43 +255,180 @@ impl FileRecords {
 }
 
 fn open_lines(path: &Path) -> Result<FileRecords> {
+    lines(path).map(FileRecords::Lines)
+}
+
+/// The next non-blank line as JSON.
+fn next_json(lines: &mut Lines) -> Option<Result<Record>> {
+    loop {
+        let (line, parsed) = match lines.next_str()? {
+            Ok((_, text)) if text.trim().is_empty() => continue,
+            Ok((line, text)) => (line, serde_json::from_str(text)),
+            Err(e) => return Some(Err(e)),
+        };
+        let at = Location {
+            path: lines.path.clone(),
+            pos: Position::Line(line),
+        };
+        return Some(match parsed {
+            Ok(value) => Ok(Record { value, at }),
+            Err(e) => Err(at.error(format!("invalid JSON: {e}"))),
+        });
+    }
+}
+
+/// The most bytes one line of a JSON Lines (or plain text) file may hold, its newline not
+/// counted: 64 MiB. [`lines`] refuses a longer line once it has read this much of it.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// Reads the lines of a text file one at a time (gzip when its name ends in `.gz`), each of at
+/// most [`MAX_LINE_BYTES`]; see [`Lines`].
+pub fn lines(path: &Path) -> Result<Lines> {
     let f = File::open(path).map_err(|e| Error::io(path, e))?;
     let r: Box<dyn Read> = if name_of(path).ends_with(".gz") {
         Box::new(flate2::read::MultiGzDecoder::new(f))
     } else {
         Box::new(f)
     };
-    Ok(FileRecords::Lines {
+    Ok(Lines {
         path: path.to_path_buf(),
-        reader: Box::new(BufReader::new(r)),
+        reader: Box::new(BufReader::with_capacity(64 << 10, r)),
         line: 0,
+        buf: Vec::new(),
+        max: MAX_LINE_BYTES,
     })
 }
 
-/// The next non-blank line as JSON.
-fn next_line(path: &Path, reader: &mut dyn BufRead, line: &mut usize) -> Option<Result<Record>> {
-    let mut buf = String::new();
-    loop {
-        buf.clear();
-        *line += 1;
-        let at = Location {
-            path: path.to_path_buf(),
-            pos: Position::Line(*line),
-        };
-        match reader.read_line(&mut buf) {
-            Ok(0) => return None,
-            Ok(_) if buf.trim().is_empty() => continue,
-            Ok(_) => {
-                return Some(
-                    serde_json::from_str(&buf)
-                        .map(|value| Record {
-                            value,
-                            at: at.clone(),
-                        })
-                        .map_err(|e| at.error(format!("invalid JSON: {e}"))),
-                )
+/// The lines of a file, streamed: `(line number from 1, text)` without the line's `\n` (or
+/// `\r\n`); blank lines included. Only the current line is held. An unreadable file, a line
+/// that is not UTF-8 or one over the limit is an error `FILE:LINE: what` that ends the iteration.
+pub struct Lines {
+    path: PathBuf,
+    reader: Box<dyn BufRead>,
+    line: usize,
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl Lines {
+    /// The file read.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sets the longest line accepted, in bytes (default [`MAX_LINE_BYTES`]).
+    pub fn max_line_bytes(mut self, max: usize) -> Self {
+        self.max = max;
+        self
+    }
+
+    fn fail(&mut self, msg: String) -> Error {
+        // the iteration ends with its first error
+        self.reader = Box::new(std::io::empty());
+        self.buf = Vec::new();
+        Error::BadLine {
+            path: self.path.clone(),
+            line: self.line,
+            msg,
+        }
+    }
+
+    /// The next line, borrowed (no allocation per line): `None` at the end of the file.
+    pub fn next_str(&mut self) -> Option<Result<(usize, &str)>> {
+        if self.buf.capacity() > 1 << 20 {
+            // give back the memory of a long line once it is done with
+            self.buf = Vec::new();
+        }
+        self.buf.clear();
+        self.line += 1;
+        match read_line_bounded(&mut *self.reader, &mut self.buf, self.max) {
+            Ok(ReadLine::End) => return None,
+            Ok(ReadLine::Line) => {}
+            Ok(ReadLine::TooLong) => {
+                let msg = format!(
+                    "the line is longer than {} (the most one line may hold); the rest of the \
+                     file was not read",
+                    size_text(self.max)
+                );
+                return Some(Err(self.fail(msg)));
             }
-            Err(e) => return Some(Err(at.error(format!("unreadable: {e}")))),
+            Err(e) => return Some(Err(self.fail(format!("unreadable: {e}")))),
+        }
+        if self.buf.last() == Some(&b'\n') {
+            self.buf.pop();
+            if self.buf.last() == Some(&b'\r') {
+                self.buf.pop();
+            }
+        }
+        if let Err(e) = std::str::from_utf8(&self.buf) {
+            let msg = format!("invalid UTF-8 at byte {} of the line", e.valid_up_to());
+            return Some(Err(self.fail(msg)));
+        }
+        let line = self.line;
+        // checked just above
+        let text = std::str::from_utf8(&self.buf).unwrap_or_default();
+        Some(Ok((line, text)))
+    }
+}
+
+impl Iterator for Lines {
+    type Item = Result<(usize, String)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        Some(self.next_str()?.map(|(n, s)| (n, s.to_string())))
+    }
+}
+
+/// `n` bytes in words: "64 MiB", "512 KiB", "100 bytes".
+fn size_text(n: usize) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{} MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{} KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
+enum ReadLine {
+    /// No more input.
+    End,
+    /// A line (with its `\n`, unless the input ended without one) is in the buffer.
+    Line,
+    /// The line holds more than the limit; the buffer holds at most the limit.
+    TooLong,
+}
+
+/// Reads through the next `\n` into `buf`, but never more than `max` bytes of a line (plus its
+/// `\n`): the length is checked before each chunk is appended, so a huge line costs `max` bytes.
+fn read_line_bounded(
+    r: &mut dyn BufRead,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<ReadLine> {
+    loop {
+        let avail = match r.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if avail.is_empty() {
+            return Ok(if buf.is_empty() {
+                ReadLine::End
+            } else {
+                ReadLine::Line
+            });
+        }
+        let (take, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (avail.len(), false),
+        };
+        let text = take - usize::from(done);
+        if buf.len() + text > max {
+            return Ok(ReadLine::TooLong);
+        }
+        buf.extend_from_slice(&avail[..take]);
+        r.consume(take);
+        if done {
+            return Ok(ReadLine::Line);
         }
     }
 }
@@ -467,6 +603,38 @@ mod tests {
             "{e}"
         );
         assert!(it.next().is_none(), "iteration ends after an error");
+    }
+
+    #[test]
+    fn lines_are_bounded_and_located() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("l.txt");
+        std::fs::write(&p, "ab\r\n\n0123456789\nlast").unwrap();
+        let got: Vec<(usize, String)> = lines(&p).unwrap().map(|l| l.unwrap()).collect();
+        let want = [(1, "ab"), (2, ""), (3, "0123456789"), (4, "last")];
+        assert_eq!(got, want.map(|(n, s)| (n, s.to_string())));
+        // exactly at the limit is fine; one byte over fails on that line, and iteration ends
+        let ok: Vec<_> = lines(&p).unwrap().max_line_bytes(10).collect();
+        assert!(ok.iter().all(|l| l.is_ok()), "{ok:?}");
+        let mut it = lines(&p).unwrap().max_line_bytes(9);
+        assert!(it.next().unwrap().is_ok() && it.next().unwrap().is_ok());
+        let e = it.next().unwrap().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}:3: the line is longer than 9 bytes (the most one line may hold); the rest of \
+                 the file was not read",
+                p.display()
+            )
+        );
+        assert!(it.next().is_none());
+        std::fs::write(&p, b"ok\n\xffbad\n").unwrap();
+        let e = lines(&p).unwrap().nth(1).unwrap().unwrap_err().to_string();
+        assert!(
+            e.ends_with("l.txt:2: invalid UTF-8 at byte 0 of the line"),
+            "{e}"
+        );
+        assert_eq!(size_text(MAX_LINE_BYTES), "64 MiB");
     }
 
     #[test]

@@ -61,8 +61,7 @@ impl Tokenizer {
                 file.display()
             )));
         }
-        let tok = tokenizers::Tokenizer::from_file(file)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", file.display())))?;
+        let tok = read_tokenizer_json(file)?;
         let eos = ["<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"]
             .iter()
             .find_map(|t| tok.token_to_id(t));
@@ -81,8 +80,8 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
-            Tokenizer::Hf { tok, .. } => Ok(tok
-                .encode(text, false)
+            Tokenizer::Hf { tok, .. } => Ok(guard(|| tok.encode(text, false))
+                .map_err(Error::Tokenizer)?
                 .map_err(|e| Error::Tokenizer(e.to_string()))?
                 .get_ids()
                 .to_vec()),
@@ -96,8 +95,8 @@ impl Tokenizer {
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Bytes => self.encode(text),
-            Tokenizer::Hf { tok, .. } => Ok(tok
-                .encode(text, true)
+            Tokenizer::Hf { tok, .. } => Ok(guard(|| tok.encode(text, true))
+                .map_err(Error::Tokenizer)?
                 .map_err(|e| Error::Tokenizer(e.to_string()))?
                 .get_ids()
                 .to_vec()),
@@ -116,8 +115,8 @@ impl Tokenizer {
     pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
         match self {
             Tokenizer::Bytes => Ok(ids.iter().filter(|&&i| i < 256).map(|&i| i as u8).collect()),
-            Tokenizer::Hf { tok, .. } => Ok(tok
-                .decode(ids, true)
+            Tokenizer::Hf { tok, .. } => Ok(guard(|| tok.decode(ids, true))
+                .map_err(Error::Tokenizer)?
                 .map_err(|e| Error::Tokenizer(e.to_string()))?
                 .into_bytes()),
             Tokenizer::Spm(t) => t.decode_bytes(ids),
@@ -217,6 +216,100 @@ impl Tokenizer {
             Tokenizer::Spm(t) => t.id_to_token(id),
         }
     }
+}
+
+/// Reads a `tokenizer.json`; errors name the file, and the line and column or the field.
+///
+/// `tokenizers` 0.22 panics on some malformed files instead of returning an error, so the file
+/// is checked first: it must be JSON (the crate's decoder and normalizer deserializers
+/// `expect("Helper")` on malformed JSON inside them), and [`check_tokenizer_json`] refuses what
+/// would panic later. A panic that still escapes the crate is caught and reported as an error.
+fn read_tokenizer_json(file: &Path) -> Result<tokenizers::Tokenizer> {
+    let bad = |e: &dyn std::fmt::Display| Error::Tokenizer(format!("{}: {e}", file.display()));
+    let bytes = std::fs::read(file).map_err(|e| Error::io(file, e))?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| bad(&e))?;
+    check_tokenizer_json(&json).map_err(|e| bad(&e))?;
+    drop(json);
+    guard(|| tokenizers::Tokenizer::from_bytes(&bytes))
+        .map_err(|e| bad(&e))?
+        .map_err(|e| bad(&e))
+}
+
+/// Runs a call into `tokenizers`, turning a panic into an error message.
+fn guard<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!("the tokenizers library failed on this tokenizer (malformed?): {what}")
+    })
+}
+
+/// What `tokenizers` 0.22 accepts at load time and then panics on, named by field:
+/// - a BPE `continuing_subword_prefix` longer than the second part of a merge (it slices
+///   `&b[prefix.len()..]` while building the merges);
+/// - a `TemplateProcessing` post-processor whose template names a special token missing from
+///   its `special_tokens`, whose single-sequence template uses sequence `B`, or whose special
+///   token has a different number of `ids` and `tokens` (all panic at the first encode).
+fn check_tokenizer_json(v: &serde_json::Value) -> std::result::Result<(), String> {
+    use serde_json::Value;
+    let model = &v["model"];
+    if let Some(prefix) = model["continuing_subword_prefix"].as_str() {
+        for (i, m) in model["merges"].as_array().into_iter().flatten().enumerate() {
+            let second = match m {
+                Value::String(s) => s.split_once(' ').map(|(_, b)| b),
+                Value::Array(p) => p.get(1).and_then(Value::as_str),
+                _ => None,
+            };
+            if second.is_some_and(|b| b.get(prefix.len()..).is_none()) {
+                return Err(format!(
+                    "`model.merges[{i}]`: {m} is shorter than the `continuing_subword_prefix` {prefix:?}"
+                ));
+            }
+        }
+    }
+    check_post_processor(&v["post_processor"], "post_processor")
+}
+
+fn check_post_processor(p: &serde_json::Value, at: &str) -> std::result::Result<(), String> {
+    match p["type"].as_str() {
+        Some("Sequence") => {
+            for (i, q) in p["processors"].as_array().into_iter().flatten().enumerate() {
+                check_post_processor(q, &format!("{at}.processors[{i}]"))?;
+            }
+        }
+        Some("TemplateProcessing") => {
+            let tokens = p["special_tokens"].as_object();
+            for (key, t) in tokens.into_iter().flatten() {
+                let n = |f: &str| t[f].as_array().map(Vec::len);
+                if n("ids") != n("tokens") {
+                    return Err(format!(
+                        "`{at}.special_tokens.{key}`: `ids` and `tokens` differ in length"
+                    ));
+                }
+            }
+            for name in ["single", "pair"] {
+                for (i, piece) in p[name].as_array().into_iter().flatten().enumerate() {
+                    if let Some(id) = piece["SpecialToken"]["id"].as_str() {
+                        if !tokens.is_some_and(|t| t.contains_key(id)) {
+                            return Err(format!(
+                                "`{at}.{name}[{i}]`: special token {id:?} is not in `special_tokens`"
+                            ));
+                        }
+                    }
+                    if name == "single" && piece["Sequence"]["id"] == "B" {
+                        return Err(format!(
+                            "`{at}.single[{i}]`: the single-sequence template cannot use sequence B"
+                        ));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Turns a stream of ids into text pieces as soon as they are complete UTF-8.

@@ -163,12 +163,23 @@ pub fn hf_config_from_gguf(g: &GgufFile) -> Result<Value> {
         ));
     }
     let head_dim = match g.get_u64(&key("attention.key_length"))? {
+        Some(0) => {
+            return Err(err(
+                g,
+                format!("metadata `{}` is 0", key("attention.key_length")),
+            ))
+        }
         Some(d) => d,
-        None if dim.is_multiple_of(heads) => dim / heads,
+        None if dim > 0 && dim.is_multiple_of(heads) => dim / heads,
         None => {
             return Err(err(
                 g,
-                format!("embedding length {dim} is not a multiple of {heads} heads"),
+                format!(
+                    "metadata `{}` {dim} is not a multiple of `{}` {heads} (and there is no `{}`)",
+                    key("embedding_length"),
+                    key("attention.head_count"),
+                    key("attention.key_length")
+                ),
             ))
         }
     };
@@ -199,14 +210,26 @@ pub fn hf_config_from_gguf(g: &GgufFile) -> Result<Value> {
                 })?,
         },
     };
+    let ff = need("feed_forward_length")?;
+    let blocks = need("block_count")?;
+    let kv = kv_heads(g, arch, heads)?;
+    if rot > head_dim {
+        return Err(err(
+            g,
+            format!(
+                "metadata `{}` {rot} is larger than the head size {head_dim}",
+                key("rope.dimension_count")
+            ),
+        ));
+    }
     let mut cfg = json!({
         "architectures": [class],
         "model_type": arch,
         "hidden_size": dim,
-        "intermediate_size": need("feed_forward_length")?,
-        "num_hidden_layers": need("block_count")?,
+        "intermediate_size": ff,
+        "num_hidden_layers": blocks,
         "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads(g, arch, heads)?,
+        "num_key_value_heads": kv,
         "head_dim": head_dim,
         "rms_norm_eps": eps,
         "rope_theta": g.get_f64(&key("rope.freq_base"))?.unwrap_or(10000.0),
@@ -247,6 +270,135 @@ pub fn hf_config_from_gguf(g: &GgufFile) -> Result<Value> {
         obj.insert("_name_or_path".into(), json!(name));
     }
     Ok(cfg)
+}
+
+/// The model's sizes as the metadata gives them.
+struct Sizes {
+    dim: u64,
+    heads: u64,
+    kv: u64,
+    head_dim: u64,
+    ff: u64,
+    blocks: u64,
+    vocab: u64,
+}
+
+/// The metadata's sizes against the tensor table, before anything is dequantised or built:
+/// every tensor has a Hugging Face equivalent and the shape the metadata gives it, and the
+/// blocks are those `block_count` says. A size that does not belong to the tensors (a key
+/// length of 2^20, 65536 blocks) is refused here, naming its key and the tensor it
+/// contradicts, before it sizes an allocation (the model's fused-QKV index map has
+/// (heads + 2 kv heads) x key length entries).
+fn check_shapes(g: &GgufFile, z: Sizes) -> Result<()> {
+    let arch = g.architecture()?;
+    for t in &g.tensors {
+        if t.name == "rope_freqs.weight" {
+            return Err(err(
+                g,
+                "tensor `rope_freqs.weight`: per-frequency RoPE scaling (Llama 3.1 style) is not supported".into(),
+            ));
+        }
+        if hf_name(&t.name).is_none() {
+            return Err(err(
+                g,
+                format!(
+                    "tensor `{}` has no Hugging Face equivalent for architecture `{arch}`",
+                    t.name
+                ),
+            ));
+        }
+    }
+    let k = |name: &str| format!("`{arch}.{name}`");
+    let (dim, ff) = (
+        (z.dim, k("embedding_length")),
+        (z.ff, k("feed_forward_length")),
+    );
+    let heads_x = |n: u64, what: String| {
+        n.checked_mul(z.head_dim)
+            .map(|v| (v, format!("{what} x {}", k("attention.key_length"))))
+    };
+    let (Some(q), Some(kv)) = (
+        heads_x(z.heads, k("attention.head_count")),
+        heads_x(z.kv, k("attention.head_count_kv")),
+    ) else {
+        return Err(err(
+            g,
+            format!(
+                "metadata {} or {} times {} overflows",
+                k("attention.head_count"),
+                k("attention.head_count_kv"),
+                k("attention.key_length")
+            ),
+        ));
+    };
+    let vocab = (z.vocab, "the vocabulary size".to_string());
+    let mut last_block = None;
+    for t in &g.tensors {
+        let Some((module, suffix)) = t.name.rsplit_once('.') else {
+            continue;
+        };
+        let m = match module.strip_prefix("blk.") {
+            Some(rest) => {
+                let Some((Ok(l), m)) = rest.split_once('.').map(|(l, m)| (l.parse::<u64>(), m))
+                else {
+                    continue;
+                };
+                if l >= z.blocks {
+                    return Err(err(
+                        g,
+                        format!(
+                            "tensor `{}` is in block {l}, but metadata {} is {}",
+                            t.name,
+                            k("block_count"),
+                            z.blocks
+                        ),
+                    ));
+                }
+                last_block = last_block.max(Some(l));
+                m
+            }
+            None => module,
+        };
+        let want: Vec<&(u64, String)> = match (m, suffix) {
+            ("token_embd" | "output", "weight") => vec![&vocab, &dim],
+            ("attn_norm" | "ffn_norm" | "output_norm", "weight") => vec![&dim],
+            ("attn_q", "weight") => vec![&q, &dim],
+            ("attn_k" | "attn_v", "weight") => vec![&kv, &dim],
+            ("attn_q", "bias") => vec![&q],
+            ("attn_k" | "attn_v", "bias") => vec![&kv],
+            ("attn_output", "weight") => vec![&dim, &q],
+            ("ffn_gate" | "ffn_up", "weight") => vec![&ff, &dim],
+            ("ffn_down", "weight") => vec![&dim, &ff],
+            _ => continue,
+        };
+        let same = t.dims.len() == want.len()
+            && t.dims.iter().zip(&want).all(|(&d, (w, _))| d as u64 == *w);
+        if !same {
+            let sizes: Vec<u64> = want.iter().map(|(w, _)| *w).collect();
+            let from: Vec<&str> = want.iter().map(|(_, f)| f.as_str()).collect();
+            return Err(err(
+                g,
+                format!(
+                    "tensor `{}` has shape {:?}, but the metadata gives {sizes:?} ({})",
+                    t.name,
+                    t.dims,
+                    from.join(", ")
+                ),
+            ));
+        }
+    }
+    let have = last_block.map_or(0, |l| l + 1);
+    if z.blocks > have {
+        return Err(err(
+            g,
+            format!(
+                "metadata {} is {}, but the tensor table has {have} blocks",
+                k("block_count"),
+                z.blocks
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Every tensor of `g` dequantised to f32 under its Hugging Face key, Q/K rows unpermuted
@@ -297,6 +449,18 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<HfModel> {
     let g = GgufFile::open(path)?;
     let config = hf_config_from_gguf(&g)?;
     let spec = HfSpec::from_config(&config, path)?;
+    check_shapes(
+        &g,
+        Sizes {
+            dim: spec.dim as u64,
+            heads: spec.heads as u64,
+            kv: spec.kv_heads as u64,
+            head_dim: spec.head_dim as u64,
+            ff: spec.ff as u64,
+            blocks: spec.depth as u64,
+            vocab: spec.vocab as u64,
+        },
+    )?;
     let tensors = hf_tensors_from_gguf(&g, &spec, device)?;
     let mut model = HfModel::from_tensors(spec, config, &tensors, path, device)?;
     model.extra_files = text_files(&g)?;

@@ -723,8 +723,21 @@ impl HfModel {
                         path: path.to_path_buf(),
                     })?;
                     let ff = tensors.contains_key(&format!("finetune_modules.{scope}.0.4.A"));
+                    // A is [in, r]: the rank is its second dimension, and must be positive
+                    let r = match a.dims() {
+                        &[_, r] if r > 0 => r,
+                        dims => {
+                            return Err(Error::Corrupt {
+                                path: path.to_path_buf(),
+                                msg: format!(
+                                    "tensor `{a_name}` has shape {dims:?}; a LoRA A matrix is \
+                                     [input dim, rank] with a rank of at least 1"
+                                ),
+                            })
+                        }
+                    };
                     slot.insert(LoraSpec {
-                        r: a.dim(1)?,
+                        r,
                         alpha: None,
                         targets: if ff {
                             LoraTargets::AttentionAndFf

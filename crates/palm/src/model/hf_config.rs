@@ -14,6 +14,15 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
+/// Limits of [`HfSpec::validate`]: far above any real model (the largest have vocabularies of
+/// 256k, widths of 16k, 128 heads and contexts of 10M), low enough that products of sizes fit.
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_WIDTH: usize = 1 << 20;
+const MAX_HEADS: usize = 1 << 16;
+const MAX_DEPTH: usize = 1 << 16;
+const MAX_FF: usize = 1 << 24;
+const MAX_POSITIONS: usize = 1 << 30;
+
 /// The architectures we can load.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Arch {
@@ -143,7 +152,8 @@ pub enum Act {
 }
 
 impl Act {
-    fn parse(s: &str, path: &Path) -> Result<Self> {
+    /// `s` is the value of `key` (`hidden_act`, `activation_function`, ...).
+    fn parse(s: &str, key: &str, path: &Path) -> Result<Self> {
         Ok(match s {
             "silu" | "swish" => Act::Silu,
             "gelu" => Act::GeluErf,
@@ -151,7 +161,7 @@ impl Act {
             "relu" => Act::Relu,
             other => {
                 return Err(Error::Config(format!(
-                    "{}: activation `{other}` is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh, relu)",
+                    "{}: `{key}`: activation `{other}` is not supported (silu, gelu, gelu_new, gelu_pytorch_tanh, relu)",
                     path.display()
                 )))
             }
@@ -271,16 +281,46 @@ fn str_of<'a>(cfg: &'a Value, key: &str) -> Option<&'a str> {
     get(cfg, key).and_then(Value::as_str)
 }
 
-/// `eos_token_id` may be a number or a list.
-fn ids_of(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|n| n as u32))
-            .collect(),
-        _ => vec![],
+/// A string field; `None` when absent or null, an error naming `key` when it is not a string.
+fn str_field<'a>(cfg: &'a Value, key: &str, path: &Path) -> Result<Option<&'a str>> {
+    match get(cfg, key) {
+        None => Ok(None),
+        Some(v) => v.as_str().map(Some).ok_or_else(|| {
+            Error::Config(format!(
+                "{}: field `{key}` should be a string, found {v}",
+                path.display()
+            ))
+        }),
     }
+}
+
+/// A token id: ids that are not non-negative integers are ignored (some configs write -1 or
+/// null for none), ids beyond u32 are refused (they would wrap to another token).
+fn id_of(v: &Value, key: &str, path: &Path) -> Result<Option<u32>> {
+    match v.as_u64() {
+        None => Ok(None),
+        Some(n) => u32::try_from(n).map(Some).map_err(|_| {
+            Error::Config(format!(
+                "{}: field `{key}`: token id {n} is out of range",
+                path.display()
+            ))
+        }),
+    }
+}
+
+/// `eos_token_id` may be a number or a list.
+fn ids_of(cfg: &Value, key: &str, path: &Path) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    match get(cfg, key) {
+        Some(Value::Array(a)) => {
+            for x in a {
+                out.extend(id_of(x, key, path)?);
+            }
+        }
+        Some(v) => out.extend(id_of(v, key, path)?),
+        None => {}
+    }
+    Ok(out)
 }
 
 /// RoPE theta, rotary fraction and type from `rope_parameters` (transformers 5) or the older
@@ -294,7 +334,7 @@ fn rope_settings(cfg: &Value, path: &Path) -> Result<(f64, f64)> {
         if let Some(ty) = ty {
             if ty != "default" {
                 return Err(Error::Config(format!(
-                    "{}: rope_type `{ty}` (scaled RoPE) is not supported; only `default`",
+                    "{}: `rope_type` `{ty}` (scaled RoPE) is not supported; only `default`",
                     path.display()
                 )));
             }
@@ -308,6 +348,28 @@ fn rope_settings(cfg: &Value, path: &Path) -> Result<(f64, f64)> {
         f if f.is_nan() => f64_of(cfg, &["partial_rotary_factor", "rotary_pct"], 1.0, path)?,
         f => f,
     };
+    let named = |keys: [&'static str; 2]| {
+        let given = |k| get(params, k).is_some() || get(cfg, k).is_some();
+        if given(keys[0]) || !given(keys[1]) {
+            keys[0]
+        } else {
+            keys[1]
+        }
+    };
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(Error::Config(format!(
+            "{}: `{}` must be a positive number, found {theta}",
+            path.display(),
+            named(["rope_theta", "rotary_emb_base"])
+        )));
+    }
+    if !(0.0..=1.0).contains(&frac) {
+        return Err(Error::Config(format!(
+            "{}: `{}` must be in [0, 1], found {frac}",
+            path.display(),
+            named(["partial_rotary_factor", "rotary_pct"])
+        )));
+    }
     Ok((theta, frac))
 }
 
@@ -330,10 +392,11 @@ fn llama_family(
     let (theta, frac) = rope_settings(cfg, path)?;
     // Gemma reads `hidden_activation` (older checkpoints say `hidden_act: gelu` and still run
     // the tanh approximation)
-    let act = match arch {
-        Arch::Gemma => str_of(cfg, "hidden_activation").unwrap_or("gelu_pytorch_tanh"),
-        _ => str_of(cfg, "hidden_act").unwrap_or("silu"),
+    let (act_key, act_default) = match arch {
+        Arch::Gemma => ("hidden_activation", "gelu_pytorch_tanh"),
+        _ => ("hidden_act", "silu"),
     };
+    let act = str_field(cfg, act_key, path)?.unwrap_or(act_default);
     let bias = bool_of(cfg, "attention_bias", false, path)?;
     let spec = HfSpec {
         arch,
@@ -362,7 +425,7 @@ fn llama_family(
             dims: (head_dim as f64 * frac) as usize,
             theta,
         },
-        act: Act::parse(act, path)?,
+        act: Act::parse(act, act_key, path)?,
         mlp: MlpLayout::Gated,
         tied: bool_of(cfg, "tie_word_embeddings", arch == Arch::Gemma, path)?,
         scale_attn: true,
@@ -431,6 +494,16 @@ fn refuse_sliding_window(arch: Arch, cfg: &Value, path: &Path, max_pos: usize) -
     Ok(())
 }
 
+/// Reads a `config.json` as JSON. Errors name the file and the line and column, invalid UTF-8
+/// included (`read_to_string` would say only "stream did not contain valid UTF-8").
+pub fn read_config(path: &Path) -> Result<Value> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// The architecture named by `architectures`, refusing others by name.
 pub fn arch_of(cfg: &Value, path: &Path) -> Result<Arch> {
     let names: Vec<&str> = get(cfg, "architectures")
@@ -446,7 +519,7 @@ pub fn arch_of(cfg: &Value, path: &Path) -> Result<Arch> {
     }
     names.iter().find_map(|n| Arch::from_hf(n)).ok_or_else(|| {
         Error::Config(format!(
-            "{}: architecture {} is not supported (supported: {})",
+            "{}: `architectures`: {} is not supported (supported: {})",
             path.display(),
             names.join(", "),
             Arch::SUPPORTED.join(", ")
@@ -459,11 +532,11 @@ impl HfSpec {
     pub fn from_config(cfg: &Value, path: &Path) -> Result<Self> {
         let arch = arch_of(cfg, path)?;
         let vocab = need_usize(cfg, &["vocab_size"], path)?;
-        let bos = usize_of(cfg, "bos_token_id", path)
-            .ok()
-            .flatten()
-            .map(|n| n as u32);
-        let eos = ids_of(get(cfg, "eos_token_id"));
+        let bos = match get(cfg, "bos_token_id") {
+            Some(v) => id_of(v, "bos_token_id", path)?,
+            None => None,
+        };
+        let eos = ids_of(cfg, "eos_token_id", path)?;
         let spec = match arch {
             Arch::Llama
             | Arch::Mistral
@@ -504,7 +577,7 @@ impl HfSpec {
                     heads,
                     kv_heads,
                     head_dim,
-                    ff: usize_of(cfg, "ffn_hidden_size", path)?.unwrap_or(4 * dim),
+                    ff: usize_of(cfg, "ffn_hidden_size", path)?.unwrap_or(dim.saturating_mul(4)),
                     max_pos: usize_of(cfg, "max_position_embeddings", path)?.unwrap_or(2048),
                     norm: NormKind::LayerNorm,
                     norm_eps: f64_of(cfg, &["layer_norm_epsilon"], 1e-5, path)?,
@@ -531,7 +604,11 @@ impl HfSpec {
                         dims: (head_dim as f64 * frac) as usize,
                         theta,
                     },
-                    act: Act::parse(str_of(cfg, "activation").unwrap_or("gelu"), path)?,
+                    act: Act::parse(
+                        str_field(cfg, "activation", path)?.unwrap_or("gelu"),
+                        "activation",
+                        path,
+                    )?,
                     mlp: MlpLayout::Plain,
                     tied: bool_of(cfg, "tie_word_embeddings", true, path)?,
                     scale_attn: true,
@@ -580,7 +657,11 @@ impl HfSpec {
                         dims: (head_dim as f64 * frac) as usize,
                         theta,
                     },
-                    act: Act::parse(str_of(cfg, "hidden_act").unwrap_or("gelu"), path)?,
+                    act: Act::parse(
+                        str_field(cfg, "hidden_act", path)?.unwrap_or("gelu"),
+                        "hidden_act",
+                        path,
+                    )?,
                     mlp: MlpLayout::Plain,
                     tied: bool_of(cfg, "tie_word_embeddings", false, path)?,
                     scale_attn: true,
@@ -597,7 +678,7 @@ impl HfSpec {
                 let heads = need_usize(cfg, &["n_head", "num_attention_heads"], path)?;
                 if bool_of(cfg, "add_cross_attention", false, path)? {
                     return Err(Error::Config(format!(
-                        "{}: GPT-2 with cross-attention is not supported",
+                        "{}: `add_cross_attention`: GPT-2 with cross-attention is not supported",
                         path.display()
                     )));
                 }
@@ -609,7 +690,7 @@ impl HfSpec {
                     heads,
                     kv_heads: heads,
                     head_dim: dim / heads.max(1),
-                    ff: usize_of(cfg, "n_inner", path)?.unwrap_or(4 * dim),
+                    ff: usize_of(cfg, "n_inner", path)?.unwrap_or(dim.saturating_mul(4)),
                     max_pos: need_usize(cfg, &["n_positions", "max_position_embeddings"], path)?,
                     norm: NormKind::LayerNorm,
                     norm_eps: f64_of(cfg, &["layer_norm_epsilon"], 1e-5, path)?,
@@ -625,7 +706,8 @@ impl HfSpec {
                     conv1d: true,
                     pos: PosKind::Learned,
                     act: Act::parse(
-                        str_of(cfg, "activation_function").unwrap_or("gelu_new"),
+                        str_field(cfg, "activation_function", path)?.unwrap_or("gelu_new"),
+                        "activation_function",
                         path,
                     )?,
                     mlp: MlpLayout::Plain,
@@ -644,22 +726,118 @@ impl HfSpec {
         Ok(spec)
     }
 
+    /// The config.json key each size was read from, for messages (`hidden_size`, `n_embd`, ...).
+    fn key_of(&self, field: &str) -> &'static str {
+        use Arch::*;
+        let gpt2 = self.arch == Gpt2;
+        match field {
+            "vocab" => "vocab_size",
+            "dim" if gpt2 => "n_embd",
+            "dim" => "hidden_size",
+            "heads" if gpt2 => "n_head",
+            "heads" => "num_attention_heads",
+            "kv_heads" => match self.arch {
+                Falcon => "num_kv_heads",
+                Gpt2 => "n_head",
+                GptNeoX => "num_attention_heads",
+                _ => "num_key_value_heads",
+            },
+            "head_dim" => match self.arch {
+                Falcon | GptNeoX | Gpt2 => self.key_of("heads"),
+                _ => "head_dim",
+            },
+            "depth" if gpt2 => "n_layer",
+            "depth" => "num_hidden_layers",
+            "ff" => match self.arch {
+                Falcon => "ffn_hidden_size",
+                Gpt2 => "n_inner",
+                _ => "intermediate_size",
+            },
+            "max_pos" if gpt2 => "n_positions",
+            "max_pos" => "max_position_embeddings",
+            "norm_eps" => match self.arch {
+                Falcon | Gpt2 => "layer_norm_epsilon",
+                GptNeoX => "layer_norm_eps",
+                _ => "rms_norm_eps",
+            },
+            "attn_dropout" if gpt2 => "attn_pdrop",
+            "attn_dropout" => "attention_dropout",
+            "resid_dropout" => match self.arch {
+                Falcon | GptNeoX => "hidden_dropout",
+                _ => "resid_pdrop",
+            },
+            "embd_dropout" => "embd_pdrop",
+            _ => "rotary",
+        }
+    }
+
+    /// Checks the sizes (positive, below limits far above any real model, so that no product of
+    /// them overflows), the head layout, epsilon and dropouts; errors name the file and the key.
     pub fn validate(&self, path: &Path) -> Result<()> {
         let bad = |m: String| Err(Error::Config(format!("{}: {m}", path.display())));
-        if self.heads == 0 || self.kv_heads == 0 || self.head_dim == 0 || self.depth == 0 {
-            return bad("heads, key/value heads, head dim and layers must be positive".into());
+        for (field, v, max) in [
+            ("vocab", self.vocab, MAX_VOCAB),
+            ("dim", self.dim, MAX_WIDTH),
+            ("heads", self.heads, MAX_HEADS),
+            ("kv_heads", self.kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_WIDTH),
+            ("depth", self.depth, MAX_DEPTH),
+            ("ff", self.ff, MAX_FF),
+            ("max_pos", self.max_pos, MAX_POSITIONS),
+        ] {
+            let key = self.key_of(field);
+            if v == 0 {
+                return bad(format!("`{key}` must be positive, found 0"));
+            }
+            if v > max {
+                return bad(format!("`{key}` is {v}, above the limit of {max}"));
+            }
+        }
+        if matches!(self.arch, Arch::Falcon | Arch::GptNeoX | Arch::Gpt2)
+            && !self.dim.is_multiple_of(self.heads)
+        {
+            return bad(format!(
+                "`{}` {} is not a multiple of `{}` {} (the hidden size is split into heads)",
+                self.key_of("dim"),
+                self.dim,
+                self.key_of("heads"),
+                self.heads
+            ));
         }
         if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!(
-                "{} attention heads are not a multiple of {} key/value heads",
-                self.heads, self.kv_heads
+                "`{}` {} is not a multiple of `{}` {}",
+                self.key_of("heads"),
+                self.heads,
+                self.key_of("kv_heads"),
+                self.kv_heads
             ));
         }
         if let PosKind::Rotary { dims, .. } = self.pos {
             if dims % 2 != 0 || dims > self.head_dim {
                 return bad(format!(
-                    "rotary dims {dims} must be even and at most the head dim {}",
+                    "`partial_rotary_factor` (or `rotary_pct`) gives {dims} rotary dims; they must be even and at most \
+                     the head dim {}",
                     self.head_dim
+                ));
+            }
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            return bad(format!(
+                "`{}` must be a non-negative number, found {}",
+                self.key_of("norm_eps"),
+                self.norm_eps
+            ));
+        }
+        for (field, p) in [
+            ("attn_dropout", self.attn_dropout),
+            ("resid_dropout", self.resid_dropout),
+            ("embd_dropout", self.embd_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return bad(format!(
+                    "`{}` must be in [0, 1), found {p}",
+                    self.key_of(field)
                 ));
             }
         }

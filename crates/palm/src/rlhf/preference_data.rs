@@ -220,14 +220,14 @@ pub struct TruncationStats {
 /// response's start. The response keeps at least half of the budget when it is that long.
 pub fn truncate(
     prompt: &[u32],
-    response: &[u32],
+    response_all: &[u32],
     eos: Option<u32>,
     max_len: usize,
     stats: &mut TruncationStats,
 ) -> EncodedSeq {
     let extra = usize::from(eos.is_some());
     let budget = max_len.saturating_sub(extra).max(1);
-    let (p, r) = (prompt.len(), response.len());
+    let (p, r) = (prompt.len(), response_all.len());
     let (keep_p, keep_r) = if p + r <= budget {
         (p, r)
     } else {
@@ -238,7 +238,9 @@ pub fn truncate(
     stats.sequences += 1;
     stats.truncated_prompts += usize::from(keep_p < p);
     stats.truncated_responses += usize::from(keep_r < r);
-    let mut response: Vec<u32> = response[..keep_r].to_vec();
+    // sized once: `to_vec` then a push of the EOS would double the vector's capacity
+    let mut response: Vec<u32> = Vec::with_capacity(keep_r + extra);
+    response.extend_from_slice(&response_all[..keep_r]);
     response.extend(eos);
     EncodedSeq {
         prompt: prompt[p - keep_p..].to_vec(),

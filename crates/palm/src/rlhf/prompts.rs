@@ -13,17 +13,20 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
     let recs = if records::is_records(path) {
         Some(records::open(path, Some(&["prompt"]))?)
     } else {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let json = text
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .is_some_and(|l| l.trim_start().starts_with('{'));
-        if !json {
-            let out: Vec<String> = text
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(str::to_string)
-                .collect();
+        // streamed line by line (bounded lines, `FILE:LINE:` errors such as bad UTF-8); the
+        // first non-blank line says whether it is JSON Lines or one prompt per line
+        let mut out: Vec<String> = Vec::new();
+        for line in records::lines(path)? {
+            let (_, l) = line?;
+            if l.trim().is_empty() {
+                continue;
+            }
+            if out.is_empty() && l.trim_start().starts_with('{') {
+                break;
+            }
+            out.push(l);
+        }
+        if !out.is_empty() {
             return nonempty(path, out);
         }
         Some(records::open_jsonl(path)?)

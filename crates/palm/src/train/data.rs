@@ -385,17 +385,18 @@ fn sft_batch(ex: &[&Example], t1: usize) -> Batch {
 /// Reads a file as UTF-8 text, decompressing `.gz`. Missing, empty and non-UTF-8 files are errors
 /// naming the file (and the line, for bad UTF-8).
 pub fn read_text_file(path: &Path) -> Result<String> {
-    let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let bytes = if path.extension().is_some_and(|e| e == "gz") {
+        // decompressed straight from the file: the compressed bytes are never held whole
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..])
+        flate2::read::MultiGzDecoder::new(std::io::BufReader::new(f))
             .read_to_end(&mut out)
             .map_err(|e| {
                 Error::msg(format!("{}: not a readable gzip file: {e}", path.display()))
             })?;
         out
     } else {
-        raw
+        std::fs::read(path).map_err(|e| Error::io(path, e))?
     };
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(Error::msg(format!(

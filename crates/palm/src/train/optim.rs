@@ -271,25 +271,94 @@ impl Optimizer {
         Ok(out)
     }
 
-    /// Restores state written by [`Optimizer::state`], checking names and sizes.
+    /// Restores state written by [`Optimizer::state`] from `path` (an `optimizer.safetensors`),
+    /// with [`Optimizer::load_state`]'s checks; errors name the file and the tensor.
+    pub fn load_state_file(&mut self, path: &std::path::Path) -> Result<()> {
+        let st = crate::params::read_tensors(path, &candle_core::Device::Cpu)?;
+        self.load_state(&st)
+            .map_err(|e| Error::msg(format!("{}: {e}", path.display())))
+    }
+
+    /// Restores state written by [`Optimizer::state`]. Refused, naming the tensor, before
+    /// anything is changed: a missing tensor, one of another shape than its parameter, of an
+    /// integer type, holding a non-finite value (or a negative second moment), a `step` that is
+    /// not one non-negative integer, and a tensor that is no state of these parameters under
+    /// this optimiser (another model, LoRA scope or optimiser kind).
     pub fn load_state(&mut self, st: &BTreeMap<String, Tensor>) -> Result<()> {
-        let need = |k: &str| {
-            st.get(k)
-                .ok_or_else(|| Error::msg(format!("optimizer state has no tensor `{k}`")))
+        let bad = |m: String| Error::msg(format!("optimizer state: {m}"));
+        let moments: &[&str] = match self.cfg.kind {
+            OptimizerKind::AdamW => &["m", "v"],
+            OptimizerKind::Lion => &["m"],
         };
-        for (i, (name, var)) in self.params.iter().enumerate() {
-            let m: Vec<f32> = need(&format!("m.{name}"))?.flatten_all()?.to_vec1()?;
-            if m.len() != var.elem_count() {
-                return Err(Error::msg(format!(
-                    "optimizer state `m.{name}` has the wrong size"
-                )));
-            }
-            self.m[i] = m;
-            if !self.v.is_empty() {
-                self.v[i] = need(&format!("v.{name}"))?.flatten_all()?.to_vec1()?;
+        let mut loaded: [Vec<Vec<f32>>; 2] = [Vec::new(), Vec::new()];
+        for (name, var) in &self.params {
+            for (slot, &k) in moments.iter().enumerate() {
+                let key = format!("{k}.{name}");
+                let t = st
+                    .get(&key)
+                    .ok_or_else(|| bad(format!("no tensor `{key}` (for parameter `{name}`)")))?;
+                if t.dims() != var.dims() {
+                    return Err(bad(format!(
+                        "tensor `{key}` has shape {:?}, parameter `{name}` has {:?}",
+                        t.dims(),
+                        var.dims()
+                    )));
+                }
+                if !t.dtype().is_float() {
+                    return Err(bad(format!(
+                        "tensor `{key}` holds {:?} values, not floats",
+                        t.dtype()
+                    )));
+                }
+                let vals: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                if let Some((i, x)) = vals
+                    .iter()
+                    .enumerate()
+                    .find(|(_, x)| !x.is_finite() || (k == "v" && **x < 0.0))
+                {
+                    return Err(bad(format!(
+                        "tensor `{key}` holds {x} at element {i} (corrupt, or saved after the run diverged)"
+                    )));
+                }
+                loaded[slot].push(vals);
             }
         }
-        self.step = need("step")?.to_vec1::<i64>()?[0] as u64;
+        let step = st
+            .get("step")
+            .ok_or_else(|| bad("no tensor `step`".into()))?;
+        if step.dtype().is_float() || step.elem_count() != 1 {
+            return Err(bad(format!(
+                "tensor `step` should be one integer, found {:?} {:?}",
+                step.dtype(),
+                step.dims()
+            )));
+        }
+        let step = step.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>()?[0];
+        let step = u64::try_from(step)
+            .map_err(|_| bad(format!("tensor `step` holds {step}, a negative step")))?;
+        for k in st.keys() {
+            let known = k == "step"
+                || moments.iter().any(|m| {
+                    k.strip_prefix(m)
+                        .and_then(|r| r.strip_prefix('.'))
+                        .is_some_and(|p| self.params.iter().any(|(n, _)| n == p))
+                });
+            if !known {
+                let hint = match (self.cfg.kind, k.starts_with("v.")) {
+                    (OptimizerKind::Lion, true) => " (AdamW state: this run's optimiser is Lion)",
+                    _ => " (another model, LoRA scope or set of trained parameters)",
+                };
+                return Err(bad(format!(
+                    "tensor `{k}` is no state of the parameters being trained{hint}"
+                )));
+            }
+        }
+        let [m, v] = loaded;
+        self.m = m;
+        if self.cfg.kind == OptimizerKind::AdamW {
+            self.v = v;
+        }
+        self.step = step;
         Ok(())
     }
 }
