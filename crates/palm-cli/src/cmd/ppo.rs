@@ -300,6 +300,80 @@ fn check_prompt_lengths(
     Ok(())
 }
 
+/// The trainer of `--resume`: the saved config is the run's; only its length may change.
+fn resume_trainer(a: &Args, prompts: &[Vec<u32>], dev: &candle_core::Device) -> Result<PpoTrainer> {
+    // the saved config is the run's; only its length may change
+    if a.config.is_some()
+        || a.recipe.is_some()
+        || a.batch_size.is_some()
+        || a.actor_lr.is_some()
+        || a.kl_coef.is_some()
+        || a.seed.is_some()
+        || a.actor.is_some()
+        || a.critic_init.is_some()
+    {
+        bail!("--resume continues the saved run exactly: only --steps may change");
+    }
+    let t = PpoTrainer::resume(&a.out.join("checkpoint"), dev, a.steps)
+        .with_context(|| format!("resuming from {}", a.out.join("checkpoint").display()))?;
+    check_prompt_lengths(
+        &a.prompts,
+        prompts,
+        t.cfg.max_new_tokens,
+        t.model.max_seq_len(),
+    )?;
+    Ok(t)
+}
+
+/// A new run never overwrites another: its checkpoint, policy or metrics.
+fn refuse_existing_run(out: &Path) -> Result<()> {
+    if let Some(f) = ["checkpoint", "policy", "metrics.jsonl"]
+        .iter()
+        .map(|f| out.join(f))
+        .find(|p| p.exists())
+    {
+        if !palm::checkpoint::resolve_dir(&out.join("checkpoint")).exists() {
+            bail!(
+                "{} already holds a PPO run that stopped before its first checkpoint ({} \
+                 exists, no checkpoint/ to resume from): delete it, or choose another --out",
+                out.display(),
+                f.display()
+            );
+        }
+        bail!(
+            "{} already holds a PPO run ({} exists): pass --resume to continue it, or choose another --out",
+            out.display(),
+            f.display()
+        );
+    }
+    Ok(())
+}
+
+/// The reward model the critic starts from (`--critic-init reward`), or none (`zeros`).
+fn critic_source(
+    init: CriticInit,
+    reward: &str,
+) -> Result<Option<palm::rlhf::reward::RewardModel>> {
+    Ok(match init {
+        CriticInit::Zeros => None,
+        CriticInit::Reward => {
+            let path = PathBuf::from(reward);
+            let is_rm = path.join("reward.json").exists()
+                || path
+                    .join(palm::rlhf::reward_train::FINAL_DIR)
+                    .join("reward.json")
+                    .exists();
+            if !is_rm {
+                bail!(
+                    "--critic-init reward needs --reward to be a `palm reward train` model \
+                     (run or model directory with reward.json); got `{reward}`"
+                );
+            }
+            Some(super::reward::load_reward_model(&path)?)
+        }
+    })
+}
+
 pub fn run(a: Args) -> Result<()> {
     let dev = super::device();
     let tok = match (&a.policy, &a.tokenizer) {
@@ -323,40 +397,9 @@ pub fn run(a: Args) -> Result<()> {
     let (scorer, rm_vocab) = load_reward(&a.reward, &tok)?;
     let mut score_before = None;
     let mut trainer = if a.resume {
-        // the saved config is the run's; only its length may change
-        if a.config.is_some()
-            || a.recipe.is_some()
-            || a.batch_size.is_some()
-            || a.actor_lr.is_some()
-            || a.kl_coef.is_some()
-            || a.seed.is_some()
-            || a.actor.is_some()
-            || a.critic_init.is_some()
-        {
-            bail!("--resume continues the saved run exactly: only --steps may change");
-        }
-        let t = PpoTrainer::resume(&a.out.join("checkpoint"), &dev, a.steps)
-            .with_context(|| format!("resuming from {}", a.out.join("checkpoint").display()))?;
-        check_prompt_lengths(
-            &a.prompts,
-            &prompts,
-            t.cfg.max_new_tokens,
-            t.model.max_seq_len(),
-        )?;
-        t
+        resume_trainer(&a, &prompts, &dev)?
     } else {
-        // a new run never overwrites another: its checkpoint, policy or metrics
-        if let Some(f) = ["checkpoint", "policy", "metrics.jsonl"]
-            .iter()
-            .map(|f| a.out.join(f))
-            .find(|p| p.exists())
-        {
-            bail!(
-                "{} already holds a PPO run ({} exists): pass --resume to continue it, or choose another --out",
-                a.out.display(),
-                f.display()
-            );
-        }
+        refuse_existing_run(&a.out)?;
         let mut cfg = match &a.config {
             Some(p) => palm::checkpoint::read_json::<PpoConfig>(p)?,
             None => PpoConfig::for_recipe(a.recipe.map(Into::into).unwrap_or_default()),
@@ -397,25 +440,7 @@ pub fn run(a: Args) -> Result<()> {
             score_before = Some(m);
             tracing::info!("eval before: mean score {m:.4} over {} samples", recs.len());
         }
-        let rm = match cfg.critic_init {
-            CriticInit::Zeros => None,
-            CriticInit::Reward => {
-                let path = PathBuf::from(&a.reward);
-                let is_rm = path.join("reward.json").exists()
-                    || path
-                        .join(palm::rlhf::reward_train::FINAL_DIR)
-                        .join("reward.json")
-                        .exists();
-                if !is_rm {
-                    bail!(
-                        "--critic-init reward needs --reward to be a `palm reward train` model \
-                         (run or model directory with reward.json); got `{}`",
-                        a.reward
-                    );
-                }
-                Some(super::reward::load_reward_model(&path)?)
-            }
-        };
+        let rm = critic_source(cfg.critic_init, &a.reward)?;
         PpoTrainer::with_reward_model(model, cfg, rm.as_ref())?
     };
     let total = trainer.cfg.steps as u64;
@@ -424,13 +449,16 @@ pub fn run(a: Args) -> Result<()> {
     bar.set_style(ProgressStyle::with_template(
         "ppo {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
     )?);
-    ppo::run(
+    // Ctrl-C, SIGTERM or SIGHUP: a checkpoint after the current step, then exit 130
+    let stop = palm::train::run::stop_flag();
+    ppo::run_until_stopped(
         &mut trainer,
         &prompts,
         tok.eos_id(),
         scorer.as_ref(),
         None,
         &a.out,
+        stop,
         |m| {
             let msg = format!(
                 "score {:.3} kl {:.3}",
@@ -446,6 +474,18 @@ pub fn run(a: Args) -> Result<()> {
         },
     )?;
     bar.finish();
+    if trainer.step < trainer.cfg.steps {
+        tracing::info!(
+            "stopped at step {} of {total}; continue with: palm ppo --resume --out {} --reward {} \
+             --prompts {}",
+            trainer.step,
+            a.out.display(),
+            a.reward,
+            a.prompts.display()
+        );
+        // as Unix programs do after an interrupt: no policy/ was written
+        std::process::exit(130);
+    }
     let mut score_after = None;
     if a.eval_samples > 0 {
         let policy = palm::load::load_model(&a.out.join("policy"), &dev)?;

@@ -354,11 +354,57 @@ fn check_task_args(a: &Args) -> Result<()> {
         }
         return Ok(());
     }
-    if a.out.join("checkpoint").exists() {
+    if palm::checkpoint::resolve_dir(&a.out.join("checkpoint")).exists() {
         return Ok(()); // refused below: the run is not overwritten
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     Ok(palm::checkpoint::write_json_atomic(&path, &now)?)
+}
+
+/// Greedy held-out accuracy and answer-tag share of the policy before training (`scope` None,
+/// samples to heldout_before.jsonl) or after (the actor, heldout_after.jsonl); with `counted`,
+/// read from the samples that file holds instead.
+fn held_out(
+    a: &Args,
+    model: &palm::Model,
+    scope: Option<&str>,
+    held: &[(Vec<u32>, i64)],
+    text: &TextSide,
+    max_new: usize,
+    counted: Option<&std::path::Path>,
+) -> Result<(f64, f64)> {
+    if let Some(file) = counted {
+        return heldout_before(file);
+    }
+    let (acc, fmt, samples) = task_accuracy(model, scope, held, text, max_new, prefill(a))?;
+    let when = if scope.is_some() { "after" } else { "before" };
+    tracing::info!(
+        "held-out {when}: accuracy {acc:.3}, answer tag {fmt:.3} ({} prompts)",
+        held.len()
+    );
+    super::ppo::write_jsonl(&a.out.join(format!("heldout_{when}.jsonl")), &samples)?;
+    Ok((acc, fmt))
+}
+
+/// A resumed task run's held-out accuracy before training (and its answer-tag share), counted
+/// from the samples the run wrote when it started (their completions carry the prefill), as
+/// [`task_accuracy`] counts them.
+fn heldout_before(path: &std::path::Path) -> Result<(f64, f64)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--resume: reading {}", path.display()))?;
+    let (mut n, mut right, mut tagged) = (0usize, 0usize, 0usize);
+    for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not a JSON sample", path.display(), i + 1))?;
+        let (Some(ans), Some(t)) = (v["answer"].as_i64(), v["completion"].as_str()) else {
+            bail!("{}:{}: no answer or completion", path.display(), i + 1);
+        };
+        n += 1;
+        right += usize::from(arithmetic::reward(ans, t) == 1.0);
+        tagged += usize::from(arithmetic::has_answer_tag(t));
+    }
+    let n = n.max(1) as f64;
+    Ok((right as f64 / n, tagged as f64 / n))
 }
 
 /// `--eval-only`: the starting policy's greedy held-out accuracy, as JSON on stdout.
@@ -387,7 +433,8 @@ pub fn run(a: Args) -> Result<()> {
         return run_ppo(a);
     };
     let dev = super::device();
-    let ck = a.out.join("checkpoint");
+    // a write killed between its two renames leaves the checkpoint at `checkpoint.old`
+    let ck = palm::checkpoint::resolve_dir(&a.out.join("checkpoint"));
     let model_path = match (&a.policy, a.resume) {
         (Some(p), _) => p.clone(),
         (None, true) => ck.clone(),
@@ -476,16 +523,18 @@ pub fn run(a: Args) -> Result<()> {
     let max_new = trainer.cfg.max_new_tokens;
     let mut summary = serde_json::json!({"algorithm": alg.name(), "config": trainer.cfg});
     if let Some(h) = &held {
-        if !a.resume {
-            let (acc, fmt, samples) =
-                task_accuracy(&trainer.model, None, h, &text, max_new, prefill(&a))?;
-            tracing::info!(
-                "held-out before: accuracy {acc:.3}, answer tag {fmt:.3} ({} prompts)",
-                h.len()
-            );
-            super::ppo::write_jsonl(&a.out.join("heldout_before.jsonl"), &samples)?;
-            summary["heldout_before"] = serde_json::json!({"accuracy": acc, "format": fmt});
-        }
+        // a resumed run counts the samples it wrote when it started
+        let before = a.resume.then(|| a.out.join("heldout_before.jsonl"));
+        let (acc, fmt) = held_out(
+            &a,
+            &trainer.model,
+            None,
+            h,
+            &text,
+            max_new,
+            before.as_deref(),
+        )?;
+        summary["heldout_before"] = serde_json::json!({"accuracy": acc, "format": fmt});
     }
     let stop = palm::train::run::stop_flag();
     let bar = ProgressBar::new(trainer.cfg.steps as u64).with_position(trainer.step as u64);
@@ -517,16 +566,8 @@ pub fn run(a: Args) -> Result<()> {
         std::process::exit(130);
     }
     if let Some(h) = &held {
-        let (acc, fmt, samples) = task_accuracy(
-            &trainer.model,
-            Some(palm::rlhf::rollout::ACTOR),
-            h,
-            &text,
-            max_new,
-            prefill(&a),
-        )?;
-        tracing::info!("held-out after: accuracy {acc:.3}, answer tag {fmt:.3}");
-        super::ppo::write_jsonl(&a.out.join("heldout_after.jsonl"), &samples)?;
+        let actor = Some(palm::rlhf::rollout::ACTOR);
+        let (acc, fmt) = held_out(&a, &trainer.model, actor, h, &text, max_new, None)?;
         summary["heldout_after"] = serde_json::json!({"accuracy": acc, "format": fmt});
     }
     summary["steps"] = trainer.step.into();

@@ -26,7 +26,7 @@ use crate::checkpoint;
 use crate::config::LoraSpec;
 use crate::error::{Error, Result};
 use crate::model::{Forward, Model};
-use crate::params::{read_tensors, write_safetensors};
+use crate::params::write_safetensors;
 use crate::rlhf::advantage::token_rewards;
 use crate::rlhf::kl::KlEstimator;
 use crate::rlhf::policy_loss::{
@@ -441,8 +441,7 @@ impl RlTrainer {
             cfg.steps = s;
         }
         let mut t = Self::assemble(model, cfg);
-        t.opt
-            .load_state(&read_tensors(&dir.join(OPT_FILE), &Device::Cpu)?)?;
+        t.opt.load_state_file(&dir.join(OPT_FILE))?;
         t.rng = rng::restore_state(&st.rng);
         t.step = st.step;
         Ok(t)
@@ -705,6 +704,7 @@ impl RlTrainer {
             }
         }
         let mut g = acc.ok_or_else(|| Error::msg("rl: empty optimiser step"))?;
+        crate::train::run::test_poison_gradient(self.step + 1, &mut g);
         if optim::grads_non_finite(&g) {
             return Err(Error::msg(format!(
                 "rl step {}: non-finite gradient; stopping (the last checkpoint is kept)",

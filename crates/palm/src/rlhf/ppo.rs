@@ -688,10 +688,8 @@ impl PpoTrainer {
             _ => None,
         };
         let mut t = Self::assemble(model, frozen, head, segments, cfg)?;
-        t.actor_opt
-            .load_state(&read_tensors(&dir.join(ACTOR_OPT_FILE), &Device::Cpu)?)?;
-        t.critic_opt
-            .load_state(&read_tensors(&dir.join(CRITIC_OPT_FILE), &Device::Cpu)?)?;
+        t.actor_opt.load_state_file(&dir.join(ACTOR_OPT_FILE))?;
+        t.critic_opt.load_state_file(&dir.join(CRITIC_OPT_FILE))?;
         t.kl = st.kl;
         t.rng = rng::restore_state(&st.rng);
         t.step = st.step;
@@ -940,6 +938,8 @@ impl PpoTrainer {
             }
             let grads = self.model.backward(&loss)?;
             let mut g = optim::grads_of(&self.actor_opt.params, &grads)?;
+            crate::train::run::test_poison_gradient(step, &mut g);
+            non_finite_guard(&g, step, "policy")?;
             optim::clip_grad_norm(&mut g, cfg.max_grad_norm);
             self.actor_opt.step(&g, cfg.actor_lr)?;
             stats.policy_loss.push(pg.to_scalar::<f32>()?);
@@ -996,12 +996,25 @@ impl PpoTrainer {
         }
         let grads = self.frozen_model().backward(&vloss)?;
         let mut g = optim::grads_of(&self.critic_opt.params, &grads)?;
+        non_finite_guard(&g, step, "value")?;
         optim::clip_grad_norm(&mut g, cfg.max_grad_norm);
         self.critic_opt.step(&g, cfg.critic_lr)?;
         stats.value_loss.push(lv);
         stats.val_clipfrac.push(vclip);
         Ok(())
     }
+}
+
+/// A NaN or infinite gradient stops the run before it reaches the weights (clipping would
+/// spread it to every one), so the last checkpoint stays the last good state.
+fn non_finite_guard(g: &optim::Grads, step: usize, what: &str) -> Result<()> {
+    if optim::grads_non_finite(g) {
+        return Err(Error::msg(format!(
+            "ppo step {step}: a {what} gradient is NaN or infinite; stopping (the last \
+             checkpoint is kept)"
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Default)]
@@ -1046,6 +1059,23 @@ pub fn run(
     scorer: &dyn Scorer,
     gold: Option<&dyn Scorer>,
     out: &Path,
+    on_step: impl FnMut(&serde_json::Value),
+) -> Result<()> {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    run_until_stopped(trainer, prompts, eos, scorer, gold, out, &never, on_step)
+}
+
+/// [`run`], and when `stop` is set (Ctrl-C, SIGTERM) the run checkpoints after the current step
+/// and returns with `trainer.step` below `trainer.cfg.steps` (no `policy/`).
+#[allow(clippy::too_many_arguments)]
+pub fn run_until_stopped(
+    trainer: &mut PpoTrainer,
+    prompts: &[Vec<u32>],
+    eos: Option<u32>,
+    scorer: &dyn Scorer,
+    gold: Option<&dyn Scorer>,
+    out: &Path,
+    stop: &std::sync::atomic::AtomicBool,
     mut on_step: impl FnMut(&serde_json::Value),
 ) -> Result<()> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -1063,9 +1093,20 @@ pub fn run(
         log.log(m.clone())?;
         on_step(&m);
         let every = trainer.cfg.save_every;
-        if every > 0 && trainer.step.is_multiple_of(every) && trainer.step < trainer.cfg.steps {
+        let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
+        if (stopping || (every > 0 && trainer.step.is_multiple_of(every)))
+            && trainer.step < trainer.cfg.steps
+        {
             trainer.save(&dir.checkpoint())?;
             plot(&log, out)?;
+            if stopping {
+                tracing::warn!(
+                    "ppo: stopped at step {}; checkpoint in {} (resume with --resume)",
+                    trainer.step,
+                    dir.checkpoint().display()
+                );
+                return Ok(());
+            }
         }
     }
     trainer.save(&dir.checkpoint())?;

@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub struct MetricsLog {
     path: PathBuf,
-    file: File,
+    /// None: a log that keeps records in memory and writes nothing (ranks other than 0).
+    file: Option<File>,
     /// Every record written (or read back on resume), for plotting.
     pub records: Vec<serde_json::Value>,
 }
@@ -24,6 +25,10 @@ impl MetricsLog {
     pub fn open(dir: &Path, keep_until: Option<u64>) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
         let mut records = Vec::new();
+        // the kept lines go back as they were written: a float parsed and printed again may come
+        // back one ulp off (serde_json without `float_roundtrip`), and a resumed run's log must
+        // equal the uninterrupted run's byte for byte
+        let mut body = String::new();
         if let (Some(limit), true) = (keep_until, path.exists()) {
             let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
             for line in text.lines().filter(|l| !l.trim().is_empty()) {
@@ -33,14 +38,11 @@ impl MetricsLog {
                         .is_some_and(|s| s <= limit)
                     {
                         records.push(v);
+                        body.push_str(line);
+                        body.push('\n');
                     }
                 }
             }
-        }
-        let mut body = String::new();
-        for r in &records {
-            body.push_str(&r.to_string());
-            body.push('\n');
         }
         crate::checkpoint::write_atomic(&path, body.as_bytes())?;
         let file = OpenOptions::new()
@@ -49,13 +51,24 @@ impl MetricsLog {
             .map_err(|e| Error::io(&path, e))?;
         Ok(Self {
             path,
-            file,
+            file: Some(file),
             records,
         })
     }
 
+    /// A log that writes no file and no plot: the ranks other than 0 of a data-parallel run.
+    pub fn discard() -> Self {
+        Self {
+            path: PathBuf::new(),
+            file: None,
+            records: Vec::new(),
+        }
+    }
+
     pub fn log(&mut self, record: serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{record}").map_err(|e| Error::io(&self.path, e))?;
+        if let Some(f) = &mut self.file {
+            writeln!(f, "{record}").map_err(|e| Error::io(&self.path, e))?;
+        }
         self.records.push(record);
         Ok(())
     }
@@ -71,6 +84,9 @@ impl MetricsLog {
 
     /// Plots `keys` against `x_key` into `file` (SVG), skipping keys with no points.
     pub fn plot(&self, file: &Path, title: &str, x_key: &str, keys: &[&str]) -> Result<()> {
+        if self.file.is_none() {
+            return Ok(());
+        }
         let series: Vec<(String, Vec<(f64, f64)>)> = keys
             .iter()
             .map(|k| (k.to_string(), self.series(x_key, k)))

@@ -64,6 +64,36 @@ pub fn check_finite(step: usize, what: &str, value: f64, last_good: Option<&Path
     )))
 }
 
+/// Fault tests poison one gradient with `PALM_TEST_NAN_GRAD_AT_STEP=N`: at step N (the first
+/// step is 1) the first element of the first gradient becomes NaN, after the backward pass and
+/// before the trainer's guard. Returns whether it did; unset, nothing happens.
+pub fn test_poison_gradient(step: usize, grads: &mut crate::train::optim::Grads) -> bool {
+    static AT: OnceLock<Option<usize>> = OnceLock::new();
+    let at = AT.get_or_init(|| {
+        std::env::var("PALM_TEST_NAN_GRAD_AT_STEP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    if *at != Some(step) {
+        return false;
+    }
+    match grads.iter_mut().flatten().find(|g| !g.is_empty()) {
+        Some(g) => {
+            g[0] = f32::NAN;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Whether `log` already holds a record of `step` with `key`: a run resumed from its last
+/// checkpoint (written after the final evaluation was logged) does not log that evaluation twice.
+pub fn logged_at(log: &crate::train::metrics::MetricsLog, step: u64, key: &str) -> bool {
+    log.records
+        .iter()
+        .any(|r| r.get("step").and_then(|s| s.as_u64()) == Some(step) && r.get(key).is_some())
+}
+
 /// `RUN_DIR/checkpoints/step-XXXXXX/` directories, written atomically, the last `keep` kept.
 #[derive(Debug, Clone)]
 pub struct Checkpoints {
