@@ -77,8 +77,18 @@ fn main() {
     if let (Command::Train(a), Some(("train", m))) = (&mut cli.command, matches.subcommand()) {
         a.explicit = explicit_flags(m);
     }
+    // under `mpirun -n N`: MPI first (before threads start); ranks other than 0 log warnings only
+    let comm = palm::dist::init_from_env().unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1)
+    });
+    let level = if comm.rank() == 0 {
+        cli.log.as_str()
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     // colour only on a terminal (and never with NO_COLOR): logs sent to a file stay plain text
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
@@ -90,7 +100,15 @@ fn main() {
         .without_time()
         .init();
     let command = cli.command;
+    if comm.world_size() > 1 {
+        tracing::info!("{}", comm.describe());
+    }
     let result = match command {
+        _ if comm.world_size() > 1 && !data_parallel(&command) => Err(anyhow::anyhow!(
+            "this command runs in one process; under mpirun (here {} processes) palm runs \
+             `train`, `reward train` and `dpo`",
+            comm.world_size()
+        )),
         // async commands: their own runtime; the server's engine thread joins rayon's pool itself
         Command::Serve(a) => cmd::serve::run(*a),
         Command::Feedback(a) => cmd::feedback::run(a),
@@ -107,7 +125,18 @@ fn main() {
             }
             shown = c;
         }
+        // no MPI_Finalize: mpirun sees the failed rank and ends the others
         std::process::exit(1);
+    }
+    palm::dist::finalize();
+}
+
+/// The commands that run data-parallel under `mpirun -n N`.
+fn data_parallel(c: &Command) -> bool {
+    match c {
+        Command::Train(_) | Command::Dpo(_) | Command::Info(_) => true,
+        Command::Reward(a) => matches!(a.command, cmd::reward::RewardCommand::Train(_)),
+        _ => false,
     }
 }
 

@@ -168,7 +168,8 @@ fn run_train(mut a: TrainArgs) -> Result<()> {
     if a.data.is_empty() {
         bail!("--data: give at least one preference file");
     }
-    let ck = dpo::checkpoint_dir(out);
+    // (a write killed between its two renames leaves the checkpoint at `checkpoint.old`)
+    let ck = palm::checkpoint::resolve_dir(&dpo::checkpoint_dir(out));
     if a.resume && !ck.exists() {
         bail!(
             "--resume: {} has no checkpoint to resume from",
@@ -238,7 +239,9 @@ fn run_train(mut a: TrainArgs) -> Result<()> {
         bail!("no preference pairs in {:?}", a.data);
     }
     let total = (train.len().div_ceil(a.batch_size.max(1)) * a.epochs) as u64;
-    let bar = palm::train::run::progress_bar(total, 0, false);
+    // one progress bar and one summary per job: rank 0's
+    let main = palm::dist::is_main();
+    let bar = palm::train::run::progress_bar(total, 0, !main);
     let stop = palm::train::run::stop_flag();
     let s = dpo::train(&mut model, &train, &eval, &cfg, out, a.resume, stop, |i| {
         bar.set_position(i.step);
@@ -248,12 +251,14 @@ fn run_train(mut a: TrainArgs) -> Result<()> {
     if s.steps < total {
         std::process::exit(130);
     }
-    println!("{}", serde_json::to_string(&s)?);
+    if main {
+        println!("{}", serde_json::to_string(&s)?);
+    }
     Ok(())
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
-    let ck = dpo::checkpoint_dir(&a.run);
+    let ck = palm::checkpoint::resolve_dir(&dpo::checkpoint_dir(&a.run));
     let cfg = dpo::run_config(&a.run).with_context(|| format!("reading {}", a.run.display()))?;
     if cfg.lora_r.is_none() && cfg.loss.loss.uses_reference() {
         bail!(

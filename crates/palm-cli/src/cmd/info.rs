@@ -39,6 +39,12 @@ pub fn run(a: Args) -> Result<()> {
         obj.insert("eos_ids".into(), serde_json::json!(pre.end_ids));
         obj.insert("eos_tokens".into(), serde_json::json!(end_tokens));
         obj.insert("chat_template".into(), pre.text.template.is_some().into());
+        // where this process runs: rank and world size under mpirun, else 0 of 1
+        let comm = palm::dist::world();
+        obj.insert(
+            "process".into(),
+            serde_json::json!({"rank": comm.rank(), "world_size": comm.world_size(), "runtime": comm.describe()}),
+        );
     }
     println!("{}", serde_json::to_string_pretty(&info)?);
     Ok(())

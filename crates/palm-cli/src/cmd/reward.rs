@@ -10,8 +10,8 @@ use palm::rlhf::preference_data::{
 };
 use palm::rlhf::reward::{HeadKind, Pooling, RewardConfig, RewardModel, REWARD_SCOPE};
 use palm::rlhf::reward_train::{
-    checkpoint_dir, evaluate, evaluate_ratings, train_examples, Examples, RewardTrainConfig,
-    FINAL_DIR,
+    checkpoint_dir, evaluate, evaluate_ratings, train_examples, Examples, RewardSummary,
+    RewardTrainConfig, FINAL_DIR,
 };
 use palm::tokenizer::Tokenizer;
 
@@ -268,11 +268,97 @@ pub(crate) fn report_truncation(what: &str, st: &TruncationStats) {
     }
 }
 
+/// The head of `--bins` (binned over the scores' range unless --score-min/--score-max), else
+/// scalar.
+fn head_kind(a: &TrainArgs, rated: &[palm::rlhf::preference_data::Rating]) -> Result<HeadKind> {
+    Ok(match a.bins {
+        None => HeadKind::Scalar,
+        Some(k) => {
+            let lo = a
+                .score_min
+                .unwrap_or_else(|| rated.iter().map(|r| r.score).fold(f64::INFINITY, f64::min));
+            let hi = a.score_max.unwrap_or_else(|| {
+                rated
+                    .iter()
+                    .map(|r| r.score)
+                    .fold(f64::NEG_INFINITY, f64::max)
+            });
+            if k < 2 || hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
+                bail!("--bins {k} over [{lo}, {hi}]: needs at least 2 bins and --score-min < --score-max");
+            }
+            let values = (0..k)
+                .map(|i| (lo + (hi - lo) * i as f64 / (k - 1) as f64) as f32)
+                .collect();
+            HeadKind::Binned { bins: k, values }
+        }
+    })
+}
+
+/// A fresh reward model on `base`: a LoRA scope (or the whole trunk with --full) and `head`.
+fn new_reward_model(
+    a: &TrainArgs,
+    base: palm::Model,
+    head: HeadKind,
+    max_len: usize,
+) -> Result<RewardModel> {
+    let cfg = RewardConfig {
+        pooling: match a.pooling {
+            PoolingArg::Last => Pooling::LastToken,
+            PoolingArg::Mean => Pooling::MaskedMean,
+        },
+        head,
+        scope: if a.full {
+            None
+        } else {
+            Some(REWARD_SCOPE.to_string())
+        },
+        segment_embeds: !a.no_segment_embeds,
+        max_len: Some(max_len),
+        ..Default::default()
+    };
+    let lora = (!a.full).then(|| LoraSpec::new(a.lora_r));
+    Ok(RewardModel::new(base, cfg, lora, a.seed)?)
+}
+
+/// Prints the summary of a finished run, or exits 130 (as Unix programs do after an
+/// interrupt: no reward_model/ was written) when Ctrl-C or SIGTERM stopped it.
+fn report(out: &Path, summary: &RewardSummary, total: u64, ratings: bool) -> Result<()> {
+    let kind = if ratings { "ratings" } else { "pairs" };
+    if summary.steps < total {
+        tracing::info!(
+            "stopped at step {} of {total}; continue with: palm reward train --resume --out {} \
+             (and the same other arguments)",
+            summary.steps,
+            out.display()
+        );
+        std::process::exit(130);
+    }
+    let (what, value, n) = if ratings {
+        ("mse", summary.eval_mse, summary.eval_ratings.unwrap_or(0))
+    } else {
+        ("accuracy", summary.eval_accuracy, summary.eval_pairs)
+    };
+    tracing::info!(
+        "done in {:.0}s: eval {what} {} on {n} {kind}; model in {}",
+        summary.seconds,
+        value
+            .map(|x| format!("{x:.4}"))
+            .unwrap_or_else(|| "-".into()),
+        out.join(FINAL_DIR).display()
+    );
+    if palm::dist::is_main() {
+        // one summary per job, not one per rank
+        println!("{}", serde_json::to_string(summary)?);
+    }
+    Ok(())
+}
+
 fn run_train(mut a: TrainArgs) -> Result<()> {
     // a feedback database (`sqlite://`, `postgres://`) becomes a pairs snapshot in the run
     a.data = super::feedback::materialise(&a.data, super::feedback::Kind::Pairs, &a.out)?;
     // 1. validate everything before writing anything
-    let ck = checkpoint_dir(&a.out);
+    // (a write killed between its two renames leaves the checkpoint at `checkpoint.old`)
+    let ck = palm::checkpoint::resolve_dir(&checkpoint_dir(&a.out));
     if a.resume && !ck.exists() {
         bail!(
             "--resume: {} has no checkpoint to resume from",
@@ -332,27 +418,7 @@ fn run_train(mut a: TrainArgs) -> Result<()> {
         palm::rlhf::preference_data::subsample(&mut pairs, n, a.seed);
         palm::rlhf::preference_data::subsample(&mut rated, n, a.seed);
     }
-    let head = match a.bins {
-        None => HeadKind::Scalar,
-        Some(k) => {
-            let lo = a
-                .score_min
-                .unwrap_or_else(|| rated.iter().map(|r| r.score).fold(f64::INFINITY, f64::min));
-            let hi = a.score_max.unwrap_or_else(|| {
-                rated
-                    .iter()
-                    .map(|r| r.score)
-                    .fold(f64::NEG_INFINITY, f64::max)
-            });
-            if k < 2 || hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
-                bail!("--bins {k} over [{lo}, {hi}]: needs at least 2 bins and --score-min < --score-max");
-            }
-            let values = (0..k)
-                .map(|i| (lo + (hi - lo) * i as f64 / (k - 1) as f64) as f32)
-                .collect();
-            HeadKind::Binned { bins: k, values }
-        }
-    };
+    let head = head_kind(&a, &rated)?;
     let mut st = TruncationStats::default();
     let train_enc = encode_pairs(&pairs, &tok, max_len, &mut st)?;
     let train_rat = encode_ratings(&rated, &tok, max_len, &mut st)?;
@@ -371,23 +437,7 @@ fn run_train(mut a: TrainArgs) -> Result<()> {
     let rm = if a.resume {
         RewardModel::load(&ck, &super::device())?
     } else {
-        let cfg = RewardConfig {
-            pooling: match a.pooling {
-                PoolingArg::Last => Pooling::LastToken,
-                PoolingArg::Mean => Pooling::MaskedMean,
-            },
-            head,
-            scope: if a.full {
-                None
-            } else {
-                Some(REWARD_SCOPE.to_string())
-            },
-            segment_embeds: !a.no_segment_embeds,
-            max_len: Some(max_len),
-            ..Default::default()
-        };
-        let lora = (!a.full).then(|| LoraSpec::new(a.lora_r));
-        RewardModel::new(base, cfg, lora, a.seed)?
+        new_reward_model(&a, base, head, max_len)?
     };
     let trainable: usize = rm
         .trainable_params()
@@ -416,11 +466,18 @@ fn run_train(mut a: TrainArgs) -> Result<()> {
         ..Default::default()
     };
     let total = (train_ex.len().div_ceil(a.batch_size) * a.epochs) as u64;
-    let bar = ProgressBar::new(total);
+    // one progress bar per job: rank 0's
+    let bar = if palm::dist::is_main() {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
     )?);
     let mut ema: Option<(f64, f64)> = None;
+    // Ctrl-C, SIGTERM or SIGHUP: a checkpoint after the current step, then exit 130
+    let stop = palm::train::run::stop_flag();
     let summary = train_examples(
         &rm,
         train_ex,
@@ -429,6 +486,7 @@ fn run_train(mut a: TrainArgs) -> Result<()> {
         &a.out,
         a.resume,
         Some(st),
+        stop,
         |i| {
             let (l, acc) = match ema {
                 None => (i.loss, i.accuracy),
@@ -444,21 +502,7 @@ fn run_train(mut a: TrainArgs) -> Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    let (what, value, n) = if ratings {
-        ("mse", summary.eval_mse, summary.eval_ratings.unwrap_or(0))
-    } else {
-        ("accuracy", summary.eval_accuracy, summary.eval_pairs)
-    };
-    tracing::info!(
-        "done in {:.0}s: eval {what} {} on {n} {kind}; model in {}",
-        summary.seconds,
-        value
-            .map(|x| format!("{x:.4}"))
-            .unwrap_or_else(|| "-".into()),
-        a.out.join(FINAL_DIR).display()
-    );
-    println!("{}", serde_json::to_string(&summary)?);
-    Ok(())
+    report(&a.out, &summary, total, ratings)
 }
 
 /// Accuracy of "the longer response wins" (in characters; a tie counts half).

@@ -383,7 +383,10 @@ pub fn run(mut a: Args) -> Result<()> {
         trainer.cfg.seq_len
     );
     let summary = trainer.run(stop)?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    if palm::dist::is_main() {
+        // one summary per job, not one per rank
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
     if !summary.completed {
         tracing::info!(
             "stopped at step {}; continue with: palm train --out {} --resume",

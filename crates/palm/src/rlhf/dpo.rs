@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{read_json, write_dir_atomic, write_json_atomic};
 use crate::config::LoraSpec;
+use crate::dist::{self, ddp};
 use crate::error::{Error, Result};
 use crate::model::{Forward, Model};
 use crate::params::{read_tensors, write_safetensors};
@@ -316,6 +317,48 @@ struct TrainerState {
     step: u64,
     cfg: DpoConfig,
     train_pairs: usize,
+    /// The evaluation before the first step, for the summary of a resumed run.
+    #[serde(default)]
+    initial_eval: Option<EvalBits>,
+    /// Processes the run was trained with (`mpirun -n N`; 1 for older runs).
+    #[serde(default = "one")]
+    world_size: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// A [`DpoEval`] whose numbers come back from JSON bit for bit: as their f64 bits (serde_json
+/// may read a float back one ulp off).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct EvalBits {
+    pairs: usize,
+    loss: u64,
+    accuracy: u64,
+    margin: u64,
+}
+
+impl From<DpoEval> for EvalBits {
+    fn from(e: DpoEval) -> Self {
+        Self {
+            pairs: e.pairs,
+            loss: e.loss.to_bits(),
+            accuracy: e.accuracy.to_bits(),
+            margin: e.margin.to_bits(),
+        }
+    }
+}
+
+impl From<EvalBits> for DpoEval {
+    fn from(e: EvalBits) -> Self {
+        Self {
+            pairs: e.pairs,
+            loss: f64::from_bits(e.loss),
+            accuracy: f64::from_bits(e.accuracy),
+            margin: f64::from_bits(e.margin),
+        }
+    }
 }
 
 /// Implicit-reward evaluation on pairs.
@@ -519,9 +562,11 @@ fn prepare(
         let b = cfg.batch_size.max(1);
         let tr = reference_logps(model, scope, train_pairs, b)?;
         let er = reference_logps(model, scope, eval_pairs, b)?;
-        std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-        write_refs(&tp, &tr)?;
-        write_refs(&ep, &er)?;
+        if dist::is_main() {
+            std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+            write_refs(&tp, &tr)?;
+            write_refs(&ep, &er)?;
+        }
         (tr, er)
     } else {
         (
@@ -538,8 +583,14 @@ fn prepare(
     Ok((tr, er, diff))
 }
 
-/// Validates the settings; with `resume`, checks they are the run's and returns its step.
-fn check_resume(n: usize, cfg: &DpoConfig, ck: &Path, resume: bool) -> Result<u64> {
+/// Validates the settings; with `resume`, checks they are the run's and returns its step and
+/// its evaluation before the first step.
+fn check_resume(
+    n: usize,
+    cfg: &DpoConfig,
+    ck: &Path,
+    resume: bool,
+) -> Result<(u64, Option<DpoEval>)> {
     if n == 0 || cfg.batch_size == 0 || cfg.epochs == 0 {
         return Err(Error::Config(
             "dpo: needs training pairs, and a batch size and epochs of at least 1".into(),
@@ -551,7 +602,7 @@ fn check_resume(n: usize, cfg: &DpoConfig, ck: &Path, resume: bool) -> Result<u6
         ));
     }
     if !resume {
-        return Ok(0);
+        return Ok((0, None));
     }
     let st: TrainerState = read_json(&ck.join(TRAINER_FILE))?;
     if st.cfg != *cfg || st.train_pairs != n {
@@ -563,8 +614,18 @@ fn check_resume(n: usize, cfg: &DpoConfig, ck: &Path, resume: bool) -> Result<u6
             st.cfg
         )));
     }
+    let w = dist::world().world_size();
+    if st.world_size != w {
+        return Err(Error::Config(format!(
+            "{}: the run was trained with {} processes; resume it with the same number \
+             (mpirun -n {} palm dpo --resume ...), not {w}",
+            ck.display(),
+            st.world_size,
+            st.world_size
+        )));
+    }
     tracing::info!("resuming DPO at step {}", st.step);
-    Ok(st.step)
+    Ok((st.step, st.initial_eval.map(DpoEval::from)))
 }
 
 /// The trained parameters (the `dpo` scope, or every base weight) and their AdamW, restored
@@ -595,7 +656,7 @@ fn optimiser(
         },
     );
     if resume {
-        opt.load_state(&read_tensors(&ck.join(OPTIMIZER_FILE), &Device::Cpu)?)?;
+        opt.load_state_file(&ck.join(OPTIMIZER_FILE))?;
     }
     Ok((params, opt))
 }
@@ -632,18 +693,34 @@ pub fn train(
     let n = train_pairs.len();
     let t0 = std::time::Instant::now();
     let ck = checkpoint_dir(run_dir);
-    let mut step = check_resume(n, cfg, &ck, resume)?;
+    // a write killed between its two renames leaves the checkpoint at `checkpoint.old`
+    let saved = crate::checkpoint::resolve_dir(&ck);
+    let (mut step, resumed_eval) = check_resume(n, cfg, &saved, resume)?;
     let (refs, eval_refs, check) = prepare(model, cfg, train_pairs, eval_pairs, run_dir, resume)?;
-    let (params, mut opt) = optimiser(model, cfg, &ck, resume)?;
-    let initial_eval = if !resume && !eval_pairs.is_empty() {
+    let (params, mut opt) = optimiser(model, cfg, &saved, resume)?;
+    let comm = dist::world();
+    ddp::check_batch("--batch-size", cfg.batch_size, comm.world_size())?;
+    // DDP: every rank starts from rank 0's weights, and has checked the run before rank 0 writes
+    ddp::broadcast_params(comm, &params)?;
+    comm.barrier()?;
+    // rank 0 evaluates (every rank holds the same weights)
+    let main = dist::is_main();
+    let initial_eval = if !resume && !eval_pairs.is_empty() && main {
         Some(evaluate(model, cfg, eval_pairs, &eval_refs)?)
     } else {
-        None
+        resumed_eval
     };
     let steps_per_epoch = n.div_ceil(cfg.batch_size);
     let total = (steps_per_epoch * cfg.epochs) as u64;
-    let mut log = MetricsLog::open(run_dir, if resume { Some(step) } else { None })?;
+    let mut log = if main {
+        MetricsLog::open(run_dir, if resume { Some(step) } else { None })?
+    } else {
+        MetricsLog::discard()
+    };
     let save = |model: &Model, opt: &Optimizer, step: u64| -> Result<()> {
+        if !main {
+            return Ok(()); // rank 0 writes for every rank
+        }
         write_dir_atomic(&ck, |tmp| {
             model.write_files(tmp)?;
             write_safetensors(&tmp.join(OPTIMIZER_FILE), &opt.state()?)?;
@@ -651,6 +728,8 @@ pub fn train(
                 step,
                 cfg: cfg.clone(),
                 train_pairs: n,
+                initial_eval: initial_eval.map(EvalBits::from),
+                world_size: dist::world().world_size(),
             };
             write_json_atomic(&tmp.join(TRAINER_FILE), &st)
         })
@@ -673,8 +752,15 @@ pub fn train(
         let within = step as usize % steps_per_epoch;
         let order = epoch_order(n, cfg.seed, epoch);
         let idx = &order[within * cfg.batch_size..((within + 1) * cfg.batch_size).min(n)];
-        let (loss_t, mut m, _) = batch_loss(model, cfg, train_pairs, &refs, idx, true)?;
-        let lv = loss_t.to_scalar::<f32>()? as f64;
+        // DDP: this rank's rows of the batch; its mean loss weighs local / global rows
+        let (lo, hi) = ddp::rows_of(idx.len(), comm.rank(), comm.world_size());
+        let w = (hi - lo) as f64 / idx.len() as f64;
+        let (mut loss_t, mut m, _) =
+            batch_loss(model, cfg, train_pairs, &refs, &idx[lo..hi], true)?;
+        if comm.world_size() > 1 {
+            loss_t = (loss_t * w)?;
+        }
+        let mut lv = loss_t.to_scalar::<f32>()? as f64;
         if !lv.is_finite() {
             return Err(Error::msg(format!(
                 "dpo: loss is {lv} at step {}: stopping (lower the learning rate?)",
@@ -682,10 +768,18 @@ pub fn train(
             )));
         }
         let mut grads = grads_of(&params, &model.backward(&loss_t)?)?;
+        crate::train::run::test_poison_gradient(step as usize + 1, &mut grads);
+        // DDP: the global gradient, loss and batch metrics, before the guard and the clipping
+        ddp::all_reduce_grads(comm, &mut grads)?;
+        if comm.world_size() > 1 {
+            lv = reduce_metrics(comm, &mut m, lv, w)?;
+        }
         if grads_non_finite(&grads) {
             return Err(Error::msg(format!(
-                "dpo: non-finite gradient at step {}: stopping",
-                step + 1
+                "dpo: non-finite gradient at step {}: stopping (the last checkpoint, if any, \
+                 is kept in {})",
+                step + 1,
+                ck.display()
             )));
         }
         let norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
@@ -714,11 +808,13 @@ pub fn train(
             && step.is_multiple_of(cfg.eval_every as u64)
             && step < total
             && !eval_pairs.is_empty()
+            && main
         {
             let e = evaluate(model, cfg, eval_pairs, &eval_refs)?;
             log.log(eval_record(&e, step))?;
         }
-        if stop.load(std::sync::atomic::Ordering::Relaxed) && step < total {
+        // a signal that reached one rank stops every rank at the same step
+        if dist::any(comm, stop.load(std::sync::atomic::Ordering::Relaxed))? && step < total {
             save(model, &opt, step)?;
             plot(&log)?;
             tracing::warn!(
@@ -739,15 +835,20 @@ pub fn train(
             plot(&log)?;
         }
     }
-    let eval = if eval_pairs.is_empty() {
+    let eval = if eval_pairs.is_empty() || !main {
         None
     } else {
         let e = evaluate(model, cfg, eval_pairs, &eval_refs)?;
-        log.log(eval_record(&e, step))?;
+        // resumed from the final checkpoint (killed before the summary): logged already
+        if !crate::train::run::logged_at(&log, step, "eval/loss") {
+            log.log(eval_record(&e, step))?;
+        }
         Some(e)
     };
     save(model, &opt, step)?;
-    export_policy(model, cfg, &run_dir.join(POLICY_DIR))?;
+    if main {
+        export_policy(model, cfg, &run_dir.join(POLICY_DIR))?;
+    }
     plot(&log)?;
     let summary = DpoSummary {
         train_pairs: n,
@@ -757,8 +858,31 @@ pub fn train(
         reference_check_max_diff: check,
         seconds: t0.elapsed().as_secs_f64(),
     };
-    write_json_atomic(&run_dir.join(SUMMARY_FILE), &summary)?;
+    if main {
+        write_json_atomic(&run_dir.join(SUMMARY_FILE), &summary)?;
+    }
     Ok(summary)
+}
+
+/// Data parallelism: the global batch's loss (the sum of the ranks' weighted losses) and its
+/// metrics, which are means over pairs (each rank's mean weighs its share `w` of the pairs).
+fn reduce_metrics(
+    comm: &dyn dist::Communicator,
+    m: &mut serde_json::Value,
+    loss: f64,
+    w: f64,
+) -> Result<f64> {
+    let keys: Vec<String> = m
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default();
+    let mut v = vec![loss];
+    v.extend(keys.iter().map(|k| w * m[k].as_f64().unwrap_or(0.0)));
+    ddp::sum_f64(comm, &mut v)?;
+    for (k, x) in keys.iter().zip(&v[1..]) {
+        m[k] = (*x).into();
+    }
+    Ok(v[0])
 }
 
 fn eval_record(e: &DpoEval, step: u64) -> serde_json::Value {
@@ -780,7 +904,8 @@ pub fn export_policy(model: &Model, cfg: &DpoConfig, dir: &Path) -> Result<()> {
 
 /// Reads a run's config (for resume and `palm dpo eval`).
 pub fn run_config(run_dir: &Path) -> Result<DpoConfig> {
-    let st: TrainerState = read_json(&checkpoint_dir(run_dir).join(TRAINER_FILE))?;
+    let ck = crate::checkpoint::resolve_dir(&checkpoint_dir(run_dir));
+    let st: TrainerState = read_json(&ck.join(TRAINER_FILE))?;
     Ok(st.cfg)
 }
 

@@ -6,13 +6,15 @@
 //! (seed, epoch) and dropout is reseeded from (seed, step).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{read_json, write_dir_atomic, write_json_atomic};
+use crate::dist::{self, ddp};
 use crate::error::{Error, Result};
-use crate::params::{read_tensors, write_safetensors};
+use crate::params::write_safetensors;
 use crate::rlhf::preference_data::{EncodedPair, EncodedRating, TruncationStats};
 use crate::rlhf::reward::{
     binned_cross_entropy, bradley_terry_loss, expected_bin_value, mse_loss, HeadKind, Padding,
@@ -406,6 +408,47 @@ struct TrainerState {
     /// A rating run.
     #[serde(default)]
     ratings: bool,
+    /// The current epoch's (sum of accuracy x examples, examples) so far, for the summary's
+    /// `train_accuracy_last_epoch`; the sum as its f64 bits, which come back exactly (a JSON
+    /// float may not).
+    #[serde(default)]
+    epoch_correct: Option<(u64, usize)>,
+    /// Processes the run was trained with (`mpirun -n N`; 1 for older runs).
+    #[serde(default = "one")]
+    world_size: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Data parallelism: the global batch's loss (a sum of the ranks' weighted losses) and its
+/// metrics (means over rows, so each rank's mean weighs its share `w` of the rows).
+fn reduce_step_metrics(
+    comm: &dyn dist::Communicator,
+    out: &mut StepOut,
+    loss: &mut f64,
+    w: f64,
+) -> Result<()> {
+    let keys: Vec<String> = out
+        .metrics
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+    let mut v = vec![*loss, w * out.accuracy, w * out.margin];
+    v.extend(
+        keys.iter()
+            .map(|k| w * out.metrics[k].as_f64().unwrap_or(0.0)),
+    );
+    // NaN accuracy (scalar ratings) stays NaN on every rank
+    ddp::sum_f64(comm, &mut v)?;
+    *loss = v[0];
+    out.accuracy = v[1];
+    out.margin = v[2];
+    for (k, x) in keys.iter().zip(&v[3..]) {
+        out.metrics[k] = (*x).into();
+    }
+    Ok(())
 }
 
 /// The pair order of one epoch: a permutation fixed by (seed, epoch).
@@ -444,12 +487,15 @@ pub fn train(
         run_dir,
         resume,
         truncation,
+        &AtomicBool::new(false),
         on_step,
     )
 }
 
 /// [`train`] on pairs or ratings: `train` and `eval` must be of the same kind, and ratings need
-/// the model's head to be scalar (MSE) or binned (cross-entropy).
+/// the model's head to be scalar (MSE) or binned (cross-entropy). When `stop` is set (Ctrl-C,
+/// SIGTERM) the run checkpoints after the current step and returns a summary with
+/// `steps` below the total, without the final model or `summary.json`.
 #[allow(clippy::too_many_arguments)]
 pub fn train_examples(
     model: &RewardModel,
@@ -459,6 +505,7 @@ pub fn train_examples(
     run_dir: &Path,
     resume: bool,
     truncation: Option<TruncationStats>,
+    stop: &AtomicBool,
     mut on_step: impl FnMut(&StepInfo),
 ) -> Result<RewardSummary> {
     let ratings = match (train, eval) {
@@ -473,8 +520,7 @@ pub fn train_examples(
         }
     };
     let eval = if eval.is_empty() { None } else { Some(eval) };
-    let n_train = train.len();
-    if n_train == 0 {
+    if train.is_empty() {
         return Err(Error::msg("no training examples"));
     }
     if cfg.batch_size == 0 || cfg.epochs == 0 {
@@ -482,83 +528,194 @@ pub fn train_examples(
             "batch size and epochs must be at least 1".into(),
         ));
     }
-    let t0 = std::time::Instant::now();
-    let params = model.trainable_params();
-    let mut opt = Optimizer::new(params.clone(), cfg.optim);
-    let steps_per_epoch = n_train.div_ceil(cfg.batch_size);
-    let total = (steps_per_epoch * cfg.epochs) as u64;
-
-    // resume: optimiser state and step from the checkpoint
-    let mut step: u64 = 0;
-    if resume {
-        let ck = checkpoint_dir(run_dir);
-        let st: TrainerState = read_json(&ck.join(TRAINER_FILE))?;
-        check_resume(&ck.join(TRAINER_FILE), &st, cfg, n_train, ratings)?;
-        if st.step > total {
-            return Err(Error::Config(format!(
-                "--epochs {} gives {total} steps, but the run is already at step {}",
-                cfg.epochs, st.step
-            )));
+    let comm = dist::world();
+    ddp::check_batch("--batch-size", cfg.batch_size, comm.world_size())?;
+    let mut run = Run::start(model, cfg, run_dir, resume, train.len(), ratings)?;
+    let total = run.total;
+    let mut order: Option<(usize, Vec<usize>)> = None;
+    while run.step < total {
+        let info = run.train_step(train, &mut order)?;
+        on_step(&info);
+        let step = run.step;
+        // rank 0 evaluates (every rank holds the same weights)
+        if let Some(ev) = eval.filter(|_| {
+            cfg.eval_every > 0
+                && step.is_multiple_of(cfg.eval_every as u64)
+                && step < total
+                && dist::is_main()
+        }) {
+            run.log
+                .log(evaluate_examples(model, ev, cfg.batch_size, step)?.0)?;
         }
-        opt.load_state(&read_tensors(
-            &ck.join(OPTIMIZER_FILE),
-            &candle_core::Device::Cpu,
-        )?)?;
-        step = st.step;
-        tracing::info!("resuming at step {step} of {total}");
+        // a signal that reached one rank stops every rank at the same step
+        let stopping = dist::any(comm, stop.load(Ordering::SeqCst))?;
+        let due = cfg.save_every > 0 && step.is_multiple_of(cfg.save_every as u64);
+        if (stopping || due) && step < total {
+            run.save()?;
+            run.plot()?;
+            if stopping {
+                tracing::warn!(
+                    "reward train: stopped at step {step} of {total}; checkpoint in {} (resume with --resume)",
+                    checkpoint_dir(run_dir).display()
+                );
+                return Ok(run.summary(None, None, truncation));
+            }
+        }
     }
-    std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-    let mut log = MetricsLog::open(run_dir, if resume { Some(step) } else { None })?;
+    run.finish(eval, truncation)
+}
 
-    let save = |opt: &Optimizer, step: u64| -> Result<()> {
-        write_dir_atomic(&checkpoint_dir(run_dir), |tmp| {
-            model.write_files(tmp)?;
-            write_safetensors(&tmp.join(OPTIMIZER_FILE), &opt.state()?)?;
+/// A reward-model run in progress: the model, its optimiser, the step and the log.
+struct Run<'a> {
+    model: &'a RewardModel,
+    cfg: &'a RewardTrainConfig,
+    run_dir: &'a Path,
+    params: Vec<(String, candle_core::Var)>,
+    opt: Optimizer,
+    log: MetricsLog,
+    /// Steps completed, and the run's total.
+    step: u64,
+    total: u64,
+    steps_per_epoch: usize,
+    n_train: usize,
+    ratings: bool,
+    /// The current epoch's (sum of accuracy x examples, examples) so far.
+    epoch_correct: (f64, usize),
+    t0: std::time::Instant,
+}
+
+impl<'a> Run<'a> {
+    /// A fresh run, or (`resume`) the one saved in `RUN_DIR/checkpoint`: optimiser state, step
+    /// and the epoch's running accuracy, with `metrics.jsonl` cut back to the checkpoint's step.
+    fn start(
+        model: &'a RewardModel,
+        cfg: &'a RewardTrainConfig,
+        run_dir: &'a Path,
+        resume: bool,
+        n_train: usize,
+        ratings: bool,
+    ) -> Result<Self> {
+        let params = model.trainable_params();
+        // DDP: every rank starts from rank 0's weights
+        ddp::broadcast_params(dist::world(), &params)?;
+        let mut opt = Optimizer::new(params.clone(), cfg.optim);
+        let steps_per_epoch = n_train.div_ceil(cfg.batch_size);
+        let total = (steps_per_epoch * cfg.epochs) as u64;
+        let (mut step, mut epoch_correct) = (0u64, (0.0f64, 0usize));
+        if resume {
+            let ck = crate::checkpoint::resolve_dir(&checkpoint_dir(run_dir));
+            let st: TrainerState = read_json(&ck.join(TRAINER_FILE))?;
+            check_resume(&ck.join(TRAINER_FILE), &st, cfg, n_train, ratings)?;
+            let n = dist::world().world_size();
+            if st.world_size != n {
+                return Err(Error::Config(format!(
+                    "{}: the run was trained with {} processes; resume it with the same number \
+                     (mpirun -n {} palm reward train --resume ...), not {n}",
+                    ck.display(),
+                    st.world_size,
+                    st.world_size
+                )));
+            }
+            if st.step > total {
+                return Err(Error::Config(format!(
+                    "--epochs {} gives {total} steps, but the run is already at step {}",
+                    cfg.epochs, st.step
+                )));
+            }
+            opt.load_state_file(&ck.join(OPTIMIZER_FILE))?;
+            step = st.step;
+            if let Some((bits, n)) = st.epoch_correct {
+                epoch_correct = (f64::from_bits(bits), n);
+            }
+            tracing::info!("resuming at step {step} of {total}");
+        }
+        // every rank has checked the run before rank 0 writes into it
+        dist::world().barrier()?;
+        let log = if dist::is_main() {
+            std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
+            MetricsLog::open(run_dir, resume.then_some(step))?
+        } else {
+            MetricsLog::discard()
+        };
+        Ok(Self {
+            model,
+            cfg,
+            run_dir,
+            params,
+            opt,
+            log,
+            step,
+            total,
+            steps_per_epoch,
+            n_train,
+            ratings,
+            epoch_correct,
+            t0: std::time::Instant::now(),
+        })
+    }
+
+    /// Writes `RUN_DIR/checkpoint` atomically.
+    fn save(&self) -> Result<()> {
+        if !dist::is_main() {
+            return Ok(()); // rank 0 writes for every rank
+        }
+        write_dir_atomic(&checkpoint_dir(self.run_dir), |tmp| {
+            self.model.write_files(tmp)?;
+            write_safetensors(&tmp.join(OPTIMIZER_FILE), &self.opt.state()?)?;
             write_json_atomic(
                 &tmp.join(TRAINER_FILE),
                 &TrainerState {
-                    step,
-                    cfg: cfg.clone(),
-                    train_pairs: n_train,
-                    ratings,
+                    step: self.step,
+                    cfg: self.cfg.clone(),
+                    train_pairs: self.n_train,
+                    ratings: self.ratings,
+                    epoch_correct: Some((self.epoch_correct.0.to_bits(), self.epoch_correct.1)),
+                    world_size: dist::world().world_size(),
                 },
             )
         })
-    };
-    let plot = |log: &MetricsLog| -> Result<()> {
-        log.plot(
-            &run_dir.join("metrics.svg"),
+    }
+
+    fn plot(&self) -> Result<()> {
+        self.log.plot(
+            &self.run_dir.join("metrics.svg"),
             "reward model",
             "step",
-            &if ratings {
+            &if self.ratings {
                 ["loss", "mse", "bin_accuracy", "eval_mse", "eval_mae"]
             } else {
                 ["loss", "accuracy", "margin", "eval_accuracy", "eval_loss"]
             },
         )
-    };
+    }
 
-    let mut epoch_correct = (0.0f64, 0usize);
-    let mut order: Option<(usize, Vec<usize>)> = None;
-    while step < total {
+    /// One optimiser step over the next batch of the epoch's permutation (`order` caches it),
+    /// logged to `metrics.jsonl`.
+    fn train_step(
+        &mut self,
+        train: Examples,
+        order: &mut Option<(usize, Vec<usize>)>,
+    ) -> Result<StepInfo> {
+        let cfg = self.cfg;
+        let (step, taking) = (self.step, self.step as usize + 1);
         // 1. this step's examples: epoch permutation, then a slice of it
-        let epoch = (step as usize) / steps_per_epoch;
-        let within = (step as usize) % steps_per_epoch;
+        let epoch = (step as usize) / self.steps_per_epoch;
+        let within = (step as usize) % self.steps_per_epoch;
         if within == 0 {
-            epoch_correct = (0.0, 0);
+            self.epoch_correct = (0.0, 0);
         }
         if order.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            order = Some((epoch, epoch_order(n_train, cfg.seed, epoch)));
+            *order = Some((epoch, epoch_order(self.n_train, cfg.seed, epoch)));
         }
         let idx = &order
             .as_ref()
             .map(|(_, o)| o)
             .ok_or_else(|| Error::msg("no order"))?
-            [within * cfg.batch_size..((within + 1) * cfg.batch_size).min(n_train)];
+            [within * cfg.batch_size..((within + 1) * cfg.batch_size).min(self.n_train)];
 
         // 2. forward and loss of the batch's objective
         let b = idx.len();
-        model
+        self.model
             .trunk
             .set_seed(cfg.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let fwd = RewardForward {
@@ -566,24 +723,41 @@ pub fn train_examples(
             fused_blocks: true,
             ..Default::default()
         };
-        let out = match train {
-            Examples::Pairs(p) => pair_step(model, p, idx, cfg.margin, fwd)?,
-            Examples::Ratings(r) => rating_step(model, r, idx, fwd)?,
+        // DDP: this rank's rows of the batch; its mean loss weighs local / global rows
+        let comm = dist::world();
+        let (lo, hi) = ddp::rows_of(b, comm.rank(), comm.world_size());
+        let local = &idx[lo..hi];
+        let mut out = match train {
+            Examples::Pairs(p) => pair_step(self.model, p, local, cfg.margin, fwd)?,
+            Examples::Ratings(r) => rating_step(self.model, r, local, fwd)?,
         };
+        let mut loss = out.loss.clone();
+        if comm.world_size() > 1 {
+            loss = (loss * ((hi - lo) as f64 / b as f64))?;
+        }
 
-        // 3. gradients
-        let loss = out.loss;
-        let loss_v = loss.to_scalar::<f32>()? as f64;
+        // 3. gradients, guarded: a NaN or inf stops the run before the weights are touched
+        let mut loss_v = loss.to_scalar::<f32>()? as f64;
+        let keep = || self.last_good();
         if !loss_v.is_finite() {
             return Err(Error::msg(format!(
-                "loss is {loss_v} at step {step}: stopping (lower the learning rate?)"
+                "step {taking}: loss is {loss_v}; training stopped ({}). Lower the learning rate?",
+                keep()
             )));
         }
-        let store = model.backward(&loss)?;
-        let mut grads = grads_of(&params, &store)?;
+        let store = self.model.backward(&loss)?;
+        let mut grads = grads_of(&self.params, &store)?;
+        crate::train::run::test_poison_gradient(taking, &mut grads);
+        // DDP: the global gradient, loss and batch metrics (every rank then clips the same norm)
+        ddp::all_reduce_grads(comm, &mut grads)?;
+        if comm.world_size() > 1 {
+            reduce_step_metrics(comm, &mut out, &mut loss_v, (hi - lo) as f64 / b as f64)?;
+        }
         if grads_non_finite(&grads) {
             return Err(Error::msg(format!(
-                "non-finite gradient at step {step}: stopping (lower the learning rate?)"
+                "step {taking}: a gradient is NaN or infinite; training stopped ({}). Lower the \
+                 learning rate?",
+                keep()
             )));
         }
 
@@ -594,72 +768,98 @@ pub fn train_examples(
             cfg.lr,
             cfg.min_lr,
             cfg.warmup_steps,
-            total as usize,
+            self.total as usize,
         );
-        opt.step(&grads, lr)?;
-        step += 1;
+        self.opt.step(&grads, lr)?;
+        self.step += 1;
 
         // 5. metrics
         let (acc, margin) = (out.accuracy, out.margin);
-        epoch_correct.0 += if acc.is_nan() { margin } else { acc } * b as f64;
-        epoch_correct.1 += b;
+        self.epoch_correct.0 += if acc.is_nan() { margin } else { acc } * b as f64;
+        self.epoch_correct.1 += b;
         let mut rec = serde_json::json!({
-            "step": step, "epoch": epoch, "loss": loss_v, "lr": lr, "grad_norm": norm,
+            "step": self.step, "epoch": epoch, "loss": loss_v, "lr": lr, "grad_norm": norm,
         });
         if let (Some(r), Some(m)) = (rec.as_object_mut(), out.metrics.as_object()) {
             r.extend(m.clone());
         }
-        log.log(rec)?;
-        on_step(&StepInfo {
-            step,
-            total_steps: total,
+        self.log.log(rec)?;
+        Ok(StepInfo {
+            step: self.step,
+            total_steps: self.total,
             loss: loss_v,
             accuracy: acc,
             margin,
-        });
+        })
+    }
 
-        // 6. evaluation and checkpoints
-        if let Some(ev) = eval.filter(|_| {
-            cfg.eval_every > 0 && step.is_multiple_of(cfg.eval_every as u64) && step < total
-        }) {
-            log.log(evaluate_examples(model, ev, cfg.batch_size, step)?.0)?;
-        }
-        if cfg.save_every > 0 && step.is_multiple_of(cfg.save_every as u64) && step < total {
-            save(&opt, step)?;
-            plot(&log)?;
+    /// What a stopped run keeps: its checkpoint (written at every save), named for errors.
+    fn last_good(&self) -> String {
+        let ck = crate::checkpoint::resolve_dir(&checkpoint_dir(self.run_dir));
+        if ck.join(TRAINER_FILE).exists() {
+            format!("the last good checkpoint, {}, is kept", ck.display())
+        } else {
+            "no checkpoint was written yet".to_string()
         }
     }
 
-    // 7. final evaluation, checkpoint, model and summary
-    let (e, re) = match eval {
-        None => (None, None),
-        Some(ev) => {
-            let (rec, e, re) = evaluate_examples(model, ev, cfg.batch_size, step)?;
-            log.log(rec)?;
-            (e, re)
+    fn summary(
+        &self,
+        e: Option<EvalResult>,
+        re: Option<RatingEval>,
+        truncation: Option<TruncationStats>,
+    ) -> RewardSummary {
+        let ratings = self.ratings;
+        RewardSummary {
+            train_pairs: if ratings { 0 } else { self.n_train },
+            eval_pairs: e.map_or(0, |e| e.pairs),
+            eval_accuracy: e.map(|e| e.accuracy),
+            eval_mean_margin: e.map(|e| e.mean_margin),
+            eval_loss: e.map(|e| e.loss),
+            train_ratings: ratings.then_some(self.n_train),
+            eval_ratings: ratings.then(|| re.map_or(0, |e| e.records)),
+            eval_mse: re.map(|e| e.mse),
+            eval_mae: re.map(|e| e.mae),
+            eval_ordering_accuracy: re.map(|e| e.ordering_accuracy),
+            train_accuracy_last_epoch: self.epoch_correct.0 / self.epoch_correct.1.max(1) as f64,
+            steps: self.step,
+            seconds: self.t0.elapsed().as_secs_f64(),
+            truncation,
         }
-    };
-    save(&opt, step)?;
-    model.save(&run_dir.join(FINAL_DIR))?;
-    plot(&log)?;
-    let summary = RewardSummary {
-        train_pairs: if ratings { 0 } else { n_train },
-        eval_pairs: e.map_or(0, |e| e.pairs),
-        eval_accuracy: e.map(|e| e.accuracy),
-        eval_mean_margin: e.map(|e| e.mean_margin),
-        eval_loss: e.map(|e| e.loss),
-        train_ratings: ratings.then_some(n_train),
-        eval_ratings: ratings.then(|| re.map_or(0, |e| e.records)),
-        eval_mse: re.map(|e| e.mse),
-        eval_mae: re.map(|e| e.mae),
-        eval_ordering_accuracy: re.map(|e| e.ordering_accuracy),
-        train_accuracy_last_epoch: epoch_correct.0 / epoch_correct.1.max(1) as f64,
-        steps: step,
-        seconds: t0.elapsed().as_secs_f64(),
-        truncation,
-    };
-    write_json_atomic(&run_dir.join(SUMMARY_FILE), &summary)?;
-    Ok(summary)
+    }
+
+    /// The end (step 7): final evaluation, checkpoint, model and summary. A run resumed from
+    /// its final checkpoint (killed before its summary) does not log the final evaluation twice.
+    fn finish(
+        mut self,
+        eval: Option<Examples>,
+        truncation: Option<TruncationStats>,
+    ) -> Result<RewardSummary> {
+        let (e, re) = match eval.filter(|_| dist::is_main()) {
+            None => (None, None),
+            Some(ev) => {
+                let (rec, e, re) =
+                    evaluate_examples(self.model, ev, self.cfg.batch_size, self.step)?;
+                let key = if self.ratings {
+                    "eval_mse"
+                } else {
+                    "eval_accuracy"
+                };
+                if !crate::train::run::logged_at(&self.log, self.step, key) {
+                    self.log.log(rec)?;
+                }
+                (e, re)
+            }
+        };
+        self.save()?;
+        self.plot()?;
+        let summary = self.summary(e, re, truncation);
+        if dist::is_main() {
+            self.model.save(&self.run_dir.join(FINAL_DIR))?;
+            write_json_atomic(&self.run_dir.join(SUMMARY_FILE), &summary)?;
+        }
+        Ok(summary)
+    }
 }
 
 /// A resumed run must have the same data and settings, except `epochs`, which may extend it
@@ -719,6 +919,10 @@ mod tests {
     use crate::rlhf::preference_data::EncodedSeq;
     use crate::rlhf::reward::RewardConfig;
     use candle_core::Device;
+
+    fn never() -> AtomicBool {
+        AtomicBool::new(false)
+    }
 
     fn model(seed: u64) -> RewardModel {
         let cfg = PalmConfig {
@@ -838,6 +1042,43 @@ mod tests {
         );
     }
 
+    /// Ctrl-C/SIGTERM in the middle of the last epoch: a checkpoint at that step, no final
+    /// model; the resumed run ends with the uninterrupted run's model and summary, the last
+    /// epoch's running accuracy included.
+    #[test]
+    fn stop_checkpoints_and_resume_ends_as_an_uninterrupted_run() {
+        let data = pairs(24);
+        let dir = tempfile::tempdir().unwrap();
+        let full = dir.path().join("full");
+        let m = model(1);
+        let s = train(&m, &data, &data, &cfg(), &full, false, None, |_| {}).unwrap();
+        let half = dir.path().join("half");
+        let stop = AtomicBool::new(false);
+        let m2 = model(1);
+        // 6 steps an epoch: step 15 is inside the last epoch
+        let part = train_examples(
+            &m2,
+            Examples::Pairs(&data),
+            Examples::Pairs(&data),
+            &cfg(),
+            &half,
+            false,
+            None,
+            &stop,
+            |i| stop.store(i.step == 15, Ordering::SeqCst),
+        )
+        .unwrap();
+        assert_eq!(part.steps, 15);
+        assert!(!half.join(FINAL_DIR).exists() && !half.join(SUMMARY_FILE).exists());
+        let m3 = RewardModel::load(&checkpoint_dir(&half), &Device::Cpu).unwrap();
+        let s2 = train(&m3, &data, &data, &cfg(), &half, true, None, |_| {}).unwrap();
+        assert_eq!(s2.steps, s.steps);
+        assert_eq!(s2.train_accuracy_last_epoch, s.train_accuracy_last_epoch);
+        assert_eq!(s2.eval_loss, s.eval_loss);
+        let bytes = |d: &Path| std::fs::read(d.join(FINAL_DIR).join("model.safetensors")).unwrap();
+        assert!(bytes(&full) == bytes(&half), "final weights differ");
+    }
+
     /// Ratings by a known rule: score = the number of token 7 in a 6-token response, clipped
     /// to 0..5; the other tokens are drawn from 8..12 by a fixed generator.
     fn ratings(n: usize, seed: u64) -> Vec<EncodedRating> {
@@ -922,7 +1163,18 @@ mod tests {
         let before = evaluate_ratings(&m, &ev, 8).unwrap();
         let full = dir.path().join("full");
         let (t, e) = (Examples::Ratings(&tr), Examples::Ratings(&ev));
-        let s = train_examples(&m, t, e, &rating_cfg(), &full, false, None, |_| {}).unwrap();
+        let s = train_examples(
+            &m,
+            t,
+            e,
+            &rating_cfg(),
+            &full,
+            false,
+            None,
+            &never(),
+            |_| {},
+        )
+        .unwrap();
         let mse = s.eval_mse.unwrap();
         eprintln!("scalar head: eval {s:?}, score variance {var}");
         assert!(
@@ -939,15 +1191,36 @@ mod tests {
         let half = dir.path().join("half");
         let m2 = rating_model(HeadKind::Scalar);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            train_examples(&m2, t, e, &rating_cfg(), &half, false, None, |i| {
-                if i.step == 17 {
-                    panic!("simulated kill");
-                }
-            })
+            train_examples(
+                &m2,
+                t,
+                e,
+                &rating_cfg(),
+                &half,
+                false,
+                None,
+                &never(),
+                |i| {
+                    if i.step == 17 {
+                        panic!("simulated kill");
+                    }
+                },
+            )
         }));
         assert!(r.is_err());
         let m3 = RewardModel::load(&checkpoint_dir(&half), &Device::Cpu).unwrap();
-        let s2 = train_examples(&m3, t, e, &rating_cfg(), &half, true, None, |_| {}).unwrap();
+        let s2 = train_examples(
+            &m3,
+            t,
+            e,
+            &rating_cfg(),
+            &half,
+            true,
+            None,
+            &never(),
+            |_| {},
+        )
+        .unwrap();
         assert_eq!(s2.steps, s.steps);
         let b = evaluate_ratings(&m3, &ev, 8).unwrap();
         assert!((a.mse - b.mse).abs() < 1e-5, "{a:?} vs {b:?}");
@@ -965,6 +1238,7 @@ mod tests {
             &half,
             false,
             None,
+            &never(),
             |_| {},
         )
         .unwrap_err();
@@ -978,7 +1252,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = rating_model(HeadKind::binned(6)); // bins valued 0..=5
         let (t, e) = (Examples::Ratings(&tr), Examples::Ratings(&ev));
-        let s = train_examples(&m, t, e, &rating_cfg(), dir.path(), false, None, |_| {}).unwrap();
+        let s = train_examples(
+            &m,
+            t,
+            e,
+            &rating_cfg(),
+            dir.path(),
+            false,
+            None,
+            &never(),
+            |_| {},
+        )
+        .unwrap();
         let mse = s.eval_mse.unwrap();
         eprintln!("binned head: eval {s:?}, score variance {var}");
         assert!(mse < 0.25 * var, "eval mse {mse} vs variance {var}: {s:?}");

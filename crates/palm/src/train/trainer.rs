@@ -21,9 +21,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{read_json, write_json_atomic};
 use crate::config::LoraSpec;
+use crate::dist::{self, ddp};
 use crate::error::{Error, Result};
 use crate::model::{cross_entropy, Forward, Model};
-use crate::params::{read_tensors, write_safetensors};
+use crate::params::write_safetensors;
 use crate::sample::{generate, GenerateRequest, Sampling};
 use crate::tokenizer::Tokenizer;
 use crate::train::data::{Batch, BatchOrder, Corpus, DataLoader, DataState};
@@ -151,6 +152,14 @@ pub struct TrainerState {
     /// `bytes` or the tokenizer file the run was started with.
     pub tokenizer: String,
     pub data_files: Vec<PathBuf>,
+    /// Processes the run was trained with (`mpirun -n N`; 1 for older runs): a resume must use
+    /// the same number.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// `RUN_DIR/summary.json`.
@@ -240,10 +249,20 @@ impl Trainer {
             cfg.seed,
         )?;
         check_vocab(&model, &loader)?;
+        let comm = dist::world();
+        ddp::check_batch("--batch-size", cfg.batch_size, comm.world_size())?;
         let params = trained_params(&model, &cfg);
+        // DDP: every rank starts from rank 0's weights
+        ddp::broadcast_params(comm, &params)?;
         let opt = Optimizer::new(params.clone(), cfg.optimizer);
+        // every rank has checked the run directory before rank 0 writes into it
+        comm.barrier()?;
         std::fs::create_dir_all(run_dir).map_err(|e| Error::io(run_dir, e))?;
-        let metrics = MetricsLog::open(run_dir, None)?;
+        let metrics = if dist::is_main() {
+            MetricsLog::open(run_dir, None)?
+        } else {
+            MetricsLog::discard()
+        };
         let t = Self::assemble(
             cfg,
             model,
@@ -274,6 +293,16 @@ impl Trainer {
             cfg.steps = s;
         }
         cfg.validate()?;
+        let n = dist::world().world_size();
+        if st.world_size != n {
+            return Err(Error::msg(format!(
+                "{}: the run was trained with {} processes; resume it with the same number \
+                 (mpirun -n {} palm train --resume ...), not {n}",
+                run_dir.display(),
+                st.world_size,
+                st.world_size
+            )));
+        }
         let model = crate::load::load_model(&ckpt, &candle_core::Device::Cpu)?;
         let mut loader = DataLoader::new(
             data.corpus,
@@ -286,15 +315,16 @@ impl Trainer {
         check_vocab(&model, &loader)?;
         let params = trained_params(&model, &cfg);
         let mut opt = Optimizer::new(params.clone(), cfg.optimizer);
-        let ost = read_tensors(
-            &ckpt.join("optimizer.safetensors"),
-            &candle_core::Device::Cpu,
-        )?;
-        opt.load_state(&ost)
-            .map_err(|e| Error::msg(format!("{}: {e}", ckpt.display())))?;
-        let metrics = MetricsLog::open(run_dir, Some(st.step as u64))?;
+        opt.load_state_file(&ckpt.join("optimizer.safetensors"))?;
+        let metrics = if dist::is_main() {
+            MetricsLog::open(run_dir, Some(st.step as u64))?
+        } else {
+            MetricsLog::discard()
+        };
         let checkpoints = Checkpoints::new(run_dir, cfg.keep_checkpoints);
-        checkpoints.clean_temporaries()?;
+        if dist::is_main() {
+            checkpoints.clean_temporaries()?;
+        }
         let mut t = Self::assemble(
             cfg,
             model,
@@ -403,12 +433,19 @@ impl Trainer {
             .set_seed(self.cfg.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         // 2. micro-batches: loss / K, backward, accumulate
         let k = self.cfg.grad_accum;
+        let comm = dist::world();
         let mut acc: Grads = Vec::new();
         let mut loss_sum = 0.0;
         for _ in 0..k {
             let batch = self.data.next_batch();
             self.tokens_seen += (batch.b * (batch.l - 1)) as u64;
-            let loss = lm_loss(&self.model, &batch, &self.forward_opts(true))?;
+            // DDP: this rank's rows of the global batch, weighted by their share of its tokens
+            // (the whole batch and weight 1 in one process)
+            let (batch, weight) = ddp::lm_slice(comm, &batch, self.model.ignore_index());
+            let mut loss = lm_loss(&self.model, &batch, &self.forward_opts(true))?;
+            if comm.world_size() > 1 {
+                loss = (loss * weight)?;
+            }
             let value = loss.to_scalar::<f32>()? as f64;
             // 3. NaN/inf guard (before the weights are touched)
             check_finite(step, "loss", value, self.last_checkpoint().as_deref())?;
@@ -421,6 +458,15 @@ impl Trainer {
             } else {
                 accumulate(&mut acc, &g, 1.0);
             }
+        }
+        crate::train::run::test_poison_gradient(step, &mut acc);
+        // DDP: the global gradient (the sum of the weighted slices) and the global loss, before
+        // the guard and the clipping, so every rank sees the same norm and takes the same step
+        ddp::all_reduce_grads(comm, &mut acc)?;
+        if comm.world_size() > 1 {
+            let mut l = [loss_sum];
+            ddp::sum_f64(comm, &mut l)?;
+            loss_sum = l[0];
         }
         // the norm is NaN or infinite exactly when a gradient is (f32 squares cannot overflow
         // an f64 sum), so one pass serves the guard, the report and the clipping
@@ -487,6 +533,10 @@ impl Trainer {
 
     /// Writes `checkpoints/step-XXXXXX/` (rotating old ones out).
     pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        if !dist::is_main() {
+            // rank 0 writes for every rank (they hold the same weights and optimiser state)
+            return Ok(self.checkpoints.path(self.step));
+        }
         let state = TrainerState {
             step: self.step,
             data: self.data.state(),
@@ -497,12 +547,25 @@ impl Trainer {
             config: self.cfg.clone(),
             tokenizer: self.tokenizer_arg.clone(),
             data_files: self.data_files.clone(),
+            world_size: dist::world().world_size(),
         };
-        self.checkpoints.write(self.step, |dir| {
-            self.write_model_files(dir)?;
-            write_safetensors(&dir.join("optimizer.safetensors"), &self.opt.state()?)?;
-            write_json_atomic(&dir.join("trainer.json"), &state)
-        })
+        let last_good = self.last_checkpoint();
+        self.checkpoints
+            .write(self.step, |dir| {
+                self.write_model_files(dir)?;
+                write_safetensors(&dir.join("optimizer.safetensors"), &self.opt.state()?)?;
+                write_json_atomic(&dir.join("trainer.json"), &state)
+            })
+            .map_err(|e| {
+                let keep = match last_good {
+                    Some(p) => format!("the last good checkpoint is {}", p.display()),
+                    None => "no checkpoint was written before".to_string(),
+                };
+                Error::msg(format!(
+                    "step {}: checkpoint not saved, training stopped ({keep}): {e}",
+                    self.step
+                ))
+            })
     }
 
     /// The model's files plus the tokenizer file (when not byte-level and not already written
@@ -542,12 +605,18 @@ impl Trainer {
     /// `RUN_DIR/final/`. Writes `summary.json` either way.
     pub fn run_until(&mut self, until: usize, stop: &AtomicBool) -> Result<Summary> {
         let until = until.min(self.cfg.steps);
-        let pb = progress_bar(self.cfg.steps as u64, self.step as u64, self.quiet);
+        let comm = dist::world();
+        let pb = progress_bar(
+            self.cfg.steps as u64,
+            self.step as u64,
+            self.quiet || !dist::is_main(),
+        );
         let t_session = Instant::now();
         let elapsed0 = self.elapsed;
         let mut interrupted = false;
         while self.step < until {
-            if stop.load(Ordering::SeqCst) {
+            // a signal that reached one rank stops every rank at the same step
+            if dist::any(comm, stop.load(Ordering::SeqCst))? {
                 interrupted = true;
                 break;
             }
@@ -562,7 +631,12 @@ impl Trainer {
             // 6. validation, metrics, sample, checkpoint
             let eval_due = (self.cfg.eval_every > 0 && step.is_multiple_of(self.cfg.eval_every))
                 || step == self.cfg.steps;
-            let val_loss = if eval_due { self.evaluate()? } else { None };
+            // rank 0 evaluates and samples (the others would repeat the same work)
+            let val_loss = if eval_due && dist::is_main() {
+                self.evaluate()?
+            } else {
+                None
+            };
             if let Some(v) = val_loss {
                 check_finite(
                     step,
@@ -599,7 +673,10 @@ impl Trainer {
                     pb.suspend(|| tracing::info!("step {step}: val_loss {v:.4}"));
                 }
             }
-            if self.cfg.sample_every > 0 && step.is_multiple_of(self.cfg.sample_every) {
+            if self.cfg.sample_every > 0
+                && step.is_multiple_of(self.cfg.sample_every)
+                && dist::is_main()
+            {
                 let s = self.sample()?;
                 pb.suspend(|| eprintln!("--- sample at step {step} ---\n{s}\n---"));
             }
@@ -625,7 +702,7 @@ impl Trainer {
         if interrupted {
             tracing::info!("interrupted at step {}: saved {}", self.step, p.display());
         }
-        if completed {
+        if completed && dist::is_main() {
             crate::checkpoint::write_dir_atomic(&self.run_dir.join("final"), |d| {
                 self.write_model_files(d)
             })?;
@@ -641,7 +718,9 @@ impl Trainer {
             elapsed_sec: self.elapsed,
             completed,
         };
-        write_json_atomic(&self.run_dir.join("summary.json"), &summary)?;
+        if dist::is_main() {
+            write_json_atomic(&self.run_dir.join("summary.json"), &summary)?;
+        }
         Ok(summary)
     }
 
