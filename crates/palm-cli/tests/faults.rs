@@ -8,6 +8,9 @@
 //! - after either, `--resume` ends where an uninterrupted run ends, bit for bit.
 
 use std::path::{Path, PathBuf};
+
+mod common;
+use common::{leftovers, metrics, same_value, summary};
 use std::process::{Command, Output};
 
 use candle_core::Device;
@@ -46,21 +49,6 @@ fn error_line(stderr: &str) -> &str {
         .unwrap_or("")
 }
 
-/// Every path under `dir` whose name holds `.tmp-` (temporaries of interrupted writes).
-fn leftovers(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![];
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if e.file_name().to_string_lossy().contains(".tmp-") {
-            out.push(p.clone());
-        }
-        if p.is_dir() {
-            out.extend(leftovers(&p));
-        }
-    }
-    out
-}
-
 /// Every file of a checkpoint directory, by name, with its bytes.
 fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
@@ -86,78 +74,14 @@ fn assert_checkpoint_at(ck: &Path, step: u64) {
     assert_eq!(st["step"].as_u64(), Some(step), "{}", ck.display());
 }
 
-/// metrics.jsonl without the timing fields.
-fn metrics(run: &Path, timing: &[&str]) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            for k in timing {
-                v.as_object_mut().unwrap().remove(*k);
-            }
-            v
-        })
-        .collect()
-}
-
-fn summary(run: &Path, timing: &[&str]) -> serde_json::Value {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
-    for k in timing {
-        v.as_object_mut().unwrap().remove(*k);
-    }
-    v
-}
-
-/// `run`'s value equals `reference`'s, numbers bit for bit, except for what re-reading does to
-/// them: on resume, `MetricsLog::open` reads the kept lines back and writes them out again, and
-/// serde_json (built without `float_roundtrip`) reads about one float in nine back one ulp off,
-/// so a line kept over k resumes holds `reparse` applied k times to the number first written.
-/// Exactly those values are accepted; once the log keeps its lines' text (or serde_json reads
-/// floats exactly), `reparse` is the identity and this is plain equality.
-fn same_value(run: &serde_json::Value, reference: &serde_json::Value) -> bool {
-    use serde_json::Value;
-    let reparse =
-        |y: f64| -> f64 { serde_json::from_str(&serde_json::to_string(&y).unwrap()).unwrap() };
-    match (run, reference) {
-        (Value::Number(a), Value::Number(b)) if a.is_f64() || b.is_f64() => {
-            let (a, mut y) = (a.as_f64().unwrap(), b.as_f64().unwrap());
-            for _ in 0..64 {
-                if a.to_bits() == y.to_bits() {
-                    return true;
-                }
-                let next = reparse(y);
-                if next.to_bits() == y.to_bits() {
-                    return false;
-                }
-                y = next;
-            }
-            false
-        }
-        (Value::Object(a), Value::Object(b)) => {
-            a.len() == b.len()
-                && a.iter()
-                    .all(|(k, v)| b.get(k).is_some_and(|w| same_value(v, w)))
-        }
-        (Value::Array(a), Value::Array(b)) => {
-            a.len() == b.len() && a.iter().zip(b).all(|(v, w)| same_value(v, w))
-        }
-        _ => run == reference,
-    }
-}
-
 /// The run ended as the reference did: metrics and summary (timing fields aside), and the
 /// bytes of the final weights.
 fn assert_same_run(run: &Path, reference: &Path, weights: &[&str], timing: &[&str]) {
     let (a, b) = (metrics(run, timing), metrics(reference, timing));
     assert_eq!(a.len(), b.len(), "metrics.jsonl lines");
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!(
-            same_value(x, y),
-            "metrics.jsonl line {}:\n{x}\nvs\n{y}",
-            i + 1
-        );
+        // the log keeps its lines' text on resume (`MetricsLog::open`), so they are equal exactly
+        assert!(x == y, "metrics.jsonl line {}:\n{x}\nvs\n{y}", i + 1);
     }
     let (a, b) = (summary(run, timing), summary(reference, timing));
     assert!(same_value(&a, &b), "summary.json:\n{a}\nvs\n{b}");
