@@ -106,7 +106,7 @@ fn main() {
     let result = match command {
         _ if comm.world_size() > 1 && !data_parallel(&command) => Err(anyhow::anyhow!(
             "this command runs in one process; under mpirun (here {} processes) palm runs \
-             `train`, `reward train` and `dpo`",
+             `train`, `reward train`, `dpo`, `rl` and `ppo`",
             comm.world_size()
         )),
         // async commands: their own runtime; the server's engine thread joins rayon's pool itself
@@ -134,7 +134,11 @@ fn main() {
 /// The commands that run data-parallel under `mpirun -n N`.
 fn data_parallel(c: &Command) -> bool {
     match c {
-        Command::Train(_) | Command::Dpo(_) | Command::Info(_) => true,
+        Command::Train(_)
+        | Command::Dpo(_)
+        | Command::Rl(_)
+        | Command::Ppo(_)
+        | Command::Info(_) => true,
         Command::Reward(a) => matches!(a.command, cmd::reward::RewardCommand::Train(_)),
         _ => false,
     }

@@ -150,13 +150,33 @@ pub struct Generation {
 }
 
 /// Generates for every prompt at once with a KV cache. `on_token(row, id)` is called for each
-/// new id as soon as it is sampled (streaming).
+/// new id as soon as it is sampled (streaming). The rows share one random stream from
+/// `req.seed`, so a row's sample depends on the rows batched with it; see [`generate_rows`].
 pub fn generate(
     model: &Model,
     req: &GenerateRequest,
+    on_token: impl FnMut(usize, u32),
+) -> Result<Generation> {
+    generate_rows(model, req, None, on_token)
+}
+
+/// As [`generate`], with one random stream per row when `row_seeds` is given (one seed per
+/// prompt): a row then samples the same tokens whichever rows share its batch, chunk or process
+/// (rollouts split across data-parallel ranks). `req.seed` is unused then.
+pub fn generate_rows(
+    model: &Model,
+    req: &GenerateRequest,
+    row_seeds: Option<&[u64]>,
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<Generation> {
     req.sampling.validate()?;
+    if let Some(s) = row_seeds.filter(|s| s.len() != req.prompts.len()) {
+        return Err(Error::msg(format!(
+            "generate: {} row seeds for {} prompts",
+            s.len(),
+            req.prompts.len()
+        )));
+    }
     let b = req.prompts.len();
     if b == 0 {
         return Ok(Generation {
@@ -213,7 +233,12 @@ pub fn generate(
         Ok(Tensor::from_vec(mask.clone(), (b, rows[0].len()), &dev)?)
     };
 
-    let mut rng = rng::stream(req.seed, 0x5a3e);
+    let mut shared = rng::stream(req.seed, 0x5a3e);
+    let mut per_row: Vec<PalmRng> = row_seeds
+        .unwrap_or_default()
+        .iter()
+        .map(|&s| rng::stream(s, 0x5a3e))
+        .collect();
     let capacity = max_len + req.max_new_tokens;
     let base_opts = Forward {
         scope: req.scope.as_deref(),
@@ -272,7 +297,8 @@ pub fn generate(
                 mask_rows[row].push(0);
                 continue;
             }
-            let tok = sample_token(&logits[row * vsz..(row + 1) * vsz], &req.sampling, &mut rng);
+            let rng = per_row.get_mut(row).unwrap_or(&mut shared);
+            let tok = sample_token(&logits[row * vsz..(row + 1) * vsz], &req.sampling, rng);
             completions[row].push(tok);
             on_token(row, tok);
             if req.eos.contains(&tok) {

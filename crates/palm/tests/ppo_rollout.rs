@@ -96,6 +96,7 @@ fn ratio_is_one_before_the_first_update_with_unequal_prompts() {
             temperature: temp,
             eos: vec![0],
             seed: 11,
+            first_row: 0,
             forward_batch: 0,
         },
     )
@@ -288,6 +289,7 @@ fn full_fine_tuning_ratio_is_one_and_reference_is_the_initial_model() {
             temperature: temp,
             eos: vec![0],
             seed: 12,
+            first_row: 0,
             forward_batch: 0,
         },
     )

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use palm::config::{LoraSpec, LoraTargets};
 use palm::kv_cache::KvCache;
-use palm::sample::{generate, GenerateRequest, Sampling};
+use palm::sample::{generate, generate_rows, GenerateRequest, Sampling};
 use palm::{Forward, Model, Palm, PalmConfig};
 
 fn tiny(causal: bool, qk: bool) -> PalmConfig {
@@ -444,6 +444,51 @@ fn greedy_equals_low_temperature_and_batching_equals_single_rows() {
     let mut r2 = req(prompts.clone(), s);
     r2.seed = 2;
     assert_ne!(generate(&m, &r2, |_, _| {}).unwrap(), a);
+}
+
+/// With a random stream per row (rollouts), a row's sample does not depend on the rows batched
+/// with it: the same tokens alone, in another batch, or in another order (what lets data-parallel
+/// ranks each sample their share of a batch and match one process).
+#[test]
+fn per_row_seeds_make_samples_independent_of_the_batch() {
+    let m = Model::from(Palm::new(&tiny(true, false), 13, &Device::Cpu).unwrap());
+    let prompts = vec![
+        vec![1u32, 2, 3],
+        vec![7, 8, 9, 10, 11],
+        vec![40],
+        vec![5, 6],
+    ];
+    let req = |prompts: Vec<Vec<u32>>| GenerateRequest {
+        prompts,
+        max_new_tokens: 10,
+        eos: vec![],
+        sampling: Sampling::default(),
+        seed: 0,
+        scope: None,
+        disable_lora: false,
+    };
+    let seeds = [11u64, 22, 33, 44];
+    let all = generate_rows(&m, &req(prompts.clone()), Some(&seeds), |_, _| {}).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let alone = generate_rows(&m, &req(vec![p.clone()]), Some(&seeds[i..=i]), |_, _| {});
+        assert_eq!(alone.unwrap().completions[0], all.completions[i], "row {i}");
+    }
+    // the last two rows, in reverse order
+    let rev = generate_rows(
+        &m,
+        &req(vec![prompts[3].clone(), prompts[2].clone()]),
+        Some(&[44, 33]),
+        |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(rev.completions[0], all.completions[3]);
+    assert_eq!(rev.completions[1], all.completions[2]);
+    // a shared stream is what makes rows depend on each other (the check can fail)
+    let shared = generate(&m, &req(vec![prompts[1].clone()]), |_, _| {}).unwrap();
+    let shared_all = generate(&m, &req(prompts.clone()), |_, _| {}).unwrap();
+    assert_ne!(shared.completions[0], shared_all.completions[1]);
+    // one seed per prompt is required
+    assert!(generate_rows(&m, &req(prompts), Some(&seeds[..2]), |_, _| {}).is_err());
 }
 
 #[test]

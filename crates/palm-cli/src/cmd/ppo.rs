@@ -424,7 +424,8 @@ pub fn run(a: Args) -> Result<()> {
                 model.vocab_size(),
             );
         }
-        if a.eval_samples > 0 {
+        // data-parallel: rank 0 evaluates, shows progress and prints the result
+        if a.eval_samples > 0 && palm::dist::is_main() {
             let (m, recs) = evaluate(
                 &model,
                 &prompts,
@@ -445,7 +446,12 @@ pub fn run(a: Args) -> Result<()> {
     };
     let total = trainer.cfg.steps as u64;
     let piped = !std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let bar = ProgressBar::new(total).with_position(trainer.step as u64);
+    let main = palm::dist::is_main();
+    let bar = if main {
+        ProgressBar::new(total).with_position(trainer.step as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(ProgressStyle::with_template(
         "ppo {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
     )?);
@@ -466,7 +472,7 @@ pub fn run(a: Args) -> Result<()> {
                 m["objective/kl"].as_f64().unwrap_or(f64::NAN)
             );
             bar.inc(1);
-            if piped {
+            if piped && main {
                 // no bar where stderr is a file or a pipe: a log line per step instead
                 tracing::info!("ppo step {}/{total}: {msg}", bar.position());
             }
@@ -485,6 +491,9 @@ pub fn run(a: Args) -> Result<()> {
         );
         // as Unix programs do after an interrupt: no policy/ was written
         std::process::exit(130);
+    }
+    if !main {
+        return Ok(());
     }
     let mut score_after = None;
     if a.eval_samples > 0 {

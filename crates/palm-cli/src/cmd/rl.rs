@@ -1,7 +1,7 @@
 //! `palm rl`: the online RL family on one interface (PPO goes to `palm ppo`'s trainer).
 
+use palm::dist;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -354,8 +354,8 @@ fn check_task_args(a: &Args) -> Result<()> {
         }
         return Ok(());
     }
-    if palm::checkpoint::resolve_dir(&a.out.join("checkpoint")).exists() {
-        return Ok(()); // refused below: the run is not overwritten
+    if palm::checkpoint::resolve_dir(&a.out.join("checkpoint")).exists() || !dist::is_main() {
+        return Ok(()); // refused below: the run is not overwritten; rank 0 writes
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     Ok(palm::checkpoint::write_json_atomic(&path, &now)?)
@@ -522,7 +522,9 @@ pub fn run(a: Args) -> Result<()> {
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let max_new = trainer.cfg.max_new_tokens;
     let mut summary = serde_json::json!({"algorithm": alg.name(), "config": trainer.cfg});
-    if let Some(h) = &held {
+    // data-parallel: rank 0 evaluates, shows progress and writes the summary
+    let main = dist::is_main();
+    if let Some(h) = held.as_ref().filter(|_| main) {
         // a resumed run counts the samples it wrote when it started
         let before = a.resume.then(|| a.out.join("heldout_before.jsonl"));
         let (acc, fmt) = held_out(
@@ -537,7 +539,11 @@ pub fn run(a: Args) -> Result<()> {
         summary["heldout_before"] = serde_json::json!({"accuracy": acc, "format": fmt});
     }
     let stop = palm::train::run::stop_flag();
-    let bar = ProgressBar::new(trainer.cfg.steps as u64).with_position(trainer.step as u64);
+    let bar = if main {
+        ProgressBar::new(trainer.cfg.steps as u64).with_position(trainer.step as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(ProgressStyle::with_template(&format!(
         "{} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed}}<{{eta}}]",
         alg.name()
@@ -562,8 +568,12 @@ pub fn run(a: Args) -> Result<()> {
         },
     )?;
     bar.finish();
-    if stop.load(Ordering::Relaxed) && trainer.step < trainer.cfg.steps {
+    if trainer.step < trainer.cfg.steps {
+        // stopped (Ctrl-C or SIGTERM on this or another rank): checkpointed, not finished
         std::process::exit(130);
+    }
+    if !main {
+        return Ok(());
     }
     if let Some(h) = &held {
         let actor = Some(palm::rlhf::rollout::ACTOR);

@@ -100,6 +100,46 @@ pub fn all_reduce_grads(comm: &dyn Communicator, grads: &mut Grads) -> Result<()
     super::all_reduce_buffers(comm, &mut bufs)
 }
 
+/// Sums the gradients of `params` across ranks where a rank may lack some (no rows in this step,
+/// or a parameter its rows did not reach): a missing gradient counts as zeros, and a parameter
+/// no rank has a gradient for stays without one (the optimiser skips it, as in one process).
+pub fn all_reduce_grads_of(
+    comm: &dyn Communicator,
+    params: &[(String, Var)],
+    grads: &mut Grads,
+) -> Result<()> {
+    if comm.world_size() == 1 {
+        return Ok(());
+    }
+    grads.resize(params.len(), None);
+    let mut present: Vec<f64> = grads
+        .iter()
+        .map(|g| f64::from(u8::from(g.is_some())))
+        .collect();
+    comm.all_reduce_sum_f64(&mut present)?;
+    for ((g, (_, v)), &n) in grads.iter_mut().zip(params).zip(&present) {
+        if n > 0.0 && g.is_none() {
+            *g = Some(vec![0.0; v.elem_count()]);
+        }
+    }
+    all_reduce_grads(comm, grads)
+}
+
+/// Refuses to resume a run saved with `saved` processes under another world size (its data
+/// slices and random streams would differ). `dir` is the checkpoint, `command` how it is run
+/// (`palm rl`): the message says how to resume it.
+pub fn check_resume_world(dir: &std::path::Path, saved: usize, command: &str) -> Result<()> {
+    let n = super::world().world_size();
+    if saved != n {
+        return Err(Error::Config(format!(
+            "{}: the run was trained with {saved} processes; resume it with the same number \
+             (mpirun -n {saved} {command} --resume ...), not {n}",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Sums scalars across ranks.
 pub fn sum_f64(comm: &dyn Communicator, values: &mut [f64]) -> Result<()> {
     comm.all_reduce_sum_f64(values)

@@ -8,7 +8,8 @@
 //! single-process one, free, when nothing was set).
 //!
 //! Implementations: [`Single`] (default), MPI (`mpi` cargo feature; `mpirun -n N palm ...`), and a
-//! sketch of NCCL (`docs/scaling.md` says what is left).
+//! sketch of NCCL (`nccl` feature, `PALM_DIST=nccl mpirun -n N palm ...`; `docs/scaling.md` says
+//! what is left).
 
 use std::sync::OnceLock;
 
@@ -17,6 +18,8 @@ use crate::{Error, Result};
 pub mod ddp;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 /// Collective operations over the processes of one job. Buffers are f32 (gradients, weights) or
 /// f64 (statistics: loss sums, token counts, flags). Every rank must make the same calls in the
@@ -109,20 +112,46 @@ pub fn launched_world_size() -> usize {
 /// the main thread, before any work.
 pub fn init_from_env() -> Result<&'static dyn Communicator> {
     let n = launched_world_size();
-    if n > 1 {
+    // PALM_DIST also picks MPI (or NCCL over it) for a one-rank job, to check the transport alone
+    if n > 1 || std::env::var_os("PALM_DIST").is_some() {
         #[cfg(feature = "mpi")]
         {
-            init(Box::new(mpi::Mpi::init()?))?;
+            let boot: Box<dyn Communicator> = Box::new(mpi::Mpi::init()?);
+            init(over(boot)?)?;
         }
         #[cfg(not(feature = "mpi"))]
         {
+            let why = if n > 1 {
+                format!("started by a launcher with {n} processes")
+            } else {
+                "PALM_DIST is set".to_string()
+            };
             return Err(Error::msg(format!(
-                "started by a launcher with {n} processes, but this palm was built without MPI: \
-                 build it with `cargo build --release -p palm-cli --features mpi`"
+                "{why}, but this palm was built without MPI: build it with \
+                 `cargo build --release -p palm-cli --features mpi`"
             )));
         }
     }
     Ok(world())
+}
+
+/// The communicator of an `mpirun` job: MPI itself, or NCCL bootstrapped over it when
+/// `PALM_DIST=nccl` (the `nccl` feature).
+#[cfg(feature = "mpi")]
+fn over(boot: Box<dyn Communicator>) -> Result<Box<dyn Communicator>> {
+    match std::env::var("PALM_DIST").as_deref() {
+        Err(_) | Ok("mpi") => Ok(boot),
+        #[cfg(feature = "nccl")]
+        Ok("nccl") => Ok(Box::new(nccl::Nccl::init(boot)?)),
+        Ok(other) => Err(Error::msg(format!(
+            "PALM_DIST={other}: expected mpi{}",
+            if cfg!(feature = "nccl") {
+                " or nccl"
+            } else {
+                " (nccl needs a build with --features nccl)"
+            }
+        ))),
+    }
 }
 
 /// Element-wise maximum of one flag over ranks: true when any rank has it (a stop request that
@@ -131,6 +160,25 @@ pub fn any(comm: &dyn Communicator, flag: bool) -> Result<bool> {
     let mut v = [f64::from(u8::from(flag))];
     comm.all_reduce_sum_f64(&mut v)?;
     Ok(v[0] > 0.0)
+}
+
+/// Every rank's `local` buffer, concatenated in rank order, on every rank (MPI_Allgatherv,
+/// built from two sums: each rank writes its own slot and zeros elsewhere, and `x + 0` is exact,
+/// so the values arrive unchanged; integers up to 2^53 travel exactly).
+pub fn all_gather_f64(comm: &dyn Communicator, local: &[f64]) -> Result<Vec<f64>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    if world == 1 {
+        return Ok(local.to_vec());
+    }
+    let mut lens = vec![0f64; world];
+    lens[rank] = local.len() as f64;
+    comm.all_reduce_sum_f64(&mut lens)?;
+    let offset: usize = lens[..rank].iter().map(|&n| n as usize).sum();
+    let total: usize = lens.iter().map(|&n| n as usize).sum();
+    let mut all = vec![0f64; total];
+    all[offset..offset + local.len()].copy_from_slice(local);
+    comm.all_reduce_sum_f64(&mut all)?;
+    Ok(all)
 }
 
 /// Sums f32 buffers across ranks in buckets of at most `BUCKET` elements (PyTorch DDP's 25 MB
@@ -227,6 +275,55 @@ mod tests {
         assert_eq!(data, want);
         // [3], [BUCKET-2] and [5] each alone (no two fit together), the big one alone, [7, 1]
         assert_eq!(*comm.0.lock().unwrap(), 5);
+    }
+
+    /// Rank 1 of 2, whose peer (rank 0) contributed `peer` in its slot.
+    struct Rank1 {
+        peer: Vec<f64>,
+    }
+    impl Communicator for Rank1 {
+        fn rank(&self) -> usize {
+            1
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn barrier(&self) -> Result<()> {
+            Ok(())
+        }
+        fn broadcast_f32(&self, _: &mut [f32], _: usize) -> Result<()> {
+            Ok(())
+        }
+        fn all_reduce_sum_f32(&self, _: &mut [f32]) -> Result<()> {
+            unreachable!()
+        }
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+            // the first call carries the lengths, the second the data at rank 0's offset 0
+            if buf.len() == 2 {
+                buf[0] += self.peer.len() as f64;
+            } else {
+                for (b, p) in buf.iter_mut().zip(&self.peer) {
+                    *b += p;
+                }
+            }
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "test".into()
+        }
+    }
+
+    #[test]
+    fn all_gather_puts_ranks_in_order_and_keeps_values_exact() {
+        let mine = [-0.125f64, 1e-30, (1u64 << 52) as f64 + 1.0];
+        let comm = Rank1 {
+            peer: vec![7.0, f64::from(f32::MIN_POSITIVE)],
+        };
+        let all = all_gather_f64(&comm, &mine).unwrap();
+        let mut want = comm.peer.clone();
+        want.extend_from_slice(&mine);
+        assert_eq!(all, want);
+        assert_eq!(all_gather_f64(&Single, &mine).unwrap(), mine.to_vec());
     }
 
     #[test]

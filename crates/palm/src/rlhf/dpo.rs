@@ -614,16 +614,7 @@ fn check_resume(
             st.cfg
         )));
     }
-    let w = dist::world().world_size();
-    if st.world_size != w {
-        return Err(Error::Config(format!(
-            "{}: the run was trained with {} processes; resume it with the same number \
-             (mpirun -n {} palm dpo --resume ...), not {w}",
-            ck.display(),
-            st.world_size,
-            st.world_size
-        )));
-    }
+    ddp::check_resume_world(ck, st.world_size, "palm dpo")?;
     tracing::info!("resuming DPO at step {}", st.step);
     Ok((st.step, st.initial_eval.map(DpoEval::from)))
 }

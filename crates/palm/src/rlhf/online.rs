@@ -24,6 +24,7 @@ use serde_json::json;
 
 use crate::checkpoint;
 use crate::config::LoraSpec;
+use crate::dist::{self, ddp};
 use crate::error::{Error, Result};
 use crate::model::{Forward, Model};
 use crate::params::write_safetensors;
@@ -348,6 +349,13 @@ struct TrainerState {
     step: usize,
     rng: RngState,
     config: RlConfig,
+    /// Processes the run was trained with (`mpirun -n N`; 1 for older runs).
+    #[serde(default = "one")]
+    world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 const STATE_FILE: &str = "trainer.json";
@@ -386,24 +394,37 @@ impl RlTrainer {
             ..LoraSpec::new(cfg.lora_r)
         };
         model.add_scope(ACTOR, spec, cfg.seed)?;
-        Ok(Self::assemble(model, cfg))
+        Self::assemble(model, cfg)
     }
 
-    fn assemble(model: Model, cfg: RlConfig) -> Self {
+    /// The trainer around a model with the actor scope; data-parallel ranks start from rank 0's
+    /// actor weights and check their batch has a group for every rank.
+    fn assemble(model: Model, cfg: RlConfig) -> Result<Self> {
         let params = model
             .vars()
             .with_prefix(&format!("finetune_modules.{ACTOR}."));
-        Self {
+        let comm = dist::world();
+        ddp::check_batch(
+            "--batch-size (prompts per step)",
+            cfg.batch_size,
+            comm.world_size(),
+        )?;
+        ddp::broadcast_params(comm, &params)?;
+        Ok(Self {
             opt: Optimizer::new(params, optim_cfg()),
             rng: rng::stream(cfg.seed, 0x6790),
             cfg,
             model,
             step: 0,
-        }
+        })
     }
 
-    /// Writes the model (base + scope), optimiser, RNG and config into `dir` atomically.
+    /// Writes the model (base + scope), optimiser, RNG and config into `dir` atomically; only
+    /// rank 0 writes in a data-parallel run (every rank holds the same state).
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if !dist::is_main() {
+            return Ok(());
+        }
         checkpoint::write_dir_atomic(dir, |tmp| {
             self.model.write_files(tmp)?;
             write_safetensors(&tmp.join(OPT_FILE), &self.opt.state()?)?;
@@ -413,6 +434,7 @@ impl RlTrainer {
                     step: self.step,
                     rng: rng::save_state(&self.rng),
                     config: self.cfg.clone(),
+                    world_size: dist::world().world_size(),
                 },
             )
         })
@@ -436,19 +458,24 @@ impl RlTrainer {
                 dir.display()
             )));
         }
+        ddp::check_resume_world(&dir, st.world_size, "palm rl")?;
         let mut cfg = st.config;
         if let Some(s) = steps {
             cfg.steps = s;
         }
-        let mut t = Self::assemble(model, cfg);
+        let mut t = Self::assemble(model, cfg)?;
         t.opt.load_state_file(&dir.join(OPT_FILE))?;
         t.rng = rng::restore_state(&st.rng);
         t.step = st.step;
         Ok(t)
     }
 
-    /// The trained policy as a plain model (the actor scope merged into a copy of the base).
+    /// The trained policy as a plain model (the actor scope merged into a copy of the base);
+    /// rank 0 writes it.
     pub fn export_policy(&self, dir: &Path) -> Result<()> {
+        if !dist::is_main() {
+            return Ok(());
+        }
         crate::rlhf::export_merged(&self.model, &[], ACTOR, dir)
     }
 
@@ -485,37 +512,26 @@ impl RlTrainer {
             let seed = cfg.seed
                 ^ ((self.step + 1) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
                 ^ (gen_batches as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            let ro = rollout::collect(
+            // data-parallel: each rank samples and scores its groups; all ranks get them all
+            let sc = rollout::collect_scored(
                 &self.actors(),
                 &rows,
+                g,
                 &RolloutConfig {
                     max_new_tokens: cfg.max_new_tokens,
                     temperature: cfg.temperature,
                     eos: eos.to_vec(),
                     seed,
+                    first_row: 0,
                     forward_batch: cfg.micro_batch_size,
                 },
+                scorer,
+                gold,
+                &format!("rl step {}", self.step + 1),
             )?;
+            let (ro, scores, golds) = (sc.ro, sc.scores, sc.gold);
             gen_batches += 1;
             gen_s += ro.generate_seconds + ro.forward_seconds;
-            let scores = scorer.score(&ro.prompts, &ro.responses)?;
-            if scores.len() != rows.len() {
-                return Err(Error::msg(format!(
-                    "scorer returned {} scores for {} responses",
-                    scores.len(),
-                    rows.len()
-                )));
-            }
-            if let Some(i) = scores.iter().position(|x| !x.is_finite()) {
-                return Err(Error::msg(format!(
-                    "rl step {}: the scorer gave a non-finite score ({}) to response {i}",
-                    self.step + 1,
-                    scores[i]
-                )));
-            }
-            let golds = gold
-                .map(|s| s.score(&ro.prompts, &ro.responses))
-                .transpose()?;
             all_scores.extend_from_slice(&scores);
             let r = ro.layout.r;
             for (grp, sc) in scores.chunks(g).enumerate() {
@@ -604,106 +620,53 @@ struct UpdateStats {
 
 impl RlTrainer {
     /// One optimiser step over `rows` of `b`: the normaliser over exactly these rows' loss
-    /// tokens, gradients accumulated over micro-batches, then clipping and AdamW.
+    /// tokens, gradients accumulated over micro-batches, then clipping and AdamW. Data-parallel:
+    /// each rank takes its slice of `rows` (every rank holds the whole batch), the normaliser
+    /// stays global, and gradients and statistics are summed across ranks before clipping.
     fn optimiser_step(&mut self, b: &Batch, rows: &[usize], st: &mut UpdateStats) -> Result<()> {
         let cfg = self.cfg.clone();
-        let (r, dev) = (b.lay.r, self.model.device().clone());
-        let take = |x: &[f32], idx: &[usize]| -> Vec<f32> {
-            idx.iter()
-                .flat_map(|&i| x[i * r..(i + 1) * r].iter().copied())
-                .collect()
-        };
-        let step_mask = take(&b.loss_mask, rows);
+        let r = b.lay.r;
+        let step_mask = take_rows(&b.loss_mask, rows, r);
         if step_mask.iter().all(|&m| m == 0.0) {
             return Ok(()); // every row filtered: nothing to learn from
         }
         let norm = Normaliser::new(cfg.loss_agg, &step_mask, r, cfg.max_new_tokens);
-        let micro = if cfg.micro_batch_size == 0 {
-            rows.len()
-        } else {
-            cfg.micro_batch_size
+        let comm = dist::world();
+        let (lo, hi) = ddp::rows_of(rows.len(), comm.rank(), comm.world_size());
+        let local = &rows[lo..hi];
+        let micro = match cfg.micro_batch_size {
+            0 => local.len().max(1),
+            m => m,
         };
-        let mut acc: Option<optim::Grads> = None;
-        let (mut loss_sum, mut kl_sum, mut clip, mut dev_max) =
-            (0f32, 0f32, ClipStats::default(), 0f32);
-        for mb in rows.chunks(micro) {
-            let lay = b.lay.rows(mb);
-            let n = mb.len();
-            let t = |v: Vec<f32>| Tensor::from_vec(v, (n, r), &dev);
-            let mask = take(&b.loss_mask, mb);
-            let opts = Forward {
-                scope: Some(ACTOR),
-                freeze_base: true,
-                fused_blocks: true,
-                ..Default::default()
-            };
-            let (logp, logits) =
-                rollout::response_logprobs(&self.model, &lay, opts, cfg.temperature)?;
-            let old = t(take(&b.logp, mb))?;
-            let mask_t = t(mask.clone())?;
-            if st.first_ratio_dev.is_none() {
-                let d = ((&logp - &old)?.abs()? * &mask_t)?
-                    .max_all()?
-                    .to_scalar::<f32>()?;
-                dev_max = dev_max.max(d);
-            }
-            let adv = t(take(&b.adv, mb))?;
-            let ent_tok = token_entropy(&logits)?; // [n, R]
-            let adv = if cfg.entropy_advantage {
-                let bonus = (ent_tok.detach() * 0.4)?.minimum(&(adv.abs()? * 0.5)?)?;
-                (adv + bonus)?
-            } else {
-                adv
-            };
-            let out = policy_loss(
-                &logp,
-                &old,
-                Some(&t(take(&b.ref_logp, mb))?),
-                &adv,
-                &mask_t,
-                &t(norm.weights(&mask, r))?,
-                Clip {
-                    low: cfg.clip_low,
-                    high: cfg.clip_high,
-                    spo: cfg.spo,
-                },
-                (cfg.kl_placement == KlPlacement::Loss).then_some(KlInLoss {
-                    beta: cfg.kl_coef,
-                    estimator: cfg.kl_estimator,
-                }),
+        let total_tokens = step_mask.iter().sum::<f32>();
+        let mut acc: optim::Grads = vec![];
+        let mut sums = StepSums::default();
+        for mb in local.chunks(micro) {
+            let g = self.micro_step(
+                b,
+                mb,
+                &norm,
+                total_tokens,
+                st.first_ratio_dev.is_none(),
+                &mut sums,
             )?;
-            let w_t = t(norm.weights(&mask, r))?;
-            let loss = if cfg.ent_coef != 0.0 {
-                // the bonus is a token mean under the same normaliser as the policy term
-                (&out.loss - ((&ent_tok * &w_t)?.sum_all()? * cfg.ent_coef as f64)?)?
-            } else {
-                out.loss.clone()
-            };
-            let lv = loss.to_scalar::<f32>()?;
-            if !lv.is_finite() {
-                return Err(Error::msg(format!(
-                    "rl step {}: loss is {lv}; stopping (the last checkpoint is kept)",
-                    self.step + 1
-                )));
-            }
-            let ent_mean = ((ent_tok.detach() * &mask_t)?
-                .sum_all()?
-                .to_scalar::<f32>()?)
-                / mask_t.sum_all()?.to_scalar::<f32>()?.max(1.0);
-            st.entropy.push(ent_mean);
-            let w = mask.iter().sum::<f32>() / step_mask.iter().sum::<f32>();
-            clip.low_mean += out.clip.low_mean * w;
-            clip.high_mean += out.clip.high_mean * w;
-            clip.region_mean += out.clip.region_mean * w;
-            loss_sum += lv;
-            kl_sum += out.kl;
-            let g = optim::grads_take(&self.opt.params, self.model.backward(&loss)?)?;
-            match acc.as_mut() {
-                None => acc = Some(g),
-                Some(a) => optim::accumulate(a, &g, 1.0),
-            }
+            optim::accumulate(&mut acc, &g, 1.0);
         }
-        let mut g = acc.ok_or_else(|| Error::msg("rl: empty optimiser step"))?;
+        // DDP: the global gradient and statistics (a rank without rows adds zeros)
+        ddp::all_reduce_grads_of(comm, &self.opt.params, &mut acc)?;
+        let s = sums.all_reduce(comm)?;
+        if let Some((rank, lv)) = s.bad_loss {
+            return Err(Error::msg(format!(
+                "rl step {}: loss is {lv}{}; stopping (the last checkpoint is kept)",
+                self.step + 1,
+                if comm.world_size() > 1 {
+                    format!(" on rank {rank}")
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        let mut g = acc;
         crate::train::run::test_poison_gradient(self.step + 1, &mut g);
         if optim::grads_non_finite(&g) {
             return Err(Error::msg(format!(
@@ -714,11 +677,165 @@ impl RlTrainer {
         st.grad_norm
             .push(optim::clip_grad_norm(&mut g, cfg.max_grad_norm));
         self.opt.step(&g, cfg.lr)?;
-        st.loss.push(loss_sum);
-        st.kl_loss.push(kl_sum);
-        st.clip.push(clip);
-        st.first_ratio_dev.get_or_insert(dev_max);
+        st.loss.push(s.loss as f32);
+        st.kl_loss.push(s.kl as f32);
+        st.clip.push(ClipStats {
+            low_mean: s.clip[0] as f32,
+            high_mean: s.clip[1] as f32,
+            region_mean: s.clip[2] as f32,
+        });
+        st.entropy
+            .push((s.entropy / s.entropy_tokens.max(1.0)) as f32);
+        st.first_ratio_dev.get_or_insert(s.ratio_dev as f32);
         Ok(())
+    }
+
+    /// The forward and backward of one micro-batch `mb` (rows of `b`) under the step's
+    /// normaliser; adds its statistics to `sums` and returns its gradients.
+    fn micro_step(
+        &mut self,
+        b: &Batch,
+        mb: &[usize],
+        norm: &Normaliser,
+        total_tokens: f32,
+        first: bool,
+        sums: &mut StepSums,
+    ) -> Result<optim::Grads> {
+        let cfg = &self.cfg;
+        let (r, dev) = (b.lay.r, self.model.device().clone());
+        let lay = b.lay.rows(mb);
+        let n = mb.len();
+        let t = |v: Vec<f32>| Tensor::from_vec(v, (n, r), &dev);
+        let mask = take_rows(&b.loss_mask, mb, r);
+        let opts = Forward {
+            scope: Some(ACTOR),
+            freeze_base: true,
+            fused_blocks: true,
+            ..Default::default()
+        };
+        let (logp, logits) = rollout::response_logprobs(&self.model, &lay, opts, cfg.temperature)?;
+        let old = t(take_rows(&b.logp, mb, r))?;
+        let mask_t = t(mask.clone())?;
+        if first {
+            let d = ((&logp - &old)?.abs()? * &mask_t)?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            sums.ratio_dev = sums.ratio_dev.max(f64::from(d));
+        }
+        let adv = t(take_rows(&b.adv, mb, r))?;
+        let ent_tok = token_entropy(&logits)?; // [n, R]
+        let adv = if cfg.entropy_advantage {
+            let bonus = (ent_tok.detach() * 0.4)?.minimum(&(adv.abs()? * 0.5)?)?;
+            (adv + bonus)?
+        } else {
+            adv
+        };
+        let w_t = t(norm.weights(&mask, r))?;
+        let out = policy_loss(
+            &logp,
+            &old,
+            Some(&t(take_rows(&b.ref_logp, mb, r))?),
+            &adv,
+            &mask_t,
+            &w_t,
+            Clip {
+                low: cfg.clip_low,
+                high: cfg.clip_high,
+                spo: cfg.spo,
+            },
+            (cfg.kl_placement == KlPlacement::Loss).then_some(KlInLoss {
+                beta: cfg.kl_coef,
+                estimator: cfg.kl_estimator,
+            }),
+        )?;
+        let loss = if cfg.ent_coef != 0.0 {
+            // the bonus is a token mean under the same normaliser as the policy term
+            (&out.loss - ((&ent_tok * &w_t)?.sum_all()? * cfg.ent_coef as f64)?)?
+        } else {
+            out.loss.clone()
+        };
+        let lv = loss.to_scalar::<f32>()?;
+        if !lv.is_finite() && sums.bad_loss.is_none() {
+            sums.bad_loss = Some(lv);
+        }
+        sums.entropy += f64::from(
+            (ent_tok.detach() * &mask_t)?
+                .sum_all()?
+                .to_scalar::<f32>()?,
+        );
+        let tokens = mask.iter().sum::<f32>();
+        sums.entropy_tokens += f64::from(tokens);
+        let w = f64::from(tokens / total_tokens);
+        sums.clip[0] += f64::from(out.clip.low_mean) * w;
+        sums.clip[1] += f64::from(out.clip.high_mean) * w;
+        sums.clip[2] += f64::from(out.clip.region_mean) * w;
+        sums.loss += f64::from(lv);
+        sums.kl += f64::from(out.kl);
+        optim::grads_take(&self.opt.params, self.model.backward(&loss)?)
+    }
+}
+
+/// The rows `idx` of a per-token array [B, R].
+fn take_rows(x: &[f32], idx: &[usize], r: usize) -> Vec<f32> {
+    idx.iter()
+        .flat_map(|&i| x[i * r..(i + 1) * r].iter().copied())
+        .collect()
+}
+
+/// What one rank's micro-batches of an optimiser step measured; sums over the rows, so the sum
+/// over ranks is the whole step's.
+#[derive(Default)]
+struct StepSums {
+    loss: f64,
+    kl: f64,
+    /// low, high, region: each micro-batch's mean weighted by its share of the step's tokens.
+    clip: [f64; 3],
+    entropy: f64,
+    entropy_tokens: f64,
+    /// max |ratio - 1| on the first optimiser step.
+    ratio_dev: f64,
+    /// The first non-finite loss.
+    bad_loss: Option<f32>,
+}
+
+/// [`StepSums`] over all ranks: the sums summed, the ratio deviation maxed, and the first rank
+/// with a non-finite loss (with its value).
+struct StepTotals {
+    loss: f64,
+    kl: f64,
+    clip: [f64; 3],
+    entropy: f64,
+    entropy_tokens: f64,
+    ratio_dev: f64,
+    bad_loss: Option<(usize, f32)>,
+}
+
+impl StepSums {
+    fn all_reduce(self, comm: &dyn dist::Communicator) -> Result<StepTotals> {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let mut v = vec![self.loss, self.kl, self.clip[0], self.clip[1], self.clip[2]];
+        v.extend([self.entropy, self.entropy_tokens]);
+        // per-rank slots: the ratio deviation (for a max), a bad-loss flag and its value
+        let slots = v.len();
+        v.resize(slots + 3 * world, 0.0);
+        v[slots + rank] = self.ratio_dev;
+        if let Some(lv) = self.bad_loss {
+            v[slots + world + rank] = 1.0;
+            v[slots + 2 * world + rank] = f64::from(lv);
+        }
+        ddp::sum_f64(comm, &mut v)?;
+        let at = |k: usize, i: usize| v[slots + k * world + i];
+        Ok(StepTotals {
+            loss: v[0],
+            kl: v[1],
+            clip: [v[2], v[3], v[4]],
+            entropy: v[5],
+            entropy_tokens: v[6],
+            ratio_dev: (0..world).map(|i| at(0, i)).fold(0.0, f64::max),
+            bad_loss: (0..world)
+                .find(|&i| at(1, i) != 0.0)
+                .map(|i| (i, at(2, i) as f32)),
+        })
     }
 }
 
@@ -833,13 +950,22 @@ pub fn run(
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let ck = out.join("checkpoint");
     let resume_at = (trainer.step > 0).then_some(trainer.step as u64);
-    let mut log = MetricsLog::open(out, resume_at)?;
+    // data-parallel: rank 0 keeps the log and plots; a stop on any rank stops all at one step
+    let main = dist::is_main();
+    let mut log = if main {
+        MetricsLog::open(out, resume_at)?
+    } else {
+        MetricsLog::discard()
+    };
     while trainer.step < trainer.cfg.steps {
         let m = trainer.step(prompts, eos, scorer, gold)?;
         log.log(m.clone())?;
         on_step(&m);
         let every = trainer.cfg.save_every;
-        let stopping = stop.load(std::sync::atomic::Ordering::Relaxed);
+        let stopping = dist::any(
+            dist::world(),
+            stop.load(std::sync::atomic::Ordering::Relaxed),
+        )?;
         if (stopping || (every > 0 && trainer.step.is_multiple_of(every)))
             && trainer.step < trainer.cfg.steps
         {
@@ -860,8 +986,11 @@ pub fn run(
     plot(&log, out, trainer.cfg.algorithm)
 }
 
-/// reward.svg (reward and gold score), kl.svg, length.svg.
+/// reward.svg (reward and gold score), kl.svg, length.svg (rank 0 only).
 pub fn plot(log: &MetricsLog, out: &Path, a: Algorithm) -> Result<()> {
+    if !dist::is_main() {
+        return Ok(());
+    }
     let name = a.name();
     log.plot(
         &out.join("reward.svg"),

@@ -30,13 +30,16 @@ use serde_json::json;
 
 use crate::checkpoint;
 use crate::config::LoraSpec;
+use crate::dist::{self, ddp};
 use crate::error::{Error, Result};
 use crate::model::{Forward, Model};
 use crate::params::{read_tensors, write_safetensors};
 use crate::rlhf::advantage::{self, ScoreShaping};
 use crate::rlhf::kl::{KlController, KlEstimator};
 use crate::rlhf::reward::{HeadKind, Pooling, RewardModel};
-use crate::rlhf::rollout::{self, Actors, Critic, Layout, Rollout, RolloutConfig, ACTOR, CRITIC};
+use crate::rlhf::rollout::{
+    self, Actors, Critic, Layout, Rollout, RolloutConfig, Scored, ACTOR, CRITIC,
+};
 use crate::rlhf::scorer::Scorer;
 use crate::rlhf::value::{ValueHead, ValueKind};
 use crate::rng::{self, PalmRng, RngState};
@@ -354,6 +357,13 @@ struct TrainerState {
     rng: RngState,
     score_norm: Option<(f32, f32)>,
     config: PpoConfig,
+    /// Processes the run was trained with (`mpirun -n N`; 1 for older runs).
+    #[serde(default = "one")]
+    world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 const STATE_FILE: &str = "trainer.json";
@@ -582,6 +592,11 @@ impl PpoTrainer {
             pooled: cfg.pooled_values,
             segments,
         };
+        // data-parallel: every rank starts from rank 0's trained weights
+        let comm = dist::world();
+        ddp::check_batch("--batch-size", cfg.batch_size, comm.world_size())?;
+        ddp::broadcast_params(comm, &actor_params)?;
+        ddp::broadcast_params(comm, &critic_params)?;
         Ok(Self {
             kl: match cfg.kl_target {
                 Some(t) => KlController::adaptive(cfg.kl_coef, t, cfg.kl_horizon),
@@ -625,7 +640,11 @@ impl PpoTrainer {
     /// Writes the whole PPO state into `dir` atomically: model (base + scopes; with full
     /// fine-tuning the trained base, and the frozen copy with the critic scope in `frozen/`),
     /// value head, both optimisers, KL controller, RNG, score normalisation, config.
+    /// Only rank 0 writes in a data-parallel run (every rank holds the same state).
     pub fn save(&self, dir: &Path) -> Result<()> {
+        if !dist::is_main() {
+            return Ok(());
+        }
         checkpoint::write_dir_atomic(dir, |tmp| {
             self.model.write_files(tmp)?;
             if let Some(f) = &self.frozen {
@@ -649,6 +668,7 @@ impl PpoTrainer {
                     rng: rng::save_state(&self.rng),
                     score_norm: self.score_norm,
                     config: self.cfg.clone(),
+                    world_size: dist::world().world_size(),
                 },
             )
         })
@@ -658,6 +678,7 @@ impl PpoTrainer {
     pub fn resume(dir: &Path, device: &Device, steps: Option<usize>) -> Result<Self> {
         let dir = checkpoint::resolve_dir(dir);
         let st: TrainerState = checkpoint::read_json(&dir.join(STATE_FILE))?;
+        ddp::check_resume_world(&dir, st.world_size, "palm ppo")?;
         let model = crate::load::load_model(&dir, device)?;
         let mut cfg = st.config;
         let frozen = match cfg.actor {
@@ -700,6 +721,9 @@ impl PpoTrainer {
     /// The trained policy as a plain model: a copy of the base with the actor scope merged
     /// (full fine-tuning: the trained model as it is).
     pub fn export_policy(&self, dir: &Path) -> Result<()> {
+        if !dist::is_main() {
+            return Ok(());
+        }
         if self.cfg.actor == ActorMode::Full {
             return self.model.save(dir);
         }
@@ -728,40 +752,30 @@ impl PpoTrainer {
             .map(|i| prompts[idx[i % idx.len()]].clone())
             .collect();
 
-        // 2. roll out
-        let mut ro = rollout::collect(
+        // 2. roll out and 3. score (and gold-score): data-parallel, each rank its rows, then
+        //    every rank holds the whole batch
+        let Scored {
+            mut ro,
+            scores: raw,
+            gold: gold_scores,
+            score_seconds,
+        } = rollout::collect_scored(
             &self.actors(),
             &batch,
+            1,
             &RolloutConfig {
                 max_new_tokens: cfg.max_new_tokens,
                 temperature: cfg.temperature,
                 eos: eos.into_iter().collect(),
                 seed: cfg.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                first_row: 0,
                 forward_batch: 0,
             },
+            scorer,
+            gold,
+            &format!("ppo step {step}"),
         )?;
         let (b, r) = (ro.layout.b, ro.layout.r);
-
-        // 3. score (and gold-score) the responses
-        let t_score = std::time::Instant::now();
-        let raw = scorer.score(&ro.prompts, &ro.responses)?;
-        if raw.len() != b {
-            return Err(Error::msg(format!(
-                "scorer returned {} scores for {b} responses",
-                raw.len()
-            )));
-        }
-        if let Some(i) = raw.iter().position(|x| !x.is_finite()) {
-            return Err(Error::msg(format!(
-                "ppo step {step}: the scorer gave a non-finite score ({}) to response {i}",
-                raw[i]
-            )));
-        }
-        let gold_scores = match gold {
-            Some(g) => Some(g.score(&ro.prompts, &ro.responses)?),
-            None => None,
-        };
-        let score_seconds = t_score.elapsed().as_secs_f64();
 
         // 4. shape: normalisation (fitted once), missing-EOS penalty, clip
         if cfg.normalize_scores && self.score_norm.is_none() {
@@ -891,6 +905,11 @@ impl PpoTrainer {
         Ok(m)
     }
 
+    /// One PPO update on minibatch `rows` of the rollout: the actor's clipped surrogate, then
+    /// the critic's clipped value loss, each one optimiser step. Data-parallel: each rank takes
+    /// its slice of `rows`; its masked means weigh its share of the minibatch's tokens (rows,
+    /// for pooled values), and gradients and statistics are summed across ranks before the
+    /// guards and clipping.
     fn update_minibatch(
         &mut self,
         ro: &Rollout,
@@ -900,6 +919,121 @@ impl PpoTrainer {
         step: usize,
         stats: &mut UpdateStats,
     ) -> Result<()> {
+        let comm = dist::world();
+        let (lo, hi) = ddp::rows_of(rows.len(), comm.rank(), comm.world_size());
+        let local = &rows[lo..hi];
+        let r = ro.layout.r;
+        let tokens = |idx: &[usize]| -> f64 {
+            idx.iter()
+                .map(|&i| ro.layout.mask[i * r..(i + 1) * r].iter().sum::<f32>() as f64)
+                .sum()
+        };
+        let w_tok = tokens(local) / tokens(rows).max(1.0);
+        let w_row = local.len() as f64 / rows.len().max(1) as f64;
+        if train_actor {
+            // pg, clipfrac, approxkl, entropy, each weighted
+            let (mut g, mut v) = match local.is_empty() {
+                true => (vec![], vec![0.0; 4]),
+                false => self.actor_grads(ro, tg, local, w_tok)?,
+            };
+            ddp::all_reduce_grads_of(comm, &self.actor_opt.params, &mut g)?;
+            ddp::sum_f64(comm, &mut v)?;
+            let lv = (v[0] - self.cfg.ent_coef as f64 * v[3]) as f32;
+            if !lv.is_finite() {
+                return Err(Error::msg(format!(
+                    "ppo step {step}: policy loss is {lv}; stopping"
+                )));
+            }
+            crate::train::run::test_poison_gradient(step, &mut g);
+            non_finite_guard(&g, step, "policy")?;
+            optim::clip_grad_norm(&mut g, self.cfg.max_grad_norm);
+            self.actor_opt.step(&g, self.cfg.actor_lr)?;
+            stats.policy_loss.push(v[0] as f32);
+            stats.clipfrac.push(v[1] as f32);
+            stats.approxkl.push(v[2] as f32);
+            stats.entropy.push(v[3] as f32);
+        }
+        let w = if self.cfg.pooled_values { w_row } else { w_tok };
+        let (mut g, mut v) = match local.is_empty() {
+            true => (vec![], vec![0.0; 2]),
+            false => self.critic_grads(ro, tg, local, w)?,
+        };
+        ddp::all_reduce_grads_of(comm, &self.critic_opt.params, &mut g)?;
+        ddp::sum_f64(comm, &mut v)?;
+        let lv = v[0] as f32;
+        if !lv.is_finite() {
+            return Err(Error::msg(format!(
+                "ppo step {step}: value loss is {lv}; stopping"
+            )));
+        }
+        non_finite_guard(&g, step, "value")?;
+        optim::clip_grad_norm(&mut g, self.cfg.max_grad_norm);
+        self.critic_opt.step(&g, self.cfg.critic_lr)?;
+        stats.value_loss.push(lv);
+        stats.val_clipfrac.push(v[1] as f32);
+        Ok(())
+    }
+
+    /// The actor's gradients on `rows` (its loss scaled by `w`, this rank's share) and its
+    /// statistics times `w`: [policy loss, clip fraction, approx KL, entropy].
+    fn actor_grads(
+        &self,
+        ro: &Rollout,
+        tg: &Targets,
+        rows: &[usize],
+        w: f64,
+    ) -> Result<(optim::Grads, Vec<f64>)> {
+        let cfg = &self.cfg;
+        let dev = self.model.device().clone();
+        let r = ro.layout.r;
+        let lay: Layout = ro.layout.rows(rows);
+        let take = |x: &[f32]| -> Vec<f32> {
+            rows.iter()
+                .flat_map(|&i| x[i * r..(i + 1) * r].iter().copied())
+                .collect()
+        };
+        let n = rows.len();
+        let mask = lay.mask_tensor(&dev)?; // [n, R]
+                                           // each block one graph node; the gradients come from Model::backward
+        let opts = Forward {
+            scope: self.policy_scope(),
+            freeze_base: cfg.actor == ActorMode::Lora,
+            fused_blocks: true,
+            ..Default::default()
+        };
+        let (logp, logits) = rollout::response_logprobs(&self.model, &lay, opts, cfg.temperature)?;
+        let old = Tensor::from_vec(take(&ro.logp), (n, r), &dev)?;
+        let adv = Tensor::from_vec(take(&tg.adv), (n, r), &dev)?;
+        let (pg, clipfrac, approxkl) =
+            clipped_policy_loss(&logp, &old, &adv, &mask, cfg.clip_range)?;
+        let ent = masked_mean_t(&rollout::entropy(&logits)?, &mask)?;
+        let mut loss = (&pg - (&ent * cfg.ent_coef as f64)?)?;
+        if w != 1.0 {
+            loss = (loss * w)?;
+        }
+        let grads = self.model.backward(&loss)?;
+        let g = optim::grads_of(&self.actor_opt.params, &grads)?;
+        let stat = |x: f32| f64::from(x) * w;
+        Ok((
+            g,
+            vec![
+                stat(pg.to_scalar::<f32>()?),
+                stat(clipfrac),
+                stat(approxkl),
+                stat(ent.to_scalar::<f32>()?),
+            ],
+        ))
+    }
+
+    /// The critic's gradients on `rows` (its loss scaled by `w`) and [value loss, value clip
+    /// fraction] times `w`.
+    fn critic_grads(
+        &self,
+        ro: &Rollout,
+        tg: &Targets,
+        rows: &[usize],
+        w: f64,
+    ) -> Result<(optim::Grads, Vec<f64>)> {
         let cfg = &self.cfg;
         let dev = self.model.device().clone();
         let r = ro.layout.r;
@@ -912,43 +1046,6 @@ impl PpoTrainer {
         let take_seq = |x: &[f32]| -> Vec<f32> { rows.iter().map(|&i| x[i]).collect() };
         let n = rows.len();
         let mask = lay.mask_tensor(&dev)?; // [n, R]
-
-        // actor: clipped surrogate - entropy bonus
-        if train_actor {
-            // each block one graph node; the gradients come from Model::backward
-            let opts = Forward {
-                scope: self.policy_scope(),
-                freeze_base: cfg.actor == ActorMode::Lora,
-                fused_blocks: true,
-                ..Default::default()
-            };
-            let (logp, logits) =
-                rollout::response_logprobs(&self.model, &lay, opts, cfg.temperature)?;
-            let old = Tensor::from_vec(take(&ro.logp), (n, r), &dev)?;
-            let adv = Tensor::from_vec(take(&tg.adv), (n, r), &dev)?;
-            let (pg, clipfrac, approxkl) =
-                clipped_policy_loss(&logp, &old, &adv, &mask, cfg.clip_range)?;
-            let ent = masked_mean_t(&rollout::entropy(&logits)?, &mask)?;
-            let loss = (&pg - (&ent * cfg.ent_coef as f64)?)?;
-            let lv = loss.to_scalar::<f32>()?;
-            if !lv.is_finite() {
-                return Err(Error::msg(format!(
-                    "ppo step {step}: policy loss is {lv}; stopping"
-                )));
-            }
-            let grads = self.model.backward(&loss)?;
-            let mut g = optim::grads_of(&self.actor_opt.params, &grads)?;
-            crate::train::run::test_poison_gradient(step, &mut g);
-            non_finite_guard(&g, step, "policy")?;
-            optim::clip_grad_norm(&mut g, cfg.max_grad_norm);
-            self.actor_opt.step(&g, cfg.actor_lr)?;
-            stats.policy_loss.push(pg.to_scalar::<f32>()?);
-            stats.clipfrac.push(clipfrac);
-            stats.approxkl.push(approxkl);
-            stats.entropy.push(ent.to_scalar::<f32>()?);
-        }
-
-        // critic: clipped value loss
         let (v, logits) = self.critic.values(self.frozen_model(), &lay, true, true)?;
         let (vloss, vclip) = if cfg.pooled_values {
             let old = Tensor::from_vec(take_seq(&ro.values), n, &dev)?;
@@ -989,19 +1086,10 @@ impl PpoTrainer {
             }
         };
         let lv = vloss.to_scalar::<f32>()?;
-        if !lv.is_finite() {
-            return Err(Error::msg(format!(
-                "ppo step {step}: value loss is {lv}; stopping"
-            )));
-        }
+        let vloss = if w != 1.0 { (vloss * w)? } else { vloss };
         let grads = self.frozen_model().backward(&vloss)?;
-        let mut g = optim::grads_of(&self.critic_opt.params, &grads)?;
-        non_finite_guard(&g, step, "value")?;
-        optim::clip_grad_norm(&mut g, cfg.max_grad_norm);
-        self.critic_opt.step(&g, cfg.critic_lr)?;
-        stats.value_loss.push(lv);
-        stats.val_clipfrac.push(vclip);
-        Ok(())
+        let g = optim::grads_of(&self.critic_opt.params, &grads)?;
+        Ok((g, vec![f64::from(lv) * w, f64::from(vclip) * w]))
     }
 }
 
@@ -1087,13 +1175,21 @@ pub fn run_until_stopped(
     } else {
         None
     };
-    let mut log = MetricsLog::open(out, resume_at)?;
+    // data-parallel: rank 0 keeps the log and plots; a stop on any rank stops all at one step
+    let mut log = if dist::is_main() {
+        MetricsLog::open(out, resume_at)?
+    } else {
+        MetricsLog::discard()
+    };
     while trainer.step < trainer.cfg.steps {
         let m = trainer.step(prompts, eos, scorer, gold)?;
         log.log(m.clone())?;
         on_step(&m);
         let every = trainer.cfg.save_every;
-        let stopping = stop.load(std::sync::atomic::Ordering::SeqCst);
+        let stopping = dist::any(
+            dist::world(),
+            stop.load(std::sync::atomic::Ordering::SeqCst),
+        )?;
         if (stopping || (every > 0 && trainer.step.is_multiple_of(every)))
             && trainer.step < trainer.cfg.steps
         {
@@ -1114,8 +1210,11 @@ pub fn run_until_stopped(
     plot(&log, out)
 }
 
-/// reward.svg, kl.svg and gold_vs_reward.svg (gold and proxy score against KL).
+/// reward.svg, kl.svg and gold_vs_reward.svg (gold and proxy score against KL); rank 0 only.
 pub fn plot(log: &MetricsLog, out: &Path) -> Result<()> {
+    if !dist::is_main() {
+        return Ok(());
+    }
     log.plot(
         &out.join("reward.svg"),
         "PPO: scores and reward",

@@ -606,16 +606,7 @@ impl<'a> Run<'a> {
             let ck = crate::checkpoint::resolve_dir(&checkpoint_dir(run_dir));
             let st: TrainerState = read_json(&ck.join(TRAINER_FILE))?;
             check_resume(&ck.join(TRAINER_FILE), &st, cfg, n_train, ratings)?;
-            let n = dist::world().world_size();
-            if st.world_size != n {
-                return Err(Error::Config(format!(
-                    "{}: the run was trained with {} processes; resume it with the same number \
-                     (mpirun -n {} palm reward train --resume ...), not {n}",
-                    ck.display(),
-                    st.world_size,
-                    st.world_size
-                )));
-            }
+            ddp::check_resume_world(&ck, st.world_size, "palm reward train")?;
             if st.step > total {
                 return Err(Error::Config(format!(
                     "--epochs {} gives {total} steps, but the run is already at step {}",

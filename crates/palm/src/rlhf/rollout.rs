@@ -17,11 +17,13 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
+use crate::dist::{self, ddp, Communicator};
 use crate::error::{Error, Result};
 use crate::model::palm::log_softmax_last;
 use crate::model::{Forward, Model};
+use crate::rlhf::scorer::Scorer;
 use crate::rlhf::value::ValueHead;
-use crate::sample::{generate, GenerateRequest, Sampling};
+use crate::sample::{generate_rows, GenerateRequest, Sampling};
 
 pub const ACTOR: &str = "actor";
 pub const CRITIC: &str = "critic";
@@ -259,7 +261,11 @@ pub struct RolloutConfig {
     pub temperature: f32,
     /// Ids that end a response (any of them; kept as its last token).
     pub eos: Vec<u32>,
+    /// With the row's index in the whole batch, seeds its sampling stream (see [`row_seed`]).
     pub seed: u64,
+    /// The index in the whole batch of the first prompt given to [`collect`] (a data-parallel
+    /// rank's slice starts past 0).
+    pub first_row: usize,
     /// Rows per scoring forward (0: the whole batch in one); bounds the memory of the
     /// log-prob forwards on large models.
     pub forward_batch: usize,
@@ -292,6 +298,12 @@ fn masked_vec(t: &Tensor, mask: &[f32]) -> Result<Vec<f32>> {
         .collect())
 }
 
+/// The sampling seed of row `row` of a batch: each row has its own random stream, so its
+/// response does not depend on the rows sampled beside it (chunks, data-parallel ranks).
+pub fn row_seed(seed: u64, row: usize) -> u64 {
+    seed ^ (row as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03)
+}
+
 /// Samples responses with the policy and records per-token log-probs (policy, reference) and
 /// values.
 pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Result<Rollout> {
@@ -300,8 +312,8 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
     }
     // 1. sample with the KV cache (actor scope, pure temperature)
     let t0 = std::time::Instant::now();
-    // in chunks of `forward_batch` rows when set (each with its own seed): a graph forward
-    // through trainable LoRA weights keeps its activations until the step ends
+    // in chunks of `forward_batch` rows when set: a graph forward through trainable LoRA
+    // weights keeps its activations until the step ends
     let gen_chunk = if cfg.forward_batch == 0 {
         prompts.len().max(1)
     } else {
@@ -309,7 +321,11 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
     };
     let (mut completions, mut ended) = (vec![], vec![]);
     for (c, chunk) in prompts.chunks(gen_chunk).enumerate() {
-        let g = generate(
+        let first = cfg.first_row + c * gen_chunk;
+        let seeds: Vec<u64> = (first..first + chunk.len())
+            .map(|row| row_seed(cfg.seed, row))
+            .collect();
+        let g = generate_rows(
             actors.policy,
             &GenerateRequest {
                 prompts: chunk.to_vec(),
@@ -319,10 +335,11 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
                     temperature: cfg.temperature,
                     ..Sampling::default()
                 },
-                seed: cfg.seed ^ (c as u64).wrapping_mul(0xd1b5_4a32_d192_ed03),
+                seed: cfg.seed,
                 scope: actors.policy_scope.map(String::from),
                 disable_lora: false,
             },
+            Some(&seeds),
             |_, _| {},
         )?;
         completions.extend(g.completions);
@@ -383,4 +400,176 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
         generate_seconds,
         forward_seconds: t1.elapsed().as_secs_f64(),
     })
+}
+
+/// A rollout with its scores, as every rank holds it after [`collect_scored`].
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub ro: Rollout,
+    /// [B] the scorer's scores.
+    pub scores: Vec<f32>,
+    /// [B] the gold scorer's, when one was given.
+    pub gold: Option<Vec<f32>>,
+    /// Seconds this rank spent scoring.
+    pub score_seconds: f64,
+}
+
+/// Rolls out `prompts` and scores the responses, data-parallel: this rank samples, runs the
+/// log-prob forwards for and scores only its share of the rows (whole groups of `group` rows,
+/// so a GRPO/RLOO group stays on one rank), then every rank receives the whole batch, exactly
+/// (see [`gather`]). Each row is seeded by its index in the whole batch, so the result equals one
+/// process rolling out everything. `what` names the step in errors ("rl step 3").
+pub fn collect_scored(
+    actors: &Actors,
+    prompts: &[Vec<u32>],
+    group: usize,
+    cfg: &RolloutConfig,
+    scorer: &dyn Scorer,
+    gold: Option<&dyn Scorer>,
+    what: &str,
+) -> Result<Scored> {
+    let comm = dist::world();
+    let group = group.max(1);
+    let (lo, hi) = ddp::rows_of(prompts.len() / group, comm.rank(), comm.world_size());
+    let (lo, hi) = (lo * group, hi * group);
+    if lo == hi {
+        return Err(Error::msg(format!(
+            "{what}: rank {} of {} got no prompts: the batch of {} groups is smaller than the \
+             number of processes",
+            comm.rank(),
+            comm.world_size(),
+            prompts.len() / group
+        )));
+    }
+    let ro = collect(
+        actors,
+        &prompts[lo..hi],
+        &RolloutConfig {
+            first_row: cfg.first_row + lo,
+            ..cfg.clone()
+        },
+    )?;
+    let t = std::time::Instant::now();
+    let scores = scorer.score(&ro.prompts, &ro.responses)?;
+    if scores.len() != ro.prompts.len() {
+        return Err(Error::msg(format!(
+            "scorer returned {} scores for {} responses",
+            scores.len(),
+            ro.prompts.len()
+        )));
+    }
+    let golds = gold
+        .map(|s| s.score(&ro.prompts, &ro.responses))
+        .transpose()?;
+    let score_seconds = t.elapsed().as_secs_f64();
+    let pooled = actors.critic.is_some_and(|c| c.pooled);
+    let (ro, scores, gold) = gather(comm, ro, scores, golds, pooled)?;
+    if let Some(i) = scores.iter().position(|x| !x.is_finite()) {
+        return Err(Error::msg(format!(
+            "{what}: the scorer gave a non-finite score ({}) to response {i}",
+            scores[i]
+        )));
+    }
+    Ok(Scored {
+        ro,
+        scores,
+        gold,
+        score_seconds,
+    })
+}
+
+/// Every rank's rows of a rollout (with their scores), concatenated in rank order on every rank:
+/// the layout is rebuilt over all rows and the per-token arrays re-padded to its width. Values
+/// travel as f64, so ids, log-probs and scores arrive unchanged. `pooled`: one value per row.
+pub fn gather(
+    comm: &dyn Communicator,
+    ro: Rollout,
+    scores: Vec<f32>,
+    gold: Option<Vec<f32>>,
+    pooled: bool,
+) -> Result<(Rollout, Vec<f32>, Option<Vec<f32>>)> {
+    if comm.world_size() == 1 {
+        return Ok((ro, scores, gold));
+    }
+    let r = ro.layout.r;
+    let has_values = !ro.values.is_empty();
+    // per row: [prompt len, response len, ended, score, gold, prompt..., response...,
+    //           logp..., ref_logp..., values (one when pooled, one per token, or none)...]
+    let mut buf: Vec<f64> = vec![];
+    for (i, (p, y)) in ro.prompts.iter().zip(&ro.responses).enumerate() {
+        let n = y.len();
+        buf.extend([
+            p.len() as f64,
+            n as f64,
+            f64::from(u8::from(ro.ended_with_eos[i])),
+        ]);
+        buf.push(f64::from(scores[i]));
+        buf.push(gold.as_ref().map_or(0.0, |g| f64::from(g[i])));
+        buf.extend(p.iter().chain(y).map(|&t| f64::from(t)));
+        let tokens = |v: &[f32]| {
+            v[i * r..i * r + n]
+                .iter()
+                .map(|&x| f64::from(x))
+                .collect::<Vec<_>>()
+        };
+        buf.extend(tokens(&ro.logp));
+        buf.extend(tokens(&ro.ref_logp));
+        if has_values {
+            if pooled {
+                buf.push(f64::from(ro.values[i]));
+            } else {
+                buf.extend(tokens(&ro.values));
+            }
+        }
+    }
+    let all = dist::all_gather_f64(comm, &buf)?;
+    let (mut prompts, mut responses, mut ended, mut sc, mut gd) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut logp, mut ref_logp, mut values) = (vec![], vec![], vec![]);
+    let mut at = 0;
+    let take = |at: &mut usize, n: usize| -> Result<&[f64]> {
+        let s = all
+            .get(*at..*at + n)
+            .ok_or_else(|| Error::msg("rollout gather: ranks sent inconsistent rows"))?;
+        *at += n;
+        Ok(s)
+    };
+    while at < all.len() {
+        let h = take(&mut at, 5)?;
+        let (np, n) = (h[0] as usize, h[1] as usize);
+        ended.push(h[2] != 0.0);
+        sc.push(h[3] as f32);
+        gd.push(h[4] as f32);
+        let ids = |v: &[f64]| v.iter().map(|&t| t as u32).collect::<Vec<u32>>();
+        let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        prompts.push(ids(take(&mut at, np)?));
+        responses.push(ids(take(&mut at, n)?));
+        logp.push(f32s(take(&mut at, n)?));
+        ref_logp.push(f32s(take(&mut at, n)?));
+        if has_values {
+            values.push(f32s(take(&mut at, if pooled { 1 } else { n })?));
+        }
+    }
+    let layout = Layout::new(&prompts, &responses)?;
+    let pad = |rows: Vec<Vec<f32>>| -> Vec<f32> {
+        rows.into_iter()
+            .flat_map(|v| {
+                let k = layout.r - v.len();
+                v.into_iter().chain(std::iter::repeat_n(0.0, k))
+            })
+            .collect()
+    };
+    let values = if pooled { values.concat() } else { pad(values) };
+    let ro = Rollout {
+        prompts,
+        responses,
+        ended_with_eos: ended,
+        logp: pad(logp),
+        ref_logp: pad(ref_logp),
+        values,
+        layout,
+        generate_seconds: ro.generate_seconds,
+        forward_seconds: ro.forward_seconds,
+    };
+    Ok((ro, sc, gold.map(|_| gd)))
 }

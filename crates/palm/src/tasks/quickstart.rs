@@ -528,6 +528,7 @@ pub fn policy_kl_and_rm(
             temperature: 1.0,
             eos: vec![BYTE_EOS],
             seed,
+            first_row: 0,
             forward_batch: 0,
         },
     )?;

@@ -293,16 +293,7 @@ impl Trainer {
             cfg.steps = s;
         }
         cfg.validate()?;
-        let n = dist::world().world_size();
-        if st.world_size != n {
-            return Err(Error::msg(format!(
-                "{}: the run was trained with {} processes; resume it with the same number \
-                 (mpirun -n {} palm train --resume ...), not {n}",
-                run_dir.display(),
-                st.world_size,
-                st.world_size
-            )));
-        }
+        ddp::check_resume_world(run_dir, st.world_size, "palm train")?;
         let model = crate::load::load_model(&ckpt, &candle_core::Device::Cpu)?;
         let mut loader = DataLoader::new(
             data.corpus,
