@@ -1,7 +1,9 @@
-//! bf16 matrix products (`MatmulPrecision::Bf16`, Intel AMX) against the f32 golden case of
+//! bf16 matrix products (`MatmulPrecision::Bf16`: Intel AMX, or AVX512-BF16 where AMX is absent,
+//! whichever `bf16_kernel` names) against the f32 golden case of
 //! palm-rlhf-pytorch 0.8.0: logits, loss and every parameter gradient stay within bf16's
 //! precision (relative L2 error of each tensor), through the fused blocks as training runs them.
-//! Its own test binary: the precision is process-wide. Skipped where the CPU has no AMX-BF16.
+//! Its own test binary: the precision is process-wide. Skipped where the CPU has neither (failed
+//! under `PALM_REQUIRE_KERNEL`).
 
 use std::path::Path;
 
@@ -23,10 +25,14 @@ fn rel_l2(got: &Tensor, want: &Tensor) -> f32 {
 
 #[test]
 fn bf16_logits_loss_and_every_gradient_near_the_f32_reference() {
-    if !palm::ops::amx::available() {
-        eprintln!("SKIP bf16 golden test: this CPU or kernel has no AMX-BF16");
+    // each kernel's presence said (and enforced under PALM_REQUIRE_KERNEL); the test runs the
+    // one matmuls dispatch to
+    let amx = palm::ops::kernel_present("amx", palm::ops::amx::available());
+    let dot = palm::ops::kernel_present("avx512bf16", palm::ops::avx512bf16::available());
+    if !(amx || dot) {
         return;
     }
+    let kernel = palm::ops::linear::bf16_kernel();
     let Some(c) = case("palm_causal") else { return };
     let weights = c.dir.join("weights.safetensors");
     let t = read_tensors(Path::new(&weights), &Device::Cpu).unwrap();
@@ -69,8 +75,10 @@ fn bf16_logits_loss_and_every_gradient_near_the_f32_reference() {
         }
     }
     eprintln!(
-        "bf16: worst gradient relative error {:.2e} ({})",
-        worst.0, worst.1
+        "bf16 ({}): worst gradient relative error {:.2e} ({})",
+        kernel.unwrap_or("?"),
+        worst.0,
+        worst.1
     );
     assert!(
         worst.0 < 3e-2,

@@ -51,7 +51,8 @@ pub struct Args {
     pub runs: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Matrix-product precision of the linear layers (bf16: AMX, f32 master weights).
+    /// Matrix-product precision of the linear layers (bf16: AMX or AVX512-BF16, f32 master
+    /// weights).
     #[arg(long, value_enum, default_value_t = super::Precision::F32)]
     pub precision: super::Precision,
 }

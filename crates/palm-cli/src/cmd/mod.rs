@@ -75,17 +75,20 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// Sets the process-wide matmul precision; warns when bf16 is asked for without AMX.
+    /// Sets the process-wide matmul precision; says which bf16 kernel runs, or warns when the
+    /// CPU has none.
     pub fn apply(self) {
-        use palm::ops::linear::{set_matmul_precision, MatmulPrecision};
+        use palm::ops::linear::{bf16_kernel, set_matmul_precision, MatmulPrecision};
         match self {
             Precision::F32 => set_matmul_precision(MatmulPrecision::F32),
             Precision::Bf16 => {
                 set_matmul_precision(MatmulPrecision::Bf16);
-                if !palm::ops::amx::available() {
-                    tracing::warn!(
-                        "--precision bf16: this CPU (or kernel) has no AMX-BF16; running in f32"
-                    );
+                match bf16_kernel() {
+                    Some(k) => tracing::info!("--precision bf16: the {k} kernel"),
+                    None => tracing::warn!(
+                        "--precision bf16: this CPU (or kernel) has neither AMX-BF16 nor \
+                         AVX512-BF16; running in f32"
+                    ),
                 }
             }
         }

@@ -56,7 +56,8 @@ pub struct Args {
     #[arg(long)]
     pub out: PathBuf,
     /// Matrix-product precision of the linear layers: bf16 rounds their operands to bf16 and
-    /// accumulates in f32 on Intel AMX (weights, gradients and optimiser state stay f32).
+    /// accumulates in f32, on Intel AMX or else AVX512-BF16 (weights, gradients and optimiser
+    /// state stay f32).
     #[arg(long, value_enum, default_value_t = super::Precision::F32)]
     pub precision: super::Precision,
     /// Start from this model (checkpoint directory or weights file with config.json beside it).

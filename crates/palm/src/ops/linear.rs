@@ -76,8 +76,9 @@ pub enum MatmulPrecision {
     /// f32 operands and accumulation (the default).
     #[default]
     F32,
-    /// Operands rounded to bf16, products accumulated in f32, on Intel AMX ([`super::amx`]);
-    /// parameters, gradients and optimiser state stay f32. Where the CPU has no AMX this is F32.
+    /// Operands rounded to bf16, products accumulated in f32, on Intel AMX ([`super::amx`]) or
+    /// AVX512-BF16 ([`super::avx512bf16`]); parameters, gradients and optimiser state stay f32.
+    /// Where the CPU has neither this is F32 ([`bf16_kernel`] says which runs).
     Bf16,
 }
 
@@ -88,10 +89,27 @@ pub fn set_matmul_precision(p: MatmulPrecision) {
     PRECISION.store(p as u8, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The precision [`linear`] runs at now: Bf16 only when it was asked for and AMX is there.
+/// The bf16 kernel this CPU runs: `amx`, else `avx512bf16`, else None (bf16 falls back to
+/// f32). `PALM_BF16_KERNEL=avx512bf16` picks the second on a CPU with both (to compare them).
+pub fn bf16_kernel() -> Option<&'static str> {
+    static K: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+    *K.get_or_init(|| {
+        let prefer_dot = std::env::var("PALM_BF16_KERNEL").as_deref() == Ok("avx512bf16");
+        if super::amx::available() && !prefer_dot {
+            Some("amx")
+        } else if super::avx512bf16::available() {
+            Some("avx512bf16")
+        } else {
+            None
+        }
+    })
+}
+
+/// The precision [`linear`] runs at now: Bf16 only when it was asked for and a bf16 kernel
+/// ([`bf16_kernel`]) is there.
 pub fn matmul_precision() -> MatmulPrecision {
     if PRECISION.load(std::sync::atomic::Ordering::Relaxed) == MatmulPrecision::Bf16 as u8
-        && super::amx::available()
+        && bf16_kernel().is_some()
     {
         MatmulPrecision::Bf16
     } else {
@@ -104,10 +122,15 @@ pub fn matmul_precision() -> MatmulPrecision {
 /// # Safety
 /// As for [`gemm_crate`].
 unsafe fn gemm_any(m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, dst: *mut f32, acc: bool) {
-    if matmul_precision() == MatmulPrecision::Bf16
-        && super::amx::gemm_bf16(m, n, k, lhs, rhs, dst, acc)
-    {
-        return;
+    if matmul_precision() == MatmulPrecision::Bf16 {
+        let done = match bf16_kernel() {
+            Some("amx") => super::amx::gemm_bf16(m, n, k, lhs, rhs, dst, acc),
+            Some(_) => super::avx512bf16::gemm_bf16(m, n, k, lhs, rhs, dst, acc),
+            None => false,
+        };
+        if done {
+            return;
+        }
     }
     gemm_crate(m, n, k, lhs, rhs, dst, acc)
 }
