@@ -73,9 +73,26 @@ fn generate_streams_only_the_completion_to_stdout() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // exactly the 8 sampled bytes (lossy-decoded) plus a newline; status went to stderr
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.ends_with('\n'));
+    // exactly the 8 greedy tokens the library samples from the same checkpoint (the byte
+    // tokenizer: "Hi" is ids 72, 105), decoded, plus a newline; status went to stderr
+    let model = palm::load::load_model(&ckpt, &Device::Cpu).unwrap();
+    let req = palm::sample::GenerateRequest {
+        prompts: vec![vec![72, 105]],
+        max_new_tokens: 8,
+        eos: vec![],
+        sampling: palm::sample::Sampling::greedy(),
+        seed: 0,
+        scope: None,
+        disable_lora: false,
+    };
+    let ids = palm::sample::generate(&model, &req, |_, _| {})
+        .unwrap()
+        .completions[0]
+        .clone();
+    assert_eq!(ids.len(), 8);
+    let bytes: Vec<u8> = ids.iter().map(|&i| u8::try_from(i).unwrap()).collect();
+    let want = format!("{}\n", String::from_utf8_lossy(&bytes));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
     assert!(String::from_utf8_lossy(&out.stderr).contains("8 tokens in"));
     // the same command twice gives the same completion
     let again = run();

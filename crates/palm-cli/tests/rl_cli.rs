@@ -233,3 +233,63 @@ fn rl_on_a_task_resumes_with_the_same_prompts_only() {
         .count();
     assert_eq!(n, 2);
 }
+
+/// A copied binary finds `--reward vader`'s lexicon in `judges/vader` beside it, with no shared
+/// data folder; without one there, the error names where it looked and how to give it.
+#[test]
+fn bare_vader_finds_its_lexicon_beside_the_binary() {
+    let Some(lex) = palm::fixtures::require(palm::fixtures::data_path("judges/vader")) else {
+        return;
+    };
+    let root = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let bin = root.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let exe = bin.join("palm");
+    let built = assert_cmd::cargo::cargo_bin("palm");
+    if std::fs::hard_link(&built, &exe).is_err() {
+        std::fs::copy(&built, &exe).unwrap();
+    }
+    let m = root.path().join("m");
+    tiny_checkpoint(&m);
+    let prompts = root.path().join("p.txt");
+    std::fs::write(&prompts, "hello\nhow are you\n").unwrap();
+    let run = |out: &str| {
+        std::process::Command::new(&exe)
+            .env("NO_COLOR", "1")
+            .env("PALM_SHARED_DIR", root.path().join("no-shared-here"))
+            .env_remove("PALM_VADER_DIR")
+            .args([
+                "rl",
+                "--algorithm",
+                "rloo",
+                "--reward",
+                "vader",
+                "--steps",
+                "1",
+            ])
+            .args(["--batch-size", "2", "--max-new-tokens", "3", "--policy"])
+            .arg(&m)
+            .arg("--prompts")
+            .arg(&prompts)
+            .arg("--out")
+            .arg(root.path().join(out))
+            .output()
+            .unwrap()
+    };
+    let o = run("without");
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("no VADER lexicon") && err.contains("vader:DIR") && err.contains("bin"),
+        "{err}"
+    );
+    let beside = bin.join("judges/vader");
+    std::fs::create_dir_all(&beside).unwrap();
+    std::fs::copy(
+        lex.join("vader_lexicon.txt"),
+        beside.join("vader_lexicon.txt"),
+    )
+    .unwrap();
+    let o = run("with");
+    assert!(o.status.success(), "{}", stderr(&o));
+}

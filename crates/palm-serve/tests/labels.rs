@@ -307,11 +307,9 @@ fn a_second_model_is_served_and_shares_the_replies() {
         ..palm::config::PalmConfig::new(256, 32, 2)
     };
     let m2 = second.path().join("policy-b");
-    palm::load::save_palm(
-        &palm::Palm::new(&cfg, 99, &candle_core::Device::Cpu).expect("model"),
-        &m2,
-    )
-    .expect("save");
+    palm::Model::from(palm::Palm::new(&cfg, 99, &candle_core::Device::Cpu).expect("model"))
+        .save(&m2)
+        .expect("save");
     let s = TestServer::start(Db::Sqlite, |c| {
         c.replies = 4;
         c.compare = Some(m2.clone());

@@ -262,11 +262,6 @@ pub fn write_palm_files(model: &Palm, dir: &Path) -> Result<()> {
     write_safetensors(&dir.join(WEIGHTS_FILE), &model.vars.tensors())
 }
 
-/// Saves a model as a checkpoint directory, atomically.
-pub fn save_palm(model: &Palm, dir: &Path) -> Result<()> {
-    checkpoint::write_dir_atomic(dir, |tmp| write_palm_files(model, tmp))
-}
-
 /// Whether `path` names a GGUF file (by its `.gguf` extension).
 pub fn is_gguf_path(path: &Path) -> bool {
     path.extension()

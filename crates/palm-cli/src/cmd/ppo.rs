@@ -74,7 +74,8 @@ pub struct Args {
     pub policy: Option<PathBuf>,
     /// The reward: a `palm reward train` output (run dir or model dir; `palm quickstart` writes
     /// one in DIR/reward), or `vader` / `vader:DIR` (the VADER sentiment compound of the decoded
-    /// response; default lexicon: the shared data's judges/vader).
+    /// response; bare `vader` looks in PALM_VADER_DIR, then judges/vader beside the binary, then
+    /// the shared data's judges/vader).
     #[arg(long)]
     pub reward: String,
     /// Prompts: records with a "prompt" field (.jsonl, .jsonl.gz, .parquet or a directory of
@@ -233,6 +234,33 @@ fn apply_flags(cfg: &mut PpoConfig, a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Where bare `--reward vader` finds its lexicon, first found: `PALM_VADER_DIR`, `judges/vader`
+/// beside the executable (or in `../share/palm/` from it, for an installed binary), then the
+/// shared data folder (`PALM_SHARED_DIR`, or `../shared` of the checkout it was built in).
+fn default_vader_dir() -> Result<PathBuf> {
+    let mut tried: Vec<PathBuf> = vec![];
+    if let Some(d) = std::env::var_os("PALM_VADER_DIR") {
+        tried.push(PathBuf::from(d));
+    }
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(PathBuf::from))
+    {
+        tried.push(exe_dir.join("judges/vader"));
+        tried.push(exe_dir.join("../share/palm/judges/vader"));
+    }
+    tried.push(palm::fixtures::data_path("judges/vader"));
+    if let Some(d) = tried.iter().find(|d| d.join("vader_lexicon.txt").is_file()) {
+        return Ok(d.clone());
+    }
+    let list: Vec<String> = tried.iter().map(|d| d.display().to_string()).collect();
+    bail!(
+        "--reward vader: no VADER lexicon (vader_lexicon.txt) in {}; give its folder with \
+         --reward vader:DIR or PALM_VADER_DIR",
+        list.join(", ")
+    )
+}
+
 /// What `--reward` names, loaded: the scorer and the vocabulary it expects (None: text-based).
 pub(crate) fn load_reward(
     arg: &str,
@@ -241,7 +269,7 @@ pub(crate) fn load_reward(
     if arg == "vader" || arg.starts_with("vader:") {
         let dir = match arg.strip_prefix("vader:") {
             Some(d) if !d.is_empty() => PathBuf::from(d),
-            _ => palm::fixtures::data_path("judges/vader"),
+            _ => default_vader_dir()?,
         };
         let vader = palm::judges::Vader::from_dir(&dir)
             .with_context(|| format!("loading the VADER lexicon from {}", dir.display()))?;

@@ -21,7 +21,9 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
     };
     let m = Palm::new(&cfg, 7, &candle_core::Device::Cpu).expect("tiny model");
     let path = dir.join("model");
-    palm::load::save_palm(&m, &path).expect("saving the tiny model");
+    palm::Model::from(m)
+        .save(&path)
+        .expect("saving the tiny model");
     path
 }
 

@@ -295,10 +295,6 @@ impl Vader {
         })
     }
 
-    pub fn lexicon_len(&self) -> usize {
-        self.lexicon.len()
-    }
-
     fn in_lex(&self, word_lower: &str) -> bool {
         self.lexicon.contains_key(word_lower)
     }

@@ -628,15 +628,6 @@ impl Palm {
         self.vars.num_elements()
     }
 
-    /// Parameters that are not LoRA (the original's `palm_parameters`).
-    pub fn base_parameter_names(&self) -> Vec<String> {
-        self.vars
-            .iter()
-            .map(|(k, _)| k.clone())
-            .filter(|k| !k.starts_with("finetune_modules."))
-            .collect()
-    }
-
     // ----- LoRA scopes ---------------------------------------------------------------------
 
     /// Adds a LoRA scope (`add_finetune_params`): A random, B zero, so the model is unchanged.

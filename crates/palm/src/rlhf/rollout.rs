@@ -235,15 +235,6 @@ pub struct Actors<'a> {
 }
 
 impl<'a> Actors<'a> {
-    /// The policy's forward (base weights frozen with a LoRA actor, trained without).
-    pub fn policy_forward(&self) -> Forward<'a> {
-        Forward {
-            scope: self.policy_scope,
-            freeze_base: self.policy_scope.is_some(),
-            ..Default::default()
-        }
-    }
-
     /// The reference's forward on `frozen`: no LoRA.
     pub fn reference_forward(&self) -> Forward<'a> {
         Forward {
