@@ -149,6 +149,32 @@ pub struct Generation {
     pub ended_with_eos: Vec<bool>,
 }
 
+/// Every prompt has a token, ids inside the vocabulary, and room for the new tokens.
+fn check_prompts(model: &Model, req: &GenerateRequest) -> Result<()> {
+    let vocab = model.vocab_size() as u32;
+    for (i, p) in req.prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(Error::msg(format!(
+                "prompt {i} is empty: give at least one token"
+            )));
+        }
+        if let Some(&bad) = p.iter().find(|&&t| t >= vocab) {
+            return Err(Error::msg(format!(
+                "prompt {i} has token id {bad}, outside the model's vocabulary of {vocab}"
+            )));
+        }
+        if p.len() + req.max_new_tokens > model.max_seq_len() {
+            return Err(Error::msg(format!(
+                "prompt {i} has {} tokens; with {} new tokens that exceeds the model's context of {} (max_seq_len)",
+                p.len(),
+                req.max_new_tokens,
+                model.max_seq_len()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Generates for every prompt at once with a KV cache. `on_token(row, id)` is called for each
 /// new id as soon as it is sampled (streaming). The rows share one random stream from
 /// `req.seed`, so a row's sample depends on the rows batched with it; see [`generate_rows`].
@@ -184,28 +210,8 @@ pub fn generate_rows(
             ended_with_eos: vec![],
         });
     }
-    let vocab = model.vocab_size() as u32;
+    check_prompts(model, req)?;
     let max_len = req.prompts.iter().map(Vec::len).max().unwrap_or(0);
-    for (i, p) in req.prompts.iter().enumerate() {
-        if p.is_empty() {
-            return Err(Error::msg(format!(
-                "prompt {i} is empty: give at least one token"
-            )));
-        }
-        if let Some(&bad) = p.iter().find(|&&t| t >= vocab) {
-            return Err(Error::msg(format!(
-                "prompt {i} has token id {bad}, outside the model's vocabulary of {vocab}"
-            )));
-        }
-        if p.len() + req.max_new_tokens > model.max_seq_len() {
-            return Err(Error::msg(format!(
-                "prompt {i} has {} tokens; with {} new tokens that exceeds the model's context of {} (max_seq_len)",
-                p.len(),
-                req.max_new_tokens,
-                model.max_seq_len()
-            )));
-        }
-    }
     let dev = model.device().clone();
 
     // left-pad to [B, L]; key mask 1 = real token

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
+use palm::ops::linear::MatmulPrecision;
 use palm::rlhf::ppo::{PpoConfig, PpoTrainer};
 use palm::sample::{generate, GenerateRequest, Sampling};
 use palm::train::optim::{grads_take, OptimConfig, Optimizer};
@@ -90,6 +91,141 @@ fn forward_flops_per_token(cfg: &PalmConfig, t: usize) -> f64 {
     2.0 * (matrix + attn) as f64
 }
 
+/// One benchmarked workload: what a run processes, its FLOPs, and the run itself.
+struct Job<'a> {
+    tokens: usize,
+    flops: f64,
+    step: Box<dyn FnMut() -> Result<()> + 'a>,
+}
+
+/// Random token ids [b, t] below `vocab`.
+fn random_ids(rng: &mut palm::rng::PalmRng, vocab: usize, b: usize, t: usize) -> Result<Tensor> {
+    let v: Vec<i64> = palm::rng::uniform(rng, b * t, 0.0, vocab as f32)
+        .into_iter()
+        .map(|x| (x as i64).min(vocab as i64 - 1))
+        .collect();
+    Ok(Tensor::from_vec(v, (b, t), &super::device())?)
+}
+
+/// `b` prompts of 16 ids, deterministic, inside `vocab`.
+fn bench_prompts(b: usize, vocab: usize) -> Vec<Vec<u32>> {
+    (0..b)
+        .map(|i| {
+            (0..16)
+                .map(|j| ((i * 31 + j * 7) % (vocab - 1).min(255) + 1) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// One training step: forward, cross-entropy, backward, clipping, AdamW.
+fn train_job<'a>(model: &'a Model, ids: Tensor, b: usize, t: usize, flops_tok: f64) -> Job<'a> {
+    let params: Vec<_> = model
+        .vars()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut opt = Optimizer::new(params.clone(), OptimConfig::adamw());
+    Job {
+        tokens: b * t,
+        flops: 3.0 * flops_tok * (b * t) as f64,
+        step: Box::new(move || {
+            // each block one graph node; the graph is freed with the loss
+            let opts = Forward {
+                fused_blocks: true,
+                ..Default::default()
+            };
+            let loss = model.lm_loss(&ids, &opts)?;
+            let store = model.backward(&loss)?;
+            drop(loss);
+            let g = grads_take(&params, store)?;
+            opt.step_clipped(&g, 1e-4, 1.0)?;
+            Ok(())
+        }),
+    }
+}
+
+/// Sampling `new_tokens` for each of `b` prompts with the KV cache.
+fn sample_job(model: &Model, b: usize, new_tokens: usize, seed: u64, flops_tok: f64) -> Job<'_> {
+    let req = GenerateRequest {
+        prompts: bench_prompts(b, model.vocab_size()),
+        max_new_tokens: new_tokens,
+        eos: vec![],
+        sampling: Sampling::default(),
+        seed,
+        scope: None,
+        disable_lora: false,
+    };
+    Job {
+        tokens: b * new_tokens,
+        flops: flops_tok * (b * (16 + new_tokens)) as f64,
+        step: Box::new(move || {
+            generate(model, &req, |_, _| {})?;
+            Ok(())
+        }),
+    }
+}
+
+/// Reward-model style scoring: one forward of fused blocks over full sequences, no gradient.
+fn reward_job(model: &Model, ids: Tensor, b: usize, t: usize, flops_tok: f64) -> Job<'_> {
+    Job {
+        tokens: b * t,
+        flops: flops_tok * (b * t) as f64,
+        step: Box::new(move || {
+            let opts = Forward {
+                fused_blocks: true,
+                ..Default::default()
+            };
+            let emb = model.embeddings(&ids, &opts, None)?;
+            let _ = emb.mean(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            Ok(())
+        }),
+    }
+}
+
+/// One PPO iteration of a fresh PaLM of `cfg` (LoRA actor and critic, frozen reference); its
+/// rollout and update speeds go into `speed`.
+fn ppo_job<'a>(
+    cfg: &PalmConfig,
+    b: usize,
+    new_tokens: usize,
+    seed: u64,
+    speed: &'a std::cell::RefCell<serde_json::Value>,
+) -> Result<Job<'a>> {
+    let cfg_ppo = PpoConfig {
+        seed,
+        steps: usize::MAX,
+        batch_size: b,
+        minibatch_size: (b / 2).max(1),
+        epochs: 1,
+        max_new_tokens: new_tokens,
+        ..PpoConfig::default()
+    };
+    let prompts = bench_prompts(b, 256);
+    let model = Model::from(Palm::new(cfg, seed, &super::device())?);
+    let mut trainer = PpoTrainer::new(model, cfg_ppo)?;
+    // reward: the share of bytes below 128 (any cheap deterministic score will do)
+    let scorer = |_: &[Vec<u32>], r: &[Vec<u32>]| -> palm::Result<Vec<f32>> {
+        Ok(r.iter()
+            .map(|x| x.iter().filter(|&&t| t < 128).count() as f32 / x.len().max(1) as f32)
+            .collect())
+    };
+    let tokens = b * (16 + new_tokens);
+    Ok(Job {
+        tokens,
+        // rollout forward passes (policy, reference, critic) + one epoch of updates
+        flops: 6.0 * forward_flops_per_token(cfg, 16 + new_tokens) * tokens as f64,
+        step: Box::new(move || {
+            let m = trainer.step(&prompts, None, &scorer, None)?;
+            *speed.borrow_mut() = serde_json::json!({
+                "rollout_tokens_per_s": m["speed/rollout_tokens_per_s"],
+                "update_tokens_per_s": m["speed/update_tokens_per_s"],
+            });
+            Ok(())
+        }),
+    })
+}
+
 pub fn run(a: Args) -> Result<()> {
     if a.runs == 0 {
         bail!("--runs must be at least 1");
@@ -115,148 +251,40 @@ pub fn run(a: Args) -> Result<()> {
     };
     let big = model.dim() >= 512;
     let mut rng = palm::rng::stream(a.seed, 77);
-    let mut random_ids = |b: usize, t: usize| -> Result<Tensor> {
-        let v: Vec<i64> = palm::rng::uniform(&mut rng, b * t, 0.0, vocab as f32)
-            .into_iter()
-            .map(|x| (x as i64).min(vocab as i64 - 1))
-            .collect();
-        Ok(Tensor::from_vec(v, (b, t), &dev)?)
-    };
     let new_tokens = a.new_tokens.unwrap_or(match a.workload {
         Workload::Ppo => 64,
         _ => 256,
     });
+    let seq = a.seq_len.unwrap_or(if big { 256 } else { 128 });
     let ppo_speed = std::cell::RefCell::new(serde_json::Value::Null);
-    let (tokens_per_run, flops_per_run, mut step): (usize, f64, Box<dyn FnMut() -> Result<()>>) =
-        match a.workload {
-            Workload::Train => {
-                let b = a.batch_size.unwrap_or(if big { 4 } else { 8 });
-                let t = a.seq_len.unwrap_or(if big { 256 } else { 128 });
-                let ids = random_ids(b, t + 1)?;
-                let params: Vec<_> = model
-                    .vars()
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                let mut opt = Optimizer::new(params.clone(), OptimConfig::adamw());
-                let model = &model;
-                let flops = 3.0 * flops_per_token(t) * (b * t) as f64;
-                (
-                    b * t,
-                    flops,
-                    Box::new(move || {
-                        // each block one graph node; the graph is freed with the loss
-                        let opts = Forward {
-                            fused_blocks: true,
-                            ..Default::default()
-                        };
-                        let loss = model.lm_loss(&ids, &opts)?;
-                        let store = model.backward(&loss)?;
-                        drop(loss);
-                        let g = grads_take(&params, store)?;
-                        opt.step_clipped(&g, 1e-4, 1.0)?;
-                        Ok(())
-                    }),
-                )
-            }
-            Workload::Sample | Workload::Decode => {
-                let b = match a.workload {
-                    Workload::Decode => 1,
-                    _ => a.batch_size.unwrap_or(16),
-                };
-                let prompts: Vec<Vec<u32>> = (0..b)
-                    .map(|i| {
-                        (0..16)
-                            .map(|j| ((i * 31 + j * 7) % (vocab - 1).min(255) + 1) as u32)
-                            .collect()
-                    })
-                    .collect();
-                let req = GenerateRequest {
-                    prompts,
-                    max_new_tokens: new_tokens,
-                    eos: vec![],
-                    sampling: Sampling::default(),
-                    seed: a.seed,
-                    scope: None,
-                    disable_lora: false,
-                };
-                let flops = flops_per_token(16 + new_tokens / 2) * (b * (16 + new_tokens)) as f64;
-                let model = &model;
-                (
-                    b * new_tokens,
-                    flops,
-                    Box::new(move || {
-                        generate(model, &req, |_, _| {})?;
-                        Ok(())
-                    }),
-                )
-            }
-            Workload::Reward => {
-                let b = a.batch_size.unwrap_or(16);
-                let t = a.seq_len.unwrap_or(if big { 256 } else { 128 });
-                let ids = random_ids(b, t)?;
-                let model = &model;
-                (
-                    b * t,
-                    flops_per_token(t) * (b * t) as f64,
-                    Box::new(move || {
-                        // as RewardModel::score runs it: fused blocks, no backward
-                        let opts = Forward {
-                            fused_blocks: true,
-                            ..Default::default()
-                        };
-                        let emb = model.embeddings(&ids, &opts, None)?;
-                        let _ = emb.mean(1)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-                        Ok(())
-                    }),
-                )
-            }
-            Workload::Ppo => {
-                let b = a.batch_size.unwrap_or(16);
-                let cfg_ppo = PpoConfig {
-                    seed: a.seed,
-                    steps: usize::MAX,
-                    batch_size: b,
-                    minibatch_size: (b / 2).max(1),
-                    epochs: 1,
-                    max_new_tokens: new_tokens,
-                    ..PpoConfig::default()
-                };
-                let prompts: Vec<Vec<u32>> = (0..b)
-                    .map(|i| {
-                        (0..16)
-                            .map(|j| ((i * 31 + j * 7) % 255 + 1) as u32)
-                            .collect()
-                    })
-                    .collect();
-                let mut trainer =
-                    PpoTrainer::new(Model::from(Palm::new(&cfg, a.seed, &dev)?), cfg_ppo)?;
-                // reward: the share of bytes below 128 (any cheap deterministic score will do)
-                let scorer = |_: &[Vec<u32>], r: &[Vec<u32>]| -> palm::Result<Vec<f32>> {
-                    Ok(r.iter()
-                        .map(|x| {
-                            x.iter().filter(|&&t| t < 128).count() as f32 / x.len().max(1) as f32
-                        })
-                        .collect())
-                };
-                let tokens = b * (16 + new_tokens);
-                // rollout forward passes (policy, reference, critic) + one epoch of updates
-                let flops = 6.0 * forward_flops_per_token(&cfg, 16 + new_tokens) * tokens as f64;
-                let speed = &ppo_speed;
-                (
-                    tokens,
-                    flops,
-                    Box::new(move || {
-                        let m = trainer.step(&prompts, None, &scorer, None)?;
-                        *speed.borrow_mut() = serde_json::json!({
-                            "rollout_tokens_per_s": m["speed/rollout_tokens_per_s"],
-                            "update_tokens_per_s": m["speed/update_tokens_per_s"],
-                        });
-                        Ok(())
-                    }),
-                )
-            }
-        };
+    let Job {
+        tokens: tokens_per_run,
+        flops: flops_per_run,
+        mut step,
+    } = match a.workload {
+        Workload::Train => {
+            let b = a.batch_size.unwrap_or(if big { 4 } else { 8 });
+            let ids = random_ids(&mut rng, vocab, b, seq + 1)?;
+            train_job(&model, ids, b, seq, flops_per_token(seq))
+        }
+        Workload::Sample | Workload::Decode => {
+            let b = match a.workload {
+                Workload::Decode => 1,
+                _ => a.batch_size.unwrap_or(16),
+            };
+            let f = flops_per_token(16 + new_tokens / 2);
+            sample_job(&model, b, new_tokens, a.seed, f)
+        }
+        Workload::Reward => {
+            let b = a.batch_size.unwrap_or(16);
+            let ids = random_ids(&mut rng, vocab, b, seq)?;
+            reward_job(&model, ids, b, seq, flops_per_token(seq))
+        }
+        Workload::Ppo => {
+            let b = a.batch_size.unwrap_or(16);
+            ppo_job(&cfg, b, new_tokens, a.seed, &ppo_speed)?
+        }
+    };
     step()?; // warm-up
     let mut times = Vec::with_capacity(a.runs);
     for _ in 0..a.runs {
@@ -278,6 +306,9 @@ pub fn run(a: Args) -> Result<()> {
         "tokens_per_sec": tokens_per_run as f64 / secs,
         "gflops": flops_per_run / secs / 1e9,
         "precision": format!("{:?}", palm::ops::linear::matmul_precision()).to_lowercase(),
+        // which bf16 kernel ran (null in f32)
+        "bf16_kernel": palm::ops::linear::bf16_kernel()
+            .filter(|_| palm::ops::linear::matmul_precision() == MatmulPrecision::Bf16),
         "peak_rss_mb": peak_rss_mb(),
         "all_seconds": times,
     });

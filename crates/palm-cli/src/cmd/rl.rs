@@ -428,33 +428,17 @@ fn eval_only(
     Ok(())
 }
 
-pub fn run(a: Args) -> Result<()> {
-    let Some(alg) = a.algorithm.online() else {
-        return run_ppo(a);
-    };
-    let dev = super::device();
-    // a write killed between its two renames leaves the checkpoint at `checkpoint.old`
-    let ck = palm::checkpoint::resolve_dir(&a.out.join("checkpoint"));
-    let model_path = match (&a.policy, a.resume) {
-        (Some(p), _) => p.clone(),
-        (None, true) => ck.clone(),
-        (None, false) => bail!("--policy is required"),
-    };
-    let text = TextSide::load(&model_path, a.tokenizer.as_deref())
-        .with_context(|| format!("reading the tokenizer of {}", model_path.display()))?;
-    // the task's prompts come from the run's seed and flags: a resumed run must see the same
-    let seed = if a.resume {
-        RlTrainer::saved_config(&ck)
-            .with_context(|| format!("--resume: reading {}", ck.display()))?
-            .seed
-    } else {
-        a.seed.unwrap_or(0)
-    };
-    check_task_args(&a)?;
-    // prompts and scorer, checked before anything is written
-    let (prompts, scorer, held): (Vec<Vec<u32>>, Box<dyn Scorer>, _) = match (&a.task, &a.reward) {
+/// The training prompts, the scorer, and the held-out task prompts (with their answers) of a
+/// `--task` run; or the `--prompts` file scored by `--reward`.
+#[allow(clippy::type_complexity)]
+fn prompts_and_scorer(
+    a: &Args,
+    text: &TextSide,
+    seed: u64,
+) -> Result<(Vec<Vec<u32>>, Box<dyn Scorer>, Option<Vec<(Vec<u32>, i64)>>)> {
+    Ok(match (&a.task, &a.reward) {
         (Some(spec), _) => {
-            let (train, held) = task_prompts(spec, &text, &a, seed)?;
+            let (train, held) = task_prompts(spec, text, a, seed)?;
             let s = ArithmeticScorer::new(
                 text.tokenizer.clone(),
                 &[train.clone(), held.clone()].concat(),
@@ -485,32 +469,70 @@ pub fn run(a: Args) -> Result<()> {
             (ids, super::ppo::load_reward(r, &text.tokenizer)?.0, None)
         }
         (None, None) => bail!("give --reward or --task"),
-    };
-    if a.eval_only {
-        let held = held.context("--eval-only needs --task")?;
-        return eval_only(&a, alg, &model_path, &held, &text);
-    }
-    let mut trainer = if a.resume {
+    })
+}
+
+/// The trainer: resumed from `ck` (only --steps may change), or new from the policy at
+/// `model_path` (refused where `ck` holds a run already).
+fn trainer_for(
+    a: &Args,
+    alg: Algorithm,
+    ck: &std::path::Path,
+    model_path: &std::path::Path,
+    dev: &candle_core::Device,
+) -> Result<RlTrainer> {
+    if a.resume {
         if a.batch_size.is_some() || a.lr.is_some() || a.seed.is_some() || a.group_size.is_some() {
             bail!(
                 "--resume continues the saved run exactly: only --steps may change (--policy \
                  only names where the tokenizer and chat template come from)"
             );
         }
-        RlTrainer::resume(&ck, &dev, a.steps)
-            .with_context(|| format!("resuming from {}", ck.display()))?
-    } else {
-        if ck.exists() {
-            bail!(
-                "{} holds a run already: add --resume to continue it, or choose another --out",
-                a.out.display()
-            );
-        }
-        let cfg = config(&a, alg)?;
-        let model = palm::load::load_model(&model_path, &dev)
-            .with_context(|| format!("loading policy {}", model_path.display()))?;
-        RlTrainer::new(model, cfg)?
+        return RlTrainer::resume(ck, dev, a.steps)
+            .with_context(|| format!("resuming from {}", ck.display()));
+    }
+    if ck.exists() {
+        bail!(
+            "{} holds a run already: add --resume to continue it, or choose another --out",
+            a.out.display()
+        );
+    }
+    let cfg = config(a, alg)?;
+    let model = palm::load::load_model(model_path, dev)
+        .with_context(|| format!("loading policy {}", model_path.display()))?;
+    Ok(RlTrainer::new(model, cfg)?)
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let Some(alg) = a.algorithm.online() else {
+        return run_ppo(a);
     };
+    let dev = super::device();
+    // a write killed between its two renames leaves the checkpoint at `checkpoint.old`
+    let ck = palm::checkpoint::resolve_dir(&a.out.join("checkpoint"));
+    let model_path = match (&a.policy, a.resume) {
+        (Some(p), _) => p.clone(),
+        (None, true) => ck.clone(),
+        (None, false) => bail!("--policy is required"),
+    };
+    let text = TextSide::load(&model_path, a.tokenizer.as_deref())
+        .with_context(|| format!("reading the tokenizer of {}", model_path.display()))?;
+    // the task's prompts come from the run's seed and flags: a resumed run must see the same
+    let seed = if a.resume {
+        RlTrainer::saved_config(&ck)
+            .with_context(|| format!("--resume: reading {}", ck.display()))?
+            .seed
+    } else {
+        a.seed.unwrap_or(0)
+    };
+    check_task_args(&a)?;
+    // prompts and scorer, checked before anything is written
+    let (prompts, scorer, held) = prompts_and_scorer(&a, &text, seed)?;
+    if a.eval_only {
+        let held = held.context("--eval-only needs --task")?;
+        return eval_only(&a, alg, &model_path, &held, &text);
+    }
+    let mut trainer = trainer_for(&a, alg, &ck, &model_path, &dev)?;
     if trainer.cfg.algorithm != alg {
         bail!(
             "{} is a {} run; --algorithm {} does not match",

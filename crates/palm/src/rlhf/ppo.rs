@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::checkpoint;
 use crate::config::LoraSpec;
@@ -777,33 +776,8 @@ impl PpoTrainer {
         )?;
         let (b, r) = (ro.layout.b, ro.layout.r);
 
-        // 4. shape: normalisation (fitted once), missing-EOS penalty, clip
-        if cfg.normalize_scores && self.score_norm.is_none() {
-            let (bias, gain) = advantage::fit_normalisation(&raw);
-            self.score_norm = Some((bias, gain));
-            if cfg.critic_init == CriticInit::Reward {
-                // the copied head predicts raw reward-model scores; the critic learns
-                // normalised ones: fold the normalisation into the head and this rollout's values
-                self.critic.head.normalise_scalar(bias, gain)?;
-                for (v, m) in ro.values.iter_mut().zip(&ro.layout.mask) {
-                    if *m > 0.0 {
-                        *v = (*v - bias) * gain;
-                    }
-                }
-            }
-        }
-        let mut scores = advantage::shape_scores(
-            &raw,
-            &ro.ended_with_eos,
-            &ScoreShaping {
-                norm: self.score_norm,
-                missing_eos_penalty: cfg.missing_eos_penalty,
-                clip: cfg.reward_clip,
-            },
-        );
-        scores.iter_mut().for_each(|s| *s += cfg.score_offset);
-
-        // 5. rewards and advantages
+        // 4. shape the scores; 5. rewards and advantages
+        let scores = self.shaped_scores(&raw, &mut ro)?;
         let mask = &ro.layout.mask;
         let kl_tok = cfg.kl_estimator.estimate_all(&ro.logp, &ro.ref_logp, mask);
         let k1_tok = KlEstimator::K1.estimate_all(&ro.logp, &ro.ref_logp, mask);
@@ -811,35 +785,7 @@ impl PpoTrainer {
         let seq_sum = |x: &[f32]| -> Vec<f32> { x.chunks(r).map(|c| c.iter().sum()).collect() };
         let kl_seq = seq_sum(&kl_tok);
         let beta = self.kl.beta as f32;
-        let targets = match cfg.recipe {
-            Recipe::Standard => {
-                let rewards = advantage::token_rewards(&scores, &kl_tok, mask, r, beta);
-                let (adv, returns) =
-                    advantage::gae(&rewards, &ro.values, mask, r, cfg.gamma, cfg.lam);
-                Targets {
-                    adv: advantage::whiten(&adv, mask, true),
-                    returns,
-                }
-            }
-            Recipe::PalmRlhfPytorch => {
-                // sequence reward R = score - beta * sum_t KL_t; A = normalize(R - V)
-                let big_r: Vec<f32> = scores
-                    .iter()
-                    .zip(&kl_seq)
-                    .map(|(s, k)| s - beta * k)
-                    .collect();
-                let diff: Vec<f32> = big_r.iter().zip(&ro.values).map(|(a, v)| a - v).collect();
-                let ones = vec![1f32; b];
-                let a_seq = advantage::whiten(&diff, &ones, true);
-                let adv = (0..b * r)
-                    .map(|i| if mask[i] > 0.0 { a_seq[i / r] } else { 0.0 })
-                    .collect();
-                Targets {
-                    adv,
-                    returns: big_r,
-                }
-            }
-        };
+        let targets = self.targets(&scores, &ro, &kl_tok, &kl_seq);
         let (val_mask, old_values): (Vec<f32>, &[f32]) = if cfg.pooled_values {
             (vec![1f32; b], &ro.values)
         } else {
@@ -874,35 +820,100 @@ impl PpoTrainer {
             .map(|(s, k)| s - cfg.score_offset - beta * k)
             .collect();
         let eos_frac = ro.ended_with_eos.iter().filter(|&&e| e).count() as f64 / b as f64;
-        let mut m = json!({
-            "step": step,
-            "objective/kl": kl_mean,
-            "objective/kl_k3": mean(&seq_sum(&k3_tok)),
-            "objective/entropy": mean(&seq_sum(&neg_logp)),
-            "objective/scores": mean(&raw),
-            "objective/rlhf_reward": mean(&rlhf_reward),
-            "objective/kl_coef": beta,
-            "policy/approxkl": mean_or_null(&stats.approxkl),
-            "policy/clipfrac": mean_or_null(&stats.clipfrac),
-            "policy/entropy": mean_or_null(&stats.entropy),
-            "loss/policy": mean_or_null(&stats.policy_loss),
-            "loss/value": mean_or_null(&stats.value_loss),
-            "val/clipfrac": mean_or_null(&stats.val_clipfrac),
-            "val/explained_var": explained_var,
-            "val/mean": mean(&ro.values),
-            "response/length": mean(&lengths),
-            "response/eos_fraction": eos_frac,
-            "speed/rollout_tokens_per_s": n_tokens as f64 / (ro.generate_seconds + ro.forward_seconds).max(1e-9),
-            "speed/update_tokens_per_s": (cfg.epochs * b * (ro.layout.p + r)) as f64 / update_seconds.max(1e-9),
-            "time/rollout_s": ro.generate_seconds + ro.forward_seconds,
-            "time/score_s": score_seconds,
-            "time/update_s": update_seconds,
-            "time/step_s": t_start.elapsed().as_secs_f64(),
-        });
-        if let Some(g) = gold_scores {
-            m["gold/score"] = json!(mean(&g));
+        let rollout_s = ro.generate_seconds + ro.forward_seconds;
+        let m = PpoMetrics {
+            step,
+            kl: kl_mean,
+            kl_k3: mean(&seq_sum(&k3_tok)),
+            entropy: mean(&seq_sum(&neg_logp)),
+            scores: mean(&raw),
+            rlhf_reward: mean(&rlhf_reward),
+            kl_coef: beta,
+            approxkl: mean_opt(&stats.approxkl),
+            clipfrac: mean_opt(&stats.clipfrac),
+            policy_entropy: mean_opt(&stats.entropy),
+            policy_loss: mean_opt(&stats.policy_loss),
+            value_loss: mean_opt(&stats.value_loss),
+            val_clipfrac: mean_opt(&stats.val_clipfrac),
+            explained_var,
+            value_mean: mean(&ro.values),
+            length: mean(&lengths),
+            eos_fraction: eos_frac,
+            rollout_tokens_per_s: n_tokens as f64 / rollout_s.max(1e-9),
+            update_tokens_per_s: (cfg.epochs * b * (ro.layout.p + r)) as f64
+                / update_seconds.max(1e-9),
+            rollout_s,
+            score_s: score_seconds,
+            update_s: update_seconds,
+            step_s: t_start.elapsed().as_secs_f64(),
+            gold: gold_scores.map(|g| mean(&g)),
+        };
+        serde_json::to_value(m).map_err(|e| Error::msg(format!("ppo metrics: {e}")))
+    }
+
+    /// Step 4: the scores the rewards start from: normalised (fitted on the first rollout; a
+    /// critic copied from the reward model learns the normalised scale, so its head and this
+    /// rollout's values are rescaled once), missing-EOS penalty, clip, offset.
+    fn shaped_scores(&mut self, raw: &[f32], ro: &mut Rollout) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        if cfg.normalize_scores && self.score_norm.is_none() {
+            let (bias, gain) = advantage::fit_normalisation(raw);
+            self.score_norm = Some((bias, gain));
+            if cfg.critic_init == CriticInit::Reward {
+                self.critic.head.normalise_scalar(bias, gain)?;
+                for (v, m) in ro.values.iter_mut().zip(&ro.layout.mask) {
+                    if *m > 0.0 {
+                        *v = (*v - bias) * gain;
+                    }
+                }
+            }
         }
-        Ok(m)
+        let mut scores = advantage::shape_scores(
+            raw,
+            &ro.ended_with_eos,
+            &ScoreShaping {
+                norm: self.score_norm,
+                missing_eos_penalty: cfg.missing_eos_penalty,
+                clip: cfg.reward_clip,
+            },
+        );
+        scores.iter_mut().for_each(|s| *s += cfg.score_offset);
+        Ok(scores)
+    }
+
+    /// Step 5: advantages and returns. Standard: per-token rewards (KL each token, the score at
+    /// the last), GAE, whitened advantages. The original's recipe: the sequence reward
+    /// R = score - beta * sum_t KL_t, A = whiten(R - V) on every token of the response.
+    fn targets(&self, scores: &[f32], ro: &Rollout, kl_tok: &[f32], kl_seq: &[f32]) -> Targets {
+        let (cfg, mask) = (&self.cfg, &ro.layout.mask);
+        let (b, r, beta) = (ro.layout.b, ro.layout.r, self.kl.beta as f32);
+        match cfg.recipe {
+            Recipe::Standard => {
+                let rewards = advantage::token_rewards(scores, kl_tok, mask, r, beta);
+                let (adv, returns) =
+                    advantage::gae(&rewards, &ro.values, mask, r, cfg.gamma, cfg.lam);
+                Targets {
+                    adv: advantage::whiten(&adv, mask, true),
+                    returns,
+                }
+            }
+            Recipe::PalmRlhfPytorch => {
+                let big_r: Vec<f32> = scores
+                    .iter()
+                    .zip(kl_seq)
+                    .map(|(s, k)| s - beta * k)
+                    .collect();
+                let diff: Vec<f32> = big_r.iter().zip(&ro.values).map(|(a, v)| a - v).collect();
+                let a_seq = advantage::whiten(&diff, &vec![1f32; b], true);
+                let adv = (0..b * r)
+                    .map(|i| if mask[i] > 0.0 { a_seq[i / r] } else { 0.0 })
+                    .collect();
+                Targets {
+                    adv,
+                    returns: big_r,
+                }
+            }
+        }
     }
 
     /// One PPO update on minibatch `rows` of the rollout: the actor's clipped surrogate, then
@@ -1115,13 +1126,67 @@ struct UpdateStats {
     val_clipfrac: Vec<f32>,
 }
 
-fn mean_or_null(x: &[f32]) -> serde_json::Value {
-    {
-        if x.is_empty() {
-            return serde_json::Value::Null;
-        }
-        json!(x.iter().map(|&v| v as f64).sum::<f64>() / x.len() as f64)
-    }
+/// The mean, or None (null in the metrics) when nothing was measured (the critic's warm-up
+/// steps have no policy statistics).
+fn mean_opt(x: &[f32]) -> Option<f64> {
+    (!x.is_empty()).then(|| x.iter().map(|&v| v as f64).sum::<f64>() / x.len() as f64)
+}
+
+/// One PPO iteration's metrics, under TRL's PPOTrainer names (one line of `metrics.jsonl`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PpoMetrics {
+    pub step: usize,
+    /// Mean over responses of the summed k1 KL to the reference (nats).
+    #[serde(rename = "objective/kl")]
+    pub kl: f64,
+    #[serde(rename = "objective/kl_k3")]
+    pub kl_k3: f64,
+    /// Mean over responses of the summed negative log-probs.
+    #[serde(rename = "objective/entropy")]
+    pub entropy: f64,
+    /// Mean raw score of the scorer.
+    #[serde(rename = "objective/scores")]
+    pub scores: f64,
+    /// Mean of score - beta * summed KL.
+    #[serde(rename = "objective/rlhf_reward")]
+    pub rlhf_reward: f64,
+    #[serde(rename = "objective/kl_coef")]
+    pub kl_coef: f32,
+    #[serde(rename = "policy/approxkl")]
+    pub approxkl: Option<f64>,
+    #[serde(rename = "policy/clipfrac")]
+    pub clipfrac: Option<f64>,
+    #[serde(rename = "policy/entropy")]
+    pub policy_entropy: Option<f64>,
+    #[serde(rename = "loss/policy")]
+    pub policy_loss: Option<f64>,
+    #[serde(rename = "loss/value")]
+    pub value_loss: Option<f64>,
+    #[serde(rename = "val/clipfrac")]
+    pub val_clipfrac: Option<f64>,
+    #[serde(rename = "val/explained_var")]
+    pub explained_var: f32,
+    #[serde(rename = "val/mean")]
+    pub value_mean: f64,
+    #[serde(rename = "response/length")]
+    pub length: f64,
+    #[serde(rename = "response/eos_fraction")]
+    pub eos_fraction: f64,
+    #[serde(rename = "speed/rollout_tokens_per_s")]
+    pub rollout_tokens_per_s: f64,
+    #[serde(rename = "speed/update_tokens_per_s")]
+    pub update_tokens_per_s: f64,
+    #[serde(rename = "time/rollout_s")]
+    pub rollout_s: f64,
+    #[serde(rename = "time/score_s")]
+    pub score_s: f64,
+    #[serde(rename = "time/update_s")]
+    pub update_s: f64,
+    #[serde(rename = "time/step_s")]
+    pub step_s: f64,
+    /// Mean gold score of the responses, when a gold scorer is given.
+    #[serde(rename = "gold/score", skip_serializing_if = "Option::is_none")]
+    pub gold: Option<f64>,
 }
 
 /// Where a PPO run writes: `metrics.jsonl`, plots, `checkpoint/`, `policy/` (actor merged).
