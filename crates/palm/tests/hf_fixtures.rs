@@ -575,3 +575,96 @@ fn sharded_checkpoint_loads() {
     let e = load_hf(sharded, &dev).unwrap_err().to_string();
     assert!(e.contains(&gone), "{e}");
 }
+
+/// The plain-buffer decoder (`model::hf_decode`) gives the graph path's logits (with a KV
+/// cache), prompt first and then token by token, with left padding and a LoRA scope whose B is
+/// not zero (attention and feed-forward), with LoRA on, off, and without a scope. The Llama
+/// family takes it; the other architectures must keep the graph path.
+#[test]
+fn fast_decoder_equals_the_graph_path() {
+    use palm::model::hf_decode::HfDecoder;
+    let dirs = fixture_dirs();
+    let mut fast = vec![];
+    for dir in &dirs {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let dev = Device::Cpu;
+        let mut m = load_hf(dir, &dev).unwrap();
+        let spec = palm::config::LoraSpec {
+            targets: palm::config::LoraTargets::AttentionAndFf,
+            ..palm::config::LoraSpec::new(4)
+        };
+        m.add_scope("actor", spec, 5).unwrap();
+        for (i, (k, var)) in m.vars.iter().enumerate() {
+            if k.starts_with("finetune_modules.actor.") && k.ends_with(".B") {
+                let mut r = palm::rng::seeded(9 + i as u64);
+                let v = palm::rng::normal(&mut r, var.elem_count(), 0.3);
+                var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap())
+                    .unwrap();
+            }
+        }
+        let probe = HfDecoder::new(&m, &Forward::default(), 2, 16).unwrap();
+        if probe.is_none() {
+            eprintln!("{name}: graph path");
+            continue;
+        }
+        fast.push(name.clone());
+        for (scope, disable) in [(Some("actor"), false), (Some("actor"), true), (None, false)] {
+            let opts = Forward {
+                scope,
+                disable_lora: disable,
+                ..Default::default()
+            };
+            let mut dec = HfDecoder::new(&m, &opts, 2, 16).unwrap().unwrap();
+            let mut cache = palm::kv_cache::KvCache::with_capacity(m.spec.depth, 16);
+            // two rows: lengths 5 and 3 (left-padded by 2), then 4 steps, row 1 pads on odd ones
+            let mut input: Vec<u32> = vec![3, 9, 1, 4, 7, 0, 0, 12, 5, 8];
+            let mut mask: Vec<u8> = vec![1, 1, 1, 1, 1, 0, 0, 1, 1, 1];
+            let mut t = 5;
+            let mut worst = 0f32;
+            for step in 0..5 {
+                let got = dec.step(&input, &mask, t).unwrap();
+                let all: Vec<u8> = (0..2).flat_map(|r| dec.row_mask(r).to_vec()).collect();
+                let km = Tensor::from_vec(all, (2, dec.len()), &dev).unwrap();
+                let o = Forward {
+                    key_mask: Some(&km),
+                    ..opts
+                };
+                let ids: Vec<i64> = input.iter().map(|&i| i64::from(i)).collect();
+                let inp = Tensor::from_vec(ids, (2, t), &dev).unwrap();
+                let emb = m.embeddings(&inp, &o, Some(&mut cache)).unwrap();
+                let last = emb.narrow(1, t - 1, 1).unwrap().squeeze(1).unwrap();
+                let want: Vec<f32> = m
+                    .logits_from(&last, false)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let scale = want.iter().fold(1f32, |a, x| a.max(x.abs()));
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                worst = worst.max(err / scale);
+                assert!(
+                    err <= 1e-4 * scale,
+                    "{name} scope {scope:?}/{disable} step {step}: max |diff| {err} (logits up to {scale})"
+                );
+                input = vec![2 + step as u32, 10 + step as u32];
+                mask = vec![1, (step % 2) as u8];
+                t = 1;
+            }
+            eprintln!("{name} scope {scope:?}/{disable}: worst relative difference {worst:.2e}");
+        }
+    }
+    // the Llama family is covered (where its fixtures are present)
+    for want in ["llama", "mistral", "qwen2", "gemma"] {
+        if dirs.iter().any(|d| d.ends_with(want)) {
+            assert!(
+                fast.iter().any(|n| n == want),
+                "{want} should take the fast decoder"
+            );
+        }
+    }
+}

@@ -6,6 +6,7 @@ pub mod gguf_export_tokenizer;
 pub mod gguf_import;
 pub mod hf;
 pub mod hf_config;
+pub mod hf_decode;
 pub mod hf_export;
 pub mod palm;
 pub mod palm_decode;
@@ -57,17 +58,26 @@ impl Model {
     }
 
     /// The fast CPU decoder for `batch` rows of up to `capacity` positions, where it applies
-    /// (a causal PaLM in f32 on the CPU); `None` means: use the graph path with a [`KvCache`].
+    /// (f32 on the CPU: a causal PaLM, or an HF decoder of the Llama family, see
+    /// [`hf_decode`]); `None` means: use the graph path with a [`KvCache`].
     pub fn fast_decoder(
         &self,
         opts: &Forward,
         batch: usize,
         capacity: usize,
-    ) -> Result<Option<palm_decode::PalmDecoder>> {
-        match self {
-            Model::Palm(m) => palm_decode::PalmDecoder::new(m, opts, batch, capacity),
-            Model::Hf(_) => Ok(None),
+    ) -> Result<Option<FastDecoder>> {
+        // PALM_GRAPH_DECODE=1: always the graph path (to compare the two, or to debug one)
+        if std::env::var_os("PALM_GRAPH_DECODE").is_some_and(|v| v == "1") {
+            return Ok(None);
         }
+        Ok(match self {
+            Model::Palm(m) => {
+                palm_decode::PalmDecoder::new(m, opts, batch, capacity)?.map(FastDecoder::Palm)
+            }
+            Model::Hf(m) => {
+                hf_decode::HfDecoder::new(m, opts, batch, capacity)?.map(FastDecoder::Hf)
+            }
+        })
     }
 
     /// Logits [.., V] from hidden states [.., C].
@@ -228,6 +238,23 @@ impl Model {
                 "lora_scopes": m.scopes.keys().collect::<Vec<_>>(),
             }),
             Model::Hf(m) => m.describe(),
+        }
+    }
+}
+
+/// A plain-buffer decoder ([`Model::fast_decoder`]).
+pub enum FastDecoder {
+    Palm(palm_decode::PalmDecoder),
+    Hf(hf_decode::HfDecoder),
+}
+
+impl FastDecoder {
+    /// Runs `t` new positions for every row (`ids`, `mask` [B, T] row-major, mask 1 = real
+    /// token); the logits of each row's last new position, [B, V].
+    pub fn step(&mut self, ids: &[u32], mask: &[u8], t: usize) -> Result<Vec<f32>> {
+        match self {
+            FastDecoder::Palm(d) => d.step(ids, mask, t),
+            FastDecoder::Hf(d) => d.step(ids, mask, t),
         }
     }
 }

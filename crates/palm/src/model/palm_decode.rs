@@ -53,7 +53,7 @@ pub struct PalmDecoder {
     cfg: PalmConfig,
 }
 
-fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+pub(super) fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.detach().flatten_all()?.to_vec1::<f32>()?)
 }
 
@@ -351,7 +351,7 @@ fn attention_and_swiglu_body(
 }
 
 /// y = x*cos + rotate_half(x)*sin, rotate_half([u1, u2]) = [-u2, u1], in place.
-fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+pub(super) fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = x.len() / 2;
     for i in 0..half {
         let (a, b) = (x[i], x[i + half]);
@@ -375,7 +375,7 @@ fn l2norm_scale(x: &mut [f32], scale: &[f32]) {
 /// path. `scores` is scratch of at least H * S.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn attend(
+pub(super) fn attend(
     q: &[f32],
     keys: &[f32],
     vals: &[f32],
@@ -470,7 +470,15 @@ fn layer_norm_rows(x: &[f32], gain: &[f32], c: usize, out: &mut [f32]) {
 }
 
 /// y [N, O] (+)= x [N, K] W^T, given W^T [K, O] row-major, with the `gemm` crate.
-fn matmul_wt(x: &[f32], w: &[f32], n: usize, k: usize, o: usize, y: &mut [f32], accumulate: bool) {
+pub(super) fn matmul_wt(
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    k: usize,
+    o: usize,
+    y: &mut [f32],
+    accumulate: bool,
+) {
     assert!(x.len() >= n * k && w.len() >= o * k && y.len() >= n * o);
     // Few rows (one per sequence): split the output columns into one block per thread, each a
     // single-threaded GEMM. gemm's own threading synchronises several times per call, which

@@ -1,0 +1,447 @@
+//! Fast incremental decoding for Hugging Face decoders of the Llama family on the CPU (no
+//! autograd): the forward of a few new positions per row on plain f32 buffers with a
+//! preallocated K/V cache, as `palm_decode` does for PaLM. `sample::generate` takes it where it
+//! applies; `hf.rs`'s graph is the reference it is tested against (`tests/hf_fixtures.rs`).
+//!
+//! Covered: serial pre-norm blocks, RMSNorm (Gemma's 1 + w too), rotate-half rotary over whole
+//! heads, grouped-, multi-query or multi-head attention with separate q/k/v projections (with
+//! or without biases, Qwen2), a gated SiLU or tanh-GELU MLP, scaled embeddings (Gemma), tied or
+//! untied output. That is Llama, SmolLM2, Mistral, Qwen2 and Gemma. Everything else (fused
+//! projections, q/k norms, parallel or post-norm blocks, learned or partial rotary positions,
+//! LayerNorm) keeps the graph path.
+//!
+//! Dimensions: B rows, T new positions per row, S cached + new positions, C model dim, H query
+//! heads, KV key/value heads, D head dim, F feed-forward inner dim, V vocab. LoRA scopes are
+//! merged into the weights once, when the decoder is built.
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use super::hf::{HfModel, Linear, Norm, Qkv};
+use super::hf_config::{Act, BlockKind, MlpLayout, NormKind, PosKind, QkNorm, RotaryStyle};
+use super::palm::Forward;
+use super::palm_decode::{attend, matmul_wt, rotate, to_vec};
+use crate::error::{Error, Result};
+use crate::lora::Lora;
+
+/// A projection as the GEMM reads it: W^T [in, out] (LoRA delta added) and its bias [out].
+struct Proj {
+    wt: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    out: usize,
+}
+
+impl Proj {
+    /// `lin` with `delta` [in, out] (a LoRA scope's) folded in.
+    fn new(lin: &Linear, delta: Option<Tensor>) -> Result<Self> {
+        let wt = lin.weight.detach().t()?; // [in, out]
+        let wt = match delta {
+            Some(d) => (wt + d)?,
+            None => wt,
+        };
+        let out = wt.dim(1)?;
+        Ok(Self {
+            wt: to_vec(&wt.contiguous()?)?,
+            bias: lin.bias.as_ref().map(to_vec).transpose()?,
+            out,
+        })
+    }
+
+    /// y [N, out] (+)= x [N, in] W^T (+ bias).
+    fn apply(&self, x: &[f32], n: usize, inp: usize, y: &mut [f32], accumulate: bool) {
+        matmul_wt(x, &self.wt, n, inp, self.out, y, accumulate);
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(self.out).take(n) {
+                row.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
+            }
+        }
+    }
+}
+
+struct Layer {
+    norm1: Vec<f32>, // [C] effective gain (w, or 1 + w)
+    norm2: Vec<f32>,
+    q: Proj, // [C, H*D]
+    k: Proj, // [C, KV*D]
+    v: Proj,
+    o: Proj,    // [H*D, C]
+    gate: Proj, // [C, F]
+    up: Proj,
+    down: Proj,        // [F, C]
+    k_cache: Vec<f32>, // [B, KV, S_max, D]
+    v_cache: Vec<f32>,
+}
+
+/// A decoder for `batch` rows and up to `capacity` positions each.
+pub struct HfDecoder {
+    c: usize,
+    h: usize,
+    kv: usize,
+    d: usize,
+    f: usize,
+    v: usize,
+    batch: usize,
+    capacity: usize,
+    /// Positions cached so far.
+    len: usize,
+    layers: Vec<Layer>,
+    emb: Vec<f32>, // [V, C]
+    head: Proj,    // [C, V]
+    final_norm: Vec<f32>,
+    eps: f32,
+    embed_scale: Option<f32>,
+    act: Act,
+    scale: f32,
+    /// Rotary inverse frequencies [D/2], in f32 as transformers computes them.
+    inv_freq: Vec<f32>,
+    /// Key mask of every cached position, [B, S_max] (1 = real token).
+    key_mask: Vec<u8>,
+    /// Real tokens seen so far per row: the next real token's position.
+    seen: Vec<usize>,
+}
+
+/// The effective RMSNorm gain, or None where the norm is not an RMSNorm without bias.
+fn rms_gain(n: &Norm) -> Result<Option<Vec<f32>>> {
+    if n.kind != NormKind::RmsNorm || n.bias.is_some() {
+        return Ok(None);
+    }
+    let w = n.weight.detach();
+    let w = if n.offset { (w + 1.0)? } else { w };
+    Ok(Some(to_vec(&w)?))
+}
+
+fn delta(l: Option<&Lora>) -> Result<Option<Tensor>> {
+    l.map(|l| l.delta()).transpose()
+}
+
+impl HfDecoder {
+    /// A decoder for `model` with the scope of `opts`, or `None` where this path does not apply
+    /// (see the module docs; also: not the CPU, not f32, extra embeddings).
+    pub fn new(
+        model: &HfModel,
+        opts: &Forward,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Option<Self>> {
+        let s = &model.spec;
+        let dims_ok = match s.pos {
+            PosKind::Rotary { style, dims, .. } => {
+                style == RotaryStyle::RotateHalf && dims == s.head_dim
+            }
+            _ => false,
+        };
+        let act_ok = matches!(s.act, Act::Silu | Act::GeluTanh);
+        if !matches!(model.device(), Device::Cpu)
+            || model.embed.dtype() != DType::F32
+            || opts.extra_embed.is_some()
+            || s.block != BlockKind::Serial
+            || s.norm != NormKind::RmsNorm
+            || s.qk_norm != QkNorm::None
+            || s.mlp != MlpLayout::Gated
+            || s.conv1d
+            || !s.scale_attn
+            || s.scale_by_layer
+            || model.pos_embed.is_some()
+            || !dims_ok
+            || !act_ok
+            || !s.heads.is_multiple_of(s.kv_heads.max(1))
+        {
+            return Ok(None);
+        }
+        let lora = match (opts.scope, opts.disable_lora) {
+            (Some(name), false) => Some(
+                model
+                    .scopes
+                    .get(name)
+                    .ok_or_else(|| Error::Config(format!("LoRA scope `{name}` not found")))?,
+            ),
+            _ => None,
+        };
+        let (f, kvd) = (s.ff, s.kv_heads * s.head_dim);
+        let mut layers = Vec::with_capacity(s.depth);
+        for (l, layer) in model.layers.iter().enumerate() {
+            let lo = lora.map(|sc| &sc.layers[l]);
+            let (Qkv::Separate { q, k, v }, Some(gate), Some(n2)) =
+                (&layer.attn.qkv, &layer.mlp.gate, &layer.norm2)
+            else {
+                return Ok(None);
+            };
+            let (Some(norm1), Some(norm2)) = (rms_gain(&layer.norm1)?, rms_gain(n2)?) else {
+                return Ok(None);
+            };
+            // the LoRA feed-forward input delta [C, 2F] is [up | gate]
+            let ff_in = delta(lo.and_then(|l| l.ff_in.as_ref()))?;
+            let ff_part = |i: usize| ff_in.as_ref().map(|d| d.narrow(1, i * f, f)).transpose();
+            layers.push(Layer {
+                norm1,
+                norm2,
+                q: Proj::new(q, delta(lo.map(|l| &l.q))?)?,
+                k: Proj::new(k, delta(lo.map(|l| &l.k))?)?,
+                v: Proj::new(v, delta(lo.map(|l| &l.v))?)?,
+                o: Proj::new(&layer.attn.o, delta(lo.map(|l| &l.o))?)?,
+                up: Proj::new(&layer.mlp.up, ff_part(0)?)?,
+                gate: Proj::new(gate, ff_part(1)?)?,
+                down: Proj::new(&layer.mlp.down, delta(lo.and_then(|l| l.ff_out.as_ref()))?)?,
+                k_cache: vec![0.0; batch * capacity * kvd],
+                v_cache: vec![0.0; batch * capacity * kvd],
+            });
+        }
+        let Some(final_norm) = rms_gain(&model.norm)? else {
+            return Ok(None);
+        };
+        let head = match &model.lm_head {
+            Some(lin) => Proj::new(lin, None)?,
+            None => Proj {
+                wt: to_vec(&model.embed.detach().t()?.contiguous()?)?,
+                bias: None,
+                out: s.vocab,
+            },
+        };
+        let PosKind::Rotary { theta, dims, .. } = s.pos else {
+            return Ok(None);
+        };
+        let inv_freq = (0..dims / 2)
+            .map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / dims as f32))
+            .collect();
+        Ok(Some(Self {
+            c: s.dim,
+            h: s.heads,
+            kv: s.kv_heads,
+            d: s.head_dim,
+            f,
+            v: s.vocab,
+            batch,
+            capacity,
+            len: 0,
+            layers,
+            emb: to_vec(&model.embed)?,
+            head,
+            final_norm,
+            eps: s.norm_eps as f32,
+            embed_scale: s.embed_scale.map(|x| x as f32),
+            act: s.act,
+            // as the graph: 1/sqrt(D) in f64, applied to f32 scores
+            scale: (s.head_dim as f64).powf(-0.5) as f32,
+            inv_freq,
+            key_mask: vec![0; batch * capacity],
+            seen: vec![0; batch],
+        }))
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The key mask of row `r`'s cached positions.
+    pub fn row_mask(&self, r: usize) -> &[u8] {
+        &self.key_mask[r * self.capacity..r * self.capacity + self.len]
+    }
+
+    /// Checks a step's sizes and records its key mask; returns each new position's rotary
+    /// position [B*T] (per row: real tokens before it, as `hf.rs` counts them).
+    fn admit(&mut self, ids: &[u32], mask: &[u8], t: usize) -> Result<Vec<usize>> {
+        let b = self.batch;
+        if ids.len() != b * t || mask.len() != b * t || t == 0 {
+            return Err(Error::msg(format!(
+                "decoder step: {} ids and {} mask entries for {b} rows of {t} positions",
+                ids.len(),
+                mask.len()
+            )));
+        }
+        if self.len + t > self.capacity {
+            return Err(Error::msg(format!(
+                "decoder step: {} positions exceed the capacity of {}",
+                self.len + t,
+                self.capacity
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.v) {
+            return Err(Error::msg(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.v
+            )));
+        }
+        let mut pos = Vec::with_capacity(b * t);
+        for r in 0..b {
+            let row = &mask[r * t..(r + 1) * t];
+            let at = r * self.capacity + self.len;
+            self.key_mask[at..at + t].copy_from_slice(row);
+            for &m in row {
+                self.seen[r] += usize::from(m != 0);
+                pos.push(self.seen[r].saturating_sub(1));
+            }
+        }
+        Ok(pos)
+    }
+
+    /// Runs `t` new positions for every row: `ids` and `mask` are [B, T] row-major (mask 1 =
+    /// real token, 0 = padding). Returns the logits of each row's last new position, [B, V].
+    pub fn step(&mut self, ids: &[u32], mask: &[u8], t: usize) -> Result<Vec<f32>> {
+        let pos = self.admit(ids, mask, t)?;
+        let (b, c, h, kv, d, f) = (self.batch, self.c, self.h, self.kv, self.d, self.f);
+        let (hd, kvd, n) = (h * d, kv * d, b * t);
+        // token embeddings x [B*T, C] (times the embedding scale)
+        let mut x = vec![0f32; n * c];
+        for (i, &id) in ids.iter().enumerate() {
+            let row = &mut x[i * c..(i + 1) * c];
+            row.copy_from_slice(&self.emb[id as usize * c..(id as usize + 1) * c]);
+            if let Some(s) = self.embed_scale {
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+        }
+        // rotary tables per new position [B*T, D]: angles repeated over both halves
+        let (mut cos, mut sin) = (vec![0f32; n * d], vec![0f32; n * d]);
+        for (i, &p) in pos.iter().enumerate() {
+            for (j, fr) in self.inv_freq.iter().enumerate() {
+                let a = p as f32 * fr;
+                for half in [0, d / 2] {
+                    cos[i * d + half + j] = a.cos();
+                    sin[i * d + half + j] = a.sin();
+                }
+            }
+        }
+        let (mut xn, mut q) = (vec![0f32; n * c], vec![0f32; n * hd]);
+        let (mut k, mut v) = (vec![0f32; n * kvd], vec![0f32; n * kvd]);
+        let mut o = vec![0f32; n * hd];
+        let (mut gate, mut up) = (vec![0f32; n * f], vec![0f32; n * f]);
+        let s0 = self.len;
+        for layer in self.layers.iter_mut() {
+            // 1. attention: pre-norm, projections, rotary, cache, grouped attention, output
+            rms_rows(&x, &layer.norm1, self.eps, c, &mut xn);
+            layer.q.apply(&xn, n, c, &mut q, false);
+            layer.k.apply(&xn, n, c, &mut k, false);
+            layer.v.apply(&xn, n, c, &mut v, false);
+            for i in 0..n {
+                let (r, ti) = (i / t, i % t);
+                let (cs, sn) = (&cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
+                q[i * hd..(i + 1) * hd]
+                    .chunks_exact_mut(d)
+                    .for_each(|qh| rotate(qh, cs, sn));
+                for g in 0..kv {
+                    let kh = &mut k[i * kvd + g * d..i * kvd + (g + 1) * d];
+                    rotate(kh, cs, sn);
+                    let at = ((r * kv + g) * self.capacity + s0 + ti) * d;
+                    layer.k_cache[at..at + d].copy_from_slice(kh);
+                    layer.v_cache[at..at + d]
+                        .copy_from_slice(&v[i * kvd + g * d..i * kvd + (g + 1) * d]);
+                }
+            }
+            let geo = Geometry {
+                k_cache: &layer.k_cache,
+                v_cache: &layer.v_cache,
+                key_mask: &self.key_mask,
+                h,
+                kv,
+                d,
+                t,
+                s0,
+                capacity: self.capacity,
+                scale: self.scale,
+            };
+            o.par_chunks_mut(t * hd)
+                .zip(q.par_chunks(t * hd))
+                .enumerate()
+                .for_each(|(r, (o_r, q_r))| attention(&geo, r, q_r, o_r));
+            layer.o.apply(&o, n, hd, &mut x, true);
+
+            // 2. MLP: x += down(act(gate(n2(x))) * up(n2(x)))
+            rms_rows(&x, &layer.norm2, self.eps, c, &mut xn);
+            layer.gate.apply(&xn, n, c, &mut gate, false);
+            layer.up.apply(&xn, n, c, &mut up, false);
+            let act = self.act;
+            gate.par_chunks_mut(f)
+                .zip(up.par_chunks(f))
+                .for_each(|(g, u)| {
+                    for (gi, &ui) in g.iter_mut().zip(u) {
+                        *gi = activate(*gi, act) * ui;
+                    }
+                });
+            layer.down.apply(&gate, n, f, &mut x, true);
+        }
+        self.len = s0 + t;
+
+        // final norm and logits of each row's last new position: [B, V]
+        let mut last = vec![0f32; b * c];
+        for r in 0..b {
+            let i = r * t + t - 1;
+            last[r * c..(r + 1) * c].copy_from_slice(&x[i * c..(i + 1) * c]);
+        }
+        let mut last_n = vec![0f32; b * c];
+        rms_rows(&last, &self.final_norm, self.eps, c, &mut last_n);
+        let mut logits = vec![0f32; b * self.v];
+        self.head.apply(&last_n, b, c, &mut logits, false);
+        Ok(logits)
+    }
+}
+
+/// One layer of one decoding step: sizes and the layer's cache (all rows).
+struct Geometry<'a> {
+    k_cache: &'a [f32],
+    v_cache: &'a [f32],
+    key_mask: &'a [u8],
+    h: usize,
+    kv: usize,
+    d: usize,
+    t: usize,
+    s0: usize,
+    capacity: usize,
+    scale: f32,
+}
+
+/// Row `r`: its T new positions' queries `q_r` [T, H*D] against its cached keys, into `o_r`
+/// [T, H*D]; the H/KV query heads of a group share their key/value head.
+fn attention(geo: &Geometry, r: usize, q_r: &[f32], o_r: &mut [f32]) {
+    let (h, kv, d, t) = (geo.h, geo.kv, geo.d, geo.t);
+    let (hd, rep, s) = (h * d, h / kv, geo.s0 + t);
+    let km = &geo.key_mask[r * geo.capacity..r * geo.capacity + s];
+    let mut scores = vec![0f32; rep * s];
+    for g in 0..kv {
+        let base = (r * kv + g) * geo.capacity * d;
+        let keys = &geo.k_cache[base..base + s * d];
+        let vals = &geo.v_cache[base..base + s * d];
+        for ti in 0..t {
+            let at = ti * hd + g * rep * d;
+            attend(
+                &q_r[at..at + rep * d],
+                keys,
+                vals,
+                km,
+                geo.s0 + ti,
+                geo.scale,
+                d,
+                &mut scores,
+                &mut o_r[at..at + rep * d],
+            );
+        }
+    }
+}
+
+/// The MLP's activation, as candle computes it.
+fn activate(x: f32, act: Act) -> f32 {
+    match act {
+        Act::Silu => x / (1.0 + (-x).exp()),
+        // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        Act::GeluTanh => {
+            0.5 * x
+                * (1.0
+                    + ((2.0f32 / std::f32::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
+        }
+        Act::GeluErf | Act::Relu => unreachable!("refused in HfDecoder::new"),
+    }
+}
+
+/// RMSNorm of each row of `x` [N, C]: x / sqrt(mean(x^2) + eps) * gain, into `out`.
+fn rms_rows(x: &[f32], gain: &[f32], eps: f32, c: usize, out: &mut [f32]) {
+    for (xr, yr) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / c as f32;
+        let rs = (ms + eps).sqrt();
+        for ((y, &v), &g) in yr.iter_mut().zip(xr).zip(gain) {
+            *y = v / rs * g;
+        }
+    }
+}
