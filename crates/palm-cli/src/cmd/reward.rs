@@ -353,12 +353,8 @@ fn report(out: &Path, summary: &RewardSummary, total: u64, ratings: bool) -> Res
     Ok(())
 }
 
-fn run_train(mut a: TrainArgs) -> Result<()> {
-    // a feedback database (`sqlite://`, `postgres://`) becomes a pairs snapshot in the run
-    a.data = super::feedback::materialise(&a.data, super::feedback::Kind::Pairs, &a.out)?;
-    // 1. validate everything before writing anything
-    // (a write killed between its two renames leaves the checkpoint at `checkpoint.old`)
-    let ck = palm::checkpoint::resolve_dir(&checkpoint_dir(&a.out));
+/// The run directory agrees with --resume, and the sizes are positive.
+fn check_train_args(a: &TrainArgs, ck: &std::path::Path) -> Result<()> {
     if a.resume && !ck.exists() {
         bail!(
             "--resume: {} has no checkpoint to resume from",
@@ -374,6 +370,16 @@ fn run_train(mut a: TrainArgs) -> Result<()> {
     if a.batch_size == 0 || a.epochs == 0 || (!a.full && a.lora_r == 0) {
         bail!("--batch-size, --epochs and --lora-r must be at least 1");
     }
+    Ok(())
+}
+
+fn run_train(mut a: TrainArgs) -> Result<()> {
+    // a feedback database (`sqlite://`, `postgres://`) becomes a pairs snapshot in the run
+    a.data = super::feedback::materialise(&a.data, super::feedback::Kind::Pairs, &a.out)?;
+    // 1. validate everything before writing anything
+    // (a write killed between its two renames leaves the checkpoint at `checkpoint.old`)
+    let ck = palm::checkpoint::resolve_dir(&checkpoint_dir(&a.out));
+    check_train_args(&a, &ck)?;
     let (tok, template) = text_of(&a.model, a.tokenizer.as_deref(), a.chat_template)?;
     let base = palm::load::load_model(&a.model, &super::device())
         .with_context(|| format!("loading base model {}", a.model.display()))?;
@@ -392,19 +398,12 @@ fn run_train(mut a: TrainArgs) -> Result<()> {
     let ratings = !train_data.ratings.is_empty();
     let kind = if ratings { "ratings" } else { "pairs" };
     if ratings == eval_data.ratings.is_empty() && !a.eval.is_empty() {
-        bail!(
-            "--data holds {} but --eval holds {}: use the same kind",
-            if ratings {
-                "ratings"
-            } else {
-                "preference pairs"
-            },
-            if ratings {
-                "preference pairs"
-            } else {
-                "ratings"
-            }
-        );
+        let (data, eval) = if ratings {
+            ("ratings", "preference pairs")
+        } else {
+            ("preference pairs", "ratings")
+        };
+        bail!("--data holds {data} but --eval holds {eval}: use the same kind");
     }
     if !ratings && a.bins.is_some() {
         bail!("--bins is for rating data ({{\"prompt\",\"response\",\"score\"}}), not preference pairs");

@@ -743,37 +743,6 @@ pub fn train(
         let within = step as usize % steps_per_epoch;
         let order = epoch_order(n, cfg.seed, epoch);
         let idx = &order[within * cfg.batch_size..((within + 1) * cfg.batch_size).min(n)];
-        // DDP: this rank's rows of the batch; its mean loss weighs local / global rows
-        let (lo, hi) = ddp::rows_of(idx.len(), comm.rank(), comm.world_size());
-        let w = (hi - lo) as f64 / idx.len() as f64;
-        let (mut loss_t, mut m, _) =
-            batch_loss(model, cfg, train_pairs, &refs, &idx[lo..hi], true)?;
-        if comm.world_size() > 1 {
-            loss_t = (loss_t * w)?;
-        }
-        let mut lv = loss_t.to_scalar::<f32>()? as f64;
-        if !lv.is_finite() {
-            return Err(Error::msg(format!(
-                "dpo: loss is {lv} at step {}: stopping (lower the learning rate?)",
-                step + 1
-            )));
-        }
-        let mut grads = grads_of(&params, &model.backward(&loss_t)?)?;
-        crate::train::run::test_poison_gradient(step as usize + 1, &mut grads);
-        // DDP: the global gradient, loss and batch metrics, before the guard and the clipping
-        ddp::all_reduce_grads(comm, &mut grads)?;
-        if comm.world_size() > 1 {
-            lv = reduce_metrics(comm, &mut m, lv, w)?;
-        }
-        if grads_non_finite(&grads) {
-            return Err(Error::msg(format!(
-                "dpo: non-finite gradient at step {}: stopping (the last checkpoint, if any, \
-                 is kept in {})",
-                step + 1,
-                ck.display()
-            )));
-        }
-        let norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
         let lr = lr_at(
             step as usize,
             cfg.lr,
@@ -781,12 +750,15 @@ pub fn train(
             cfg.warmup_steps,
             total as usize,
         );
-        opt.step(&grads, lr)?;
+        let batch = Batch {
+            pairs: train_pairs,
+            refs: &refs,
+            idx,
+        };
+        let (mut m, lv) = update(model, cfg, &batch, &params, &mut opt, step, lr, &ck)?;
         step += 1;
         m["step"] = step.into();
         m["epoch"] = epoch.into();
-        m["lr"] = lr.into();
-        m["grad_norm"] = norm.into();
         let acc = m["rewards/accuracies"].as_f64().unwrap_or(f64::NAN);
         log.log(m)?;
         on_step(&StepInfo {
@@ -853,6 +825,66 @@ pub fn train(
         write_json_atomic(&run_dir.join(SUMMARY_FILE), &summary)?;
     }
     Ok(summary)
+}
+
+/// One optimiser step's pairs: the training pairs, their cached reference log-probs, and the
+/// batch's indices into both.
+struct Batch<'a> {
+    pairs: &'a [EncodedPair],
+    refs: &'a (Vec<f32>, Vec<f32>),
+    idx: &'a [usize],
+}
+
+/// One optimiser step on `batch` (this rank's rows of it under DDP, its mean loss weighted by
+/// its share of the pairs): loss and gradients, the all-reduce, the non-finite guard, clipping,
+/// AdamW at `lr`. Returns the batch's metrics (with `lr` and `grad_norm`) and its loss.
+#[allow(clippy::too_many_arguments)]
+fn update(
+    model: &Model,
+    cfg: &DpoConfig,
+    batch: &Batch,
+    params: &[(String, candle_core::Var)],
+    opt: &mut Optimizer,
+    step: u64,
+    lr: f64,
+    ck: &Path,
+) -> Result<(serde_json::Value, f64)> {
+    let comm = dist::world();
+    let idx = batch.idx;
+    let (lo, hi) = ddp::rows_of(idx.len(), comm.rank(), comm.world_size());
+    let w = (hi - lo) as f64 / idx.len() as f64;
+    let (mut loss_t, mut m, _) =
+        batch_loss(model, cfg, batch.pairs, batch.refs, &idx[lo..hi], true)?;
+    if comm.world_size() > 1 {
+        loss_t = (loss_t * w)?;
+    }
+    let mut lv = loss_t.to_scalar::<f32>()? as f64;
+    if !lv.is_finite() {
+        return Err(Error::msg(format!(
+            "dpo: loss is {lv} at step {}: stopping (lower the learning rate?)",
+            step + 1
+        )));
+    }
+    let mut grads = grads_of(params, &model.backward(&loss_t)?)?;
+    crate::train::run::test_poison_gradient(step as usize + 1, &mut grads);
+    // DDP: the global gradient, loss and batch metrics, before the guard and the clipping
+    ddp::all_reduce_grads(comm, &mut grads)?;
+    if comm.world_size() > 1 {
+        lv = reduce_metrics(comm, &mut m, lv, w)?;
+    }
+    if grads_non_finite(&grads) {
+        return Err(Error::msg(format!(
+            "dpo: non-finite gradient at step {}: stopping (the last checkpoint, if any, is kept \
+             in {})",
+            step + 1,
+            ck.display()
+        )));
+    }
+    let norm = clip_grad_norm(&mut grads, cfg.max_grad_norm);
+    opt.step(&grads, lr)?;
+    m["lr"] = lr.into();
+    m["grad_norm"] = norm.into();
+    Ok((m, lv))
 }
 
 /// Data parallelism: the global batch's loss (the sum of the ranks' weighted losses) and its
