@@ -704,50 +704,7 @@ impl HfModel {
             Some(src.linear(&mut vars, name, c, v, false, false)?)
         };
 
-        // LoRA scopes saved with the model: specs from `palm_lora_scopes`, else read off A.
-        let mut scope_specs: BTreeMap<String, LoraSpec> = config
-            .get("palm_lora_scopes")
-            .cloned()
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(|e| Error::Config(format!("{}: palm_lora_scopes: {e}", path.display())))?
-            .unwrap_or_default();
-        for name in tensors.keys() {
-            if let Some(rest) = name.strip_prefix("finetune_modules.") {
-                let scope = rest.split('.').next().unwrap_or_default().to_string();
-                if let std::collections::btree_map::Entry::Vacant(slot) = scope_specs.entry(scope) {
-                    let scope = slot.key();
-                    let a_name = format!("finetune_modules.{scope}.0.0.A");
-                    let a = tensors.get(&a_name).ok_or_else(|| Error::MissingTensor {
-                        name: a_name.clone(),
-                        path: path.to_path_buf(),
-                    })?;
-                    let ff = tensors.contains_key(&format!("finetune_modules.{scope}.0.4.A"));
-                    // A is [in, r]: the rank is its second dimension, and must be positive
-                    let r = match a.dims() {
-                        &[_, r] if r > 0 => r,
-                        dims => {
-                            return Err(Error::Corrupt {
-                                path: path.to_path_buf(),
-                                msg: format!(
-                                    "tensor `{a_name}` has shape {dims:?}; a LoRA A matrix is \
-                                     [input dim, rank] with a rank of at least 1"
-                                ),
-                            })
-                        }
-                    };
-                    slot.insert(LoraSpec {
-                        r,
-                        alpha: None,
-                        targets: if ff {
-                            LoraTargets::AttentionAndFf
-                        } else {
-                            LoraTargets::Attention
-                        },
-                    });
-                }
-            }
-        }
+        let scope_specs = saved_scope_specs(&config, tensors, path)?;
 
         let mut model = Self {
             generation_config: None,
@@ -1101,6 +1058,59 @@ impl HfModel {
             "lora_scopes": self.scopes.keys().collect::<Vec<_>>(),
         })
     }
+}
+
+/// The LoRA scopes saved with a model: their specs from config.json's `palm_lora_scopes`, else
+/// read off the tensors (the rank from A's shape, the targets from whether ff adapters exist).
+fn saved_scope_specs(
+    config: &Value,
+    tensors: &BTreeMap<String, Tensor>,
+    path: &Path,
+) -> Result<BTreeMap<String, LoraSpec>> {
+    let mut scope_specs: BTreeMap<String, LoraSpec> = config
+        .get("palm_lora_scopes")
+        .cloned()
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| Error::Config(format!("{}: palm_lora_scopes: {e}", path.display())))?
+        .unwrap_or_default();
+    for name in tensors.keys() {
+        if let Some(rest) = name.strip_prefix("finetune_modules.") {
+            let scope = rest.split('.').next().unwrap_or_default().to_string();
+            if let std::collections::btree_map::Entry::Vacant(slot) = scope_specs.entry(scope) {
+                let scope = slot.key();
+                let a_name = format!("finetune_modules.{scope}.0.0.A");
+                let a = tensors.get(&a_name).ok_or_else(|| Error::MissingTensor {
+                    name: a_name.clone(),
+                    path: path.to_path_buf(),
+                })?;
+                let ff = tensors.contains_key(&format!("finetune_modules.{scope}.0.4.A"));
+                // A is [in, r]: the rank is its second dimension, and must be positive
+                let r = match a.dims() {
+                    &[_, r] if r > 0 => r,
+                    dims => {
+                        return Err(Error::Corrupt {
+                            path: path.to_path_buf(),
+                            msg: format!(
+                                "tensor `{a_name}` has shape {dims:?}; a LoRA A matrix is \
+                                 [input dim, rank] with a rank of at least 1"
+                            ),
+                        })
+                    }
+                };
+                slot.insert(LoraSpec {
+                    r,
+                    alpha: None,
+                    targets: if ff {
+                        LoraTargets::AttentionAndFf
+                    } else {
+                        LoraTargets::Attention
+                    },
+                });
+            }
+        }
+    }
+    Ok(scope_specs)
 }
 
 /// [B, 1, T, S] u8 mask: key j visible to query i when j <= i + offset and the key is real.

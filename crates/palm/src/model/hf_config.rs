@@ -373,6 +373,208 @@ fn rope_settings(cfg: &Value, path: &Path) -> Result<(f64, f64)> {
     Ok((theta, frac))
 }
 
+/// Falcon's spec (old and new decoder architectures) from its config.json.
+fn falcon(
+    arch: Arch,
+    cfg: &Value,
+    path: &Path,
+    vocab: usize,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+) -> Result<HfSpec> {
+    if bool_of(cfg, "alibi", false, path)? {
+        return Err(Error::Config(format!(
+            "{}: Falcon with `alibi: true` is not supported (rotary only)",
+            path.display()
+        )));
+    }
+    let dim = need_usize(cfg, &["hidden_size"], path)?;
+    let heads = need_usize(cfg, &["num_attention_heads"], path)?;
+    let new_arch = bool_of(cfg, "new_decoder_architecture", false, path)?;
+    let multi_query = bool_of(cfg, "multi_query", true, path)?;
+    let kv_heads = if new_arch {
+        usize_of(cfg, "num_kv_heads", path)?.unwrap_or(heads)
+    } else if multi_query {
+        1
+    } else {
+        heads
+    };
+    let parallel = new_arch || bool_of(cfg, "parallel_attn", true, path)?;
+    let two_ln = new_arch && usize_of(cfg, "num_ln_in_parallel_attn", path)?.unwrap_or(2) == 2;
+    let head_dim = dim / heads.max(1);
+    let (theta, frac) = rope_settings(cfg, path)?;
+    let bias = bool_of(cfg, "bias", false, path)?;
+    Ok(HfSpec {
+        arch,
+        vocab,
+        dim,
+        depth: need_usize(cfg, &["num_hidden_layers"], path)?,
+        heads,
+        kv_heads,
+        head_dim,
+        ff: usize_of(cfg, "ffn_hidden_size", path)?.unwrap_or(dim.saturating_mul(4)),
+        max_pos: usize_of(cfg, "max_position_embeddings", path)?.unwrap_or(2048),
+        norm: NormKind::LayerNorm,
+        norm_eps: f64_of(cfg, &["layer_norm_epsilon"], 1e-5, path)?,
+        norm_offset: false,
+        embed_scale: None,
+        block: if parallel {
+            BlockKind::Parallel
+        } else {
+            BlockKind::Serial
+        },
+        mlp_norm: !parallel || two_ln,
+        qkv: if !new_arch && multi_query {
+            QkvLayout::Concat
+        } else {
+            QkvLayout::Grouped
+        },
+        qkv_bias: bias,
+        o_bias: bias,
+        qk_norm: QkNorm::None,
+        mlp_bias: bias,
+        conv1d: false,
+        pos: PosKind::Rotary {
+            style: RotaryStyle::RotateHalf,
+            dims: (head_dim as f64 * frac) as usize,
+            theta,
+        },
+        act: Act::parse(
+            str_field(cfg, "activation", path)?.unwrap_or("gelu"),
+            "activation",
+            path,
+        )?,
+        mlp: MlpLayout::Plain,
+        tied: bool_of(cfg, "tie_word_embeddings", true, path)?,
+        scale_attn: true,
+        scale_by_layer: false,
+        attn_dropout: f64_of(cfg, &["attention_dropout"], 0.0, path)?,
+        resid_dropout: f64_of(cfg, &["hidden_dropout"], 0.0, path)?,
+        embd_dropout: 0.0,
+        bos,
+        eos,
+    })
+}
+
+/// GPT-NeoX's spec from its config.json.
+fn gpt_neox(
+    arch: Arch,
+    cfg: &Value,
+    path: &Path,
+    vocab: usize,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+) -> Result<HfSpec> {
+    let dim = need_usize(cfg, &["hidden_size"], path)?;
+    let heads = need_usize(cfg, &["num_attention_heads"], path)?;
+    let head_dim = dim / heads.max(1);
+    let (theta, frac) = rope_settings(cfg, path)?;
+    let bias = bool_of(cfg, "attention_bias", true, path)?;
+    Ok(HfSpec {
+        arch,
+        vocab,
+        dim,
+        depth: need_usize(cfg, &["num_hidden_layers"], path)?,
+        heads,
+        kv_heads: heads,
+        head_dim,
+        ff: need_usize(cfg, &["intermediate_size"], path)?,
+        max_pos: usize_of(cfg, "max_position_embeddings", path)?.unwrap_or(2048),
+        norm: NormKind::LayerNorm,
+        norm_eps: f64_of(cfg, &["layer_norm_eps"], 1e-5, path)?,
+        norm_offset: false,
+        embed_scale: None,
+        block: if bool_of(cfg, "use_parallel_residual", true, path)? {
+            BlockKind::Parallel
+        } else {
+            BlockKind::Serial
+        },
+        mlp_norm: true,
+        qkv: QkvLayout::Grouped,
+        qkv_bias: bias,
+        o_bias: bias,
+        qk_norm: QkNorm::None,
+        mlp_bias: true,
+        conv1d: false,
+        pos: PosKind::Rotary {
+            style: RotaryStyle::RotateHalf,
+            dims: (head_dim as f64 * frac) as usize,
+            theta,
+        },
+        act: Act::parse(
+            str_field(cfg, "hidden_act", path)?.unwrap_or("gelu"),
+            "hidden_act",
+            path,
+        )?,
+        mlp: MlpLayout::Plain,
+        tied: bool_of(cfg, "tie_word_embeddings", false, path)?,
+        scale_attn: true,
+        scale_by_layer: false,
+        attn_dropout: f64_of(cfg, &["attention_dropout"], 0.0, path)?,
+        resid_dropout: f64_of(cfg, &["hidden_dropout"], 0.0, path)?,
+        embd_dropout: 0.0,
+        bos,
+        eos,
+    })
+}
+
+/// GPT-2's spec from its config.json.
+fn gpt2(
+    arch: Arch,
+    cfg: &Value,
+    path: &Path,
+    vocab: usize,
+    bos: Option<u32>,
+    eos: Vec<u32>,
+) -> Result<HfSpec> {
+    let dim = need_usize(cfg, &["n_embd", "hidden_size"], path)?;
+    let heads = need_usize(cfg, &["n_head", "num_attention_heads"], path)?;
+    if bool_of(cfg, "add_cross_attention", false, path)? {
+        return Err(Error::Config(format!(
+            "{}: `add_cross_attention`: GPT-2 with cross-attention is not supported",
+            path.display()
+        )));
+    }
+    Ok(HfSpec {
+        arch,
+        vocab,
+        dim,
+        depth: need_usize(cfg, &["n_layer", "num_hidden_layers"], path)?,
+        heads,
+        kv_heads: heads,
+        head_dim: dim / heads.max(1),
+        ff: usize_of(cfg, "n_inner", path)?.unwrap_or(dim.saturating_mul(4)),
+        max_pos: need_usize(cfg, &["n_positions", "max_position_embeddings"], path)?,
+        norm: NormKind::LayerNorm,
+        norm_eps: f64_of(cfg, &["layer_norm_epsilon"], 1e-5, path)?,
+        norm_offset: false,
+        embed_scale: None,
+        block: BlockKind::Serial,
+        mlp_norm: true,
+        qkv: QkvLayout::Concat,
+        qkv_bias: true,
+        o_bias: true,
+        qk_norm: QkNorm::None,
+        mlp_bias: true,
+        conv1d: true,
+        pos: PosKind::Learned,
+        act: Act::parse(
+            str_field(cfg, "activation_function", path)?.unwrap_or("gelu_new"),
+            "activation_function",
+            path,
+        )?,
+        mlp: MlpLayout::Plain,
+        tied: bool_of(cfg, "tie_word_embeddings", true, path)?,
+        scale_attn: bool_of(cfg, "scale_attn_weights", true, path)?,
+        scale_by_layer: bool_of(cfg, "scale_attn_by_inverse_layer_idx", false, path)?,
+        attn_dropout: f64_of(cfg, &["attn_pdrop"], 0.0, path)?,
+        resid_dropout: f64_of(cfg, &["resid_pdrop"], 0.0, path)?,
+        embd_dropout: f64_of(cfg, &["embd_pdrop"], 0.0, path)?,
+        bos,
+        eos,
+    })
+}
+
 /// The Llama family (`model.layers.{l}.*`, RMSNorm, gated MLP, rotate-half rotary): Llama itself
 /// and the variants that differ only in the fields set per architecture below.
 fn llama_family(
@@ -545,182 +747,9 @@ impl HfSpec {
             | Arch::Phi3
             | Arch::Gemma
             | Arch::Olmo2 => llama_family(arch, cfg, path, vocab, bos, eos)?,
-            Arch::Falcon => {
-                if bool_of(cfg, "alibi", false, path)? {
-                    return Err(Error::Config(format!(
-                        "{}: Falcon with `alibi: true` is not supported (rotary only)",
-                        path.display()
-                    )));
-                }
-                let dim = need_usize(cfg, &["hidden_size"], path)?;
-                let heads = need_usize(cfg, &["num_attention_heads"], path)?;
-                let new_arch = bool_of(cfg, "new_decoder_architecture", false, path)?;
-                let multi_query = bool_of(cfg, "multi_query", true, path)?;
-                let kv_heads = if new_arch {
-                    usize_of(cfg, "num_kv_heads", path)?.unwrap_or(heads)
-                } else if multi_query {
-                    1
-                } else {
-                    heads
-                };
-                let parallel = new_arch || bool_of(cfg, "parallel_attn", true, path)?;
-                let two_ln =
-                    new_arch && usize_of(cfg, "num_ln_in_parallel_attn", path)?.unwrap_or(2) == 2;
-                let head_dim = dim / heads.max(1);
-                let (theta, frac) = rope_settings(cfg, path)?;
-                let bias = bool_of(cfg, "bias", false, path)?;
-                HfSpec {
-                    arch,
-                    vocab,
-                    dim,
-                    depth: need_usize(cfg, &["num_hidden_layers"], path)?,
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    ff: usize_of(cfg, "ffn_hidden_size", path)?.unwrap_or(dim.saturating_mul(4)),
-                    max_pos: usize_of(cfg, "max_position_embeddings", path)?.unwrap_or(2048),
-                    norm: NormKind::LayerNorm,
-                    norm_eps: f64_of(cfg, &["layer_norm_epsilon"], 1e-5, path)?,
-                    norm_offset: false,
-                    embed_scale: None,
-                    block: if parallel {
-                        BlockKind::Parallel
-                    } else {
-                        BlockKind::Serial
-                    },
-                    mlp_norm: !parallel || two_ln,
-                    qkv: if !new_arch && multi_query {
-                        QkvLayout::Concat
-                    } else {
-                        QkvLayout::Grouped
-                    },
-                    qkv_bias: bias,
-                    o_bias: bias,
-                    qk_norm: QkNorm::None,
-                    mlp_bias: bias,
-                    conv1d: false,
-                    pos: PosKind::Rotary {
-                        style: RotaryStyle::RotateHalf,
-                        dims: (head_dim as f64 * frac) as usize,
-                        theta,
-                    },
-                    act: Act::parse(
-                        str_field(cfg, "activation", path)?.unwrap_or("gelu"),
-                        "activation",
-                        path,
-                    )?,
-                    mlp: MlpLayout::Plain,
-                    tied: bool_of(cfg, "tie_word_embeddings", true, path)?,
-                    scale_attn: true,
-                    scale_by_layer: false,
-                    attn_dropout: f64_of(cfg, &["attention_dropout"], 0.0, path)?,
-                    resid_dropout: f64_of(cfg, &["hidden_dropout"], 0.0, path)?,
-                    embd_dropout: 0.0,
-                    bos,
-                    eos,
-                }
-            }
-            Arch::GptNeoX => {
-                let dim = need_usize(cfg, &["hidden_size"], path)?;
-                let heads = need_usize(cfg, &["num_attention_heads"], path)?;
-                let head_dim = dim / heads.max(1);
-                let (theta, frac) = rope_settings(cfg, path)?;
-                let bias = bool_of(cfg, "attention_bias", true, path)?;
-                HfSpec {
-                    arch,
-                    vocab,
-                    dim,
-                    depth: need_usize(cfg, &["num_hidden_layers"], path)?,
-                    heads,
-                    kv_heads: heads,
-                    head_dim,
-                    ff: need_usize(cfg, &["intermediate_size"], path)?,
-                    max_pos: usize_of(cfg, "max_position_embeddings", path)?.unwrap_or(2048),
-                    norm: NormKind::LayerNorm,
-                    norm_eps: f64_of(cfg, &["layer_norm_eps"], 1e-5, path)?,
-                    norm_offset: false,
-                    embed_scale: None,
-                    block: if bool_of(cfg, "use_parallel_residual", true, path)? {
-                        BlockKind::Parallel
-                    } else {
-                        BlockKind::Serial
-                    },
-                    mlp_norm: true,
-                    qkv: QkvLayout::Grouped,
-                    qkv_bias: bias,
-                    o_bias: bias,
-                    qk_norm: QkNorm::None,
-                    mlp_bias: true,
-                    conv1d: false,
-                    pos: PosKind::Rotary {
-                        style: RotaryStyle::RotateHalf,
-                        dims: (head_dim as f64 * frac) as usize,
-                        theta,
-                    },
-                    act: Act::parse(
-                        str_field(cfg, "hidden_act", path)?.unwrap_or("gelu"),
-                        "hidden_act",
-                        path,
-                    )?,
-                    mlp: MlpLayout::Plain,
-                    tied: bool_of(cfg, "tie_word_embeddings", false, path)?,
-                    scale_attn: true,
-                    scale_by_layer: false,
-                    attn_dropout: f64_of(cfg, &["attention_dropout"], 0.0, path)?,
-                    resid_dropout: f64_of(cfg, &["hidden_dropout"], 0.0, path)?,
-                    embd_dropout: 0.0,
-                    bos,
-                    eos,
-                }
-            }
-            Arch::Gpt2 => {
-                let dim = need_usize(cfg, &["n_embd", "hidden_size"], path)?;
-                let heads = need_usize(cfg, &["n_head", "num_attention_heads"], path)?;
-                if bool_of(cfg, "add_cross_attention", false, path)? {
-                    return Err(Error::Config(format!(
-                        "{}: `add_cross_attention`: GPT-2 with cross-attention is not supported",
-                        path.display()
-                    )));
-                }
-                HfSpec {
-                    arch,
-                    vocab,
-                    dim,
-                    depth: need_usize(cfg, &["n_layer", "num_hidden_layers"], path)?,
-                    heads,
-                    kv_heads: heads,
-                    head_dim: dim / heads.max(1),
-                    ff: usize_of(cfg, "n_inner", path)?.unwrap_or(dim.saturating_mul(4)),
-                    max_pos: need_usize(cfg, &["n_positions", "max_position_embeddings"], path)?,
-                    norm: NormKind::LayerNorm,
-                    norm_eps: f64_of(cfg, &["layer_norm_epsilon"], 1e-5, path)?,
-                    norm_offset: false,
-                    embed_scale: None,
-                    block: BlockKind::Serial,
-                    mlp_norm: true,
-                    qkv: QkvLayout::Concat,
-                    qkv_bias: true,
-                    o_bias: true,
-                    qk_norm: QkNorm::None,
-                    mlp_bias: true,
-                    conv1d: true,
-                    pos: PosKind::Learned,
-                    act: Act::parse(
-                        str_field(cfg, "activation_function", path)?.unwrap_or("gelu_new"),
-                        "activation_function",
-                        path,
-                    )?,
-                    mlp: MlpLayout::Plain,
-                    tied: bool_of(cfg, "tie_word_embeddings", true, path)?,
-                    scale_attn: bool_of(cfg, "scale_attn_weights", true, path)?,
-                    scale_by_layer: bool_of(cfg, "scale_attn_by_inverse_layer_idx", false, path)?,
-                    attn_dropout: f64_of(cfg, &["attn_pdrop"], 0.0, path)?,
-                    resid_dropout: f64_of(cfg, &["resid_pdrop"], 0.0, path)?,
-                    embd_dropout: f64_of(cfg, &["embd_pdrop"], 0.0, path)?,
-                    bos,
-                    eos,
-                }
-            }
+            Arch::Falcon => falcon(arch, cfg, path, vocab, bos, eos)?,
+            Arch::GptNeoX => gpt_neox(arch, cfg, path, vocab, bos, eos)?,
+            Arch::Gpt2 => gpt2(arch, cfg, path, vocab, bos, eos)?,
         };
         spec.validate(path)?;
         Ok(spec)

@@ -403,17 +403,10 @@ impl Block {
         };
         let o = if let Some(spec) = fused {
             let (q, k) = if cfg.qk_rmsnorm {
-                let qs = self
-                    .q_scale
-                    .as_ref()
-                    .ok_or_else(|| Error::msg("q_scale missing"))?;
-                let ks = self
-                    .k_scale
-                    .as_ref()
-                    .ok_or_else(|| Error::msg("k_scale missing"))?;
+                let (qs, ks) = self.qk_scales(fz)?;
                 // per head: q [B, T, H*D] -> [B, T, H, D] -> [B, T, H*D]
-                let q = l2norm(&q.reshape((b, t, h, d))?)?.broadcast_mul(&frozen(qs, fz))?;
-                let k = l2norm(&k)?.broadcast_mul(&frozen(ks, fz))?;
+                let q = l2norm(&q.reshape((b, t, h, d))?)?.broadcast_mul(&qs)?;
+                let k = l2norm(&k)?.broadcast_mul(&ks)?;
                 (q.reshape((b, t, hd))?, k)
             } else {
                 (q, k)
@@ -421,53 +414,7 @@ impl Block {
             // q [B, T, H*D], k, v [B, T, D] -> o [B, T, H*D]
             mqa_attention(&q, &k, &v, spec)?
         } else {
-            // 3. split heads: q [B, T, H*D] -> [B, H, T, D]; k, v stay one head [B, T, D]
-            let mut q = q.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
-            if cfg.qk_rmsnorm {
-                let qs = self
-                    .q_scale
-                    .as_ref()
-                    .ok_or_else(|| Error::msg("q_scale missing"))?;
-                let ks = self
-                    .k_scale
-                    .as_ref()
-                    .ok_or_else(|| Error::msg("k_scale missing"))?;
-                q = l2norm(&q)?.broadcast_mul(&frozen(qs, fz))?;
-                k = l2norm(&k)?.broadcast_mul(&frozen(ks, fz))?;
-            }
-
-            // 4. rotary + xPos: q * S, k / S
-            let q = apply_rotary(&q, &ctx.rot.cos_q, &ctx.rot.sin_q)?;
-            let k = apply_rotary(&k.contiguous()?, &ctx.rot.cos_k, &ctx.rot.sin_k)?;
-            let v = v.contiguous()?;
-
-            // 5. KV cache: keys/values of earlier positions come first, [B, S, D]
-            let (k, v) = match cache {
-                Some((slot, reserve)) => slot.append(&k, &v, 1, reserve)?,
-                None => (k, v),
-            };
-            let s = k.dim(1)?;
-
-            // 6. scores: all H query heads against the one key head, [B, H*T, D] x [B, D, S]
-            let scale = (d as f64).powf(-0.5);
-            let sim = (q.reshape((b, h * t, d))?.matmul(&k.t()?)? * scale)?;
-            let sim = sim.reshape((b, h, t, s))?; // [B, H, T, S]
-            let sim = match ctx.mask {
-                Some(bias) => sim.broadcast_add(bias)?,
-                None => sim,
-            };
-            let attn = softmax_last(&sim)?;
-            let attn = if ctx.opts.train {
-                dropout(&attn, cfg.attn_dropout, ctx.rng)?
-            } else {
-                attn
-            };
-
-            // 7. weighted values [B, H*T, S] x [B, S, D] -> [B, H, T, D] -> [B, T, H*D]
-            let o = attn.reshape((b, h * t, s))?.matmul(&v)?;
-            o.reshape((b, h, t, d))?
-                .transpose(1, 2)?
-                .reshape((b, t, hd))?
+            self.composed_attention(q, k, v, ctx, cache)?
         };
         let mut attn_out = linear(&o, &frozen(&self.attn_out, fz))?;
         if let Some(l) = ctx.lora {
@@ -490,6 +437,76 @@ impl Block {
 
         // 9. parallel residual
         Ok(((x + attn_out)? + ff_out)?)
+    }
+
+    /// The qk-norm gains (q_scale, k_scale), frozen when the base is.
+    fn qk_scales(&self, fz: bool) -> Result<(Tensor, Tensor)> {
+        let get = |t: &Option<Tensor>, name: &str| {
+            t.as_ref()
+                .map(|t| frozen(t, fz))
+                .ok_or_else(|| Error::msg(format!("{name} missing")))
+        };
+        Ok((
+            get(&self.q_scale, "q_scale")?,
+            get(&self.k_scale, "k_scale")?,
+        ))
+    }
+
+    /// Steps 3-7 as composed ops (the KV cache, attention dropout, or another device or
+    /// dtype): heads, qk-norm, rotary + xPos, the cache, scores, mask, softmax, weighted values.
+    /// q [B, T, H*D], k and v [B, T, D] -> o [B, T, H*D].
+    fn composed_attention(
+        &self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        ctx: &BlockCtx,
+        cache: Option<(&mut LayerKv, usize)>,
+    ) -> Result<Tensor> {
+        let cfg = ctx.cfg;
+        let (b, t, _) = q.dims3()?;
+        let (h, d, hd) = (cfg.heads, cfg.dim_head, cfg.attn_inner_dim());
+        // 3. split heads: q [B, T, H*D] -> [B, H, T, D]; k, v stay one head [B, T, D]
+        let mut q = q.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
+        let mut k = k;
+        if cfg.qk_rmsnorm {
+            let (qs, ks) = self.qk_scales(ctx.opts.freeze_base)?;
+            q = l2norm(&q)?.broadcast_mul(&qs)?;
+            k = l2norm(&k)?.broadcast_mul(&ks)?;
+        }
+
+        // 4. rotary + xPos: q * S, k / S
+        let q = apply_rotary(&q, &ctx.rot.cos_q, &ctx.rot.sin_q)?;
+        let k = apply_rotary(&k.contiguous()?, &ctx.rot.cos_k, &ctx.rot.sin_k)?;
+        let v = v.contiguous()?;
+
+        // 5. KV cache: keys/values of earlier positions come first, [B, S, D]
+        let (k, v) = match cache {
+            Some((slot, reserve)) => slot.append(&k, &v, 1, reserve)?,
+            None => (k, v),
+        };
+        let s = k.dim(1)?;
+
+        // 6. scores: all H query heads against the one key head, [B, H*T, D] x [B, D, S]
+        let scale = (d as f64).powf(-0.5);
+        let sim = (q.reshape((b, h * t, d))?.matmul(&k.t()?)? * scale)?;
+        let sim = sim.reshape((b, h, t, s))?; // [B, H, T, S]
+        let sim = match ctx.mask {
+            Some(bias) => sim.broadcast_add(bias)?,
+            None => sim,
+        };
+        let attn = softmax_last(&sim)?;
+        let attn = if ctx.opts.train {
+            dropout(&attn, cfg.attn_dropout, ctx.rng)?
+        } else {
+            attn
+        };
+
+        // 7. weighted values [B, H*T, S] x [B, S, D] -> [B, H, T, D] -> [B, T, H*D]
+        let o = attn.reshape((b, h * t, s))?.matmul(&v)?;
+        Ok(o.reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, hd))?)
     }
 }
 
