@@ -725,6 +725,14 @@ pub fn train(
             write_json_atomic(&tmp.join(TRAINER_FILE), &st)
         })
     };
+    let summary = |steps: u64, eval: Option<DpoEval>| DpoSummary {
+        train_pairs: n,
+        steps,
+        initial_eval,
+        eval,
+        reference_check_max_diff: check,
+        seconds: t0.elapsed().as_secs_f64(),
+    };
     let plot = |log: &MetricsLog| {
         log.plot(
             &run_dir.join("metrics.svg"),
@@ -784,14 +792,7 @@ pub fn train(
                 "dpo: stopped at step {step} of {total}; checkpoint in {} (resume with --resume)",
                 ck.display()
             );
-            return Ok(DpoSummary {
-                train_pairs: n,
-                steps: step,
-                initial_eval,
-                eval: None,
-                reference_check_max_diff: check,
-                seconds: t0.elapsed().as_secs_f64(),
-            });
+            return Ok(summary(step, None));
         }
         if cfg.save_every > 0 && step.is_multiple_of(cfg.save_every as u64) && step < total {
             save(model, &opt, step)?;
@@ -813,14 +814,7 @@ pub fn train(
         export_policy(model, cfg, &run_dir.join(POLICY_DIR))?;
     }
     plot(&log)?;
-    let summary = DpoSummary {
-        train_pairs: n,
-        steps: step,
-        initial_eval,
-        eval,
-        reference_check_max_diff: check,
-        seconds: t0.elapsed().as_secs_f64(),
-    };
+    let summary = summary(step, eval);
     if main {
         write_json_atomic(&run_dir.join(SUMMARY_FILE), &summary)?;
     }
