@@ -284,3 +284,29 @@ fn every_flag_of_every_command_has_a_description() {
         bare.join("\n")
     );
 }
+
+/// `palm bench train --lora-r R` trains a LoRA scope (base frozen) and says so in its JSON; the
+/// flag is refused for the other workloads.
+#[test]
+fn bench_train_with_lora() {
+    let run = |args: &[&str]| palm_cmd().args(args).output().unwrap();
+    let o = run(&[
+        "bench", "train", "--config", "tiny", "--runs", "1", "--lora-r", "4",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["lora_r"], 4);
+    assert!(v["tokens_per_sec"].as_f64().unwrap() > 0.0, "{v}");
+    let full = run(&["bench", "train", "--config", "tiny", "--runs", "1"]);
+    let f: serde_json::Value = serde_json::from_slice(&full.stdout).unwrap();
+    assert!(f["lora_r"].is_null());
+    // the LoRA step skips the weight gradients: its FLOP count is two forwards, not three
+    let per_token = |v: &serde_json::Value| {
+        v["gflops"].as_f64().unwrap() / v["tokens_per_sec"].as_f64().unwrap()
+    };
+    let ratio = per_token(&v) / per_token(&f);
+    assert!((ratio - 2.0 / 3.0).abs() < 1e-6, "{ratio}");
+    let o = run(&["bench", "sample", "--config", "tiny", "--lora-r", "4"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--lora-r"));
+}

@@ -52,6 +52,10 @@ pub struct Args {
     pub runs: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// train: LoRA of this rank on q, k, v and o (alpha 2R, base frozen) instead of training
+    /// every weight.
+    #[arg(long)]
+    pub lora_r: Option<usize>,
     /// Matrix-product precision of the linear layers (bf16: AMX or AVX512-BF16, f32 master
     /// weights).
     #[arg(long, value_enum, default_value_t = super::Precision::F32)]
@@ -118,21 +122,37 @@ fn bench_prompts(b: usize, vocab: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// One training step: forward, cross-entropy, backward, clipping, AdamW.
+/// The LoRA scope `palm bench train --lora-r` trains.
+const BENCH_SCOPE: &str = "bench";
+
+/// One training step: forward, cross-entropy, backward, clipping, AdamW; of every weight, or of
+/// the `bench` LoRA scope when the model has one (base frozen).
 fn train_job<'a>(model: &'a Model, ids: Tensor, b: usize, t: usize, flops_tok: f64) -> Job<'a> {
-    let params: Vec<_> = model
-        .vars()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let lora = model.has_scope(BENCH_SCOPE);
+    let params: Vec<_> = if lora {
+        model
+            .vars()
+            .with_prefix(&format!("finetune_modules.{BENCH_SCOPE}."))
+    } else {
+        model
+            .vars()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
     let mut opt = Optimizer::new(params.clone(), OptimConfig::adamw());
+    // forward + backward: 3 forwards' FLOPs, or 2 with the base frozen (no weight gradients;
+    // the LoRA products are a rounding error)
+    let passes = if lora { 2.0 } else { 3.0 };
     Job {
         tokens: b * t,
-        flops: 3.0 * flops_tok * (b * t) as f64,
+        flops: passes * flops_tok * (b * t) as f64,
         step: Box::new(move || {
             // each block one graph node; the graph is freed with the loss
             let opts = Forward {
                 fused_blocks: true,
+                scope: lora.then_some(BENCH_SCOPE),
+                freeze_base: lora,
                 ..Default::default()
             };
             let loss = model.lm_loss(&ids, &opts)?;
@@ -236,10 +256,20 @@ pub fn run(a: Args) -> Result<()> {
         None => PalmConfig::preset(&a.config)?,
     };
     let dev = super::device();
-    let model = match &a.model {
+    let mut model = match &a.model {
         Some(p) => palm::load::load_model(p, &dev)?,
         None => Model::from(Palm::new(&cfg, a.seed, &dev)?),
     };
+    if let Some(r) = a.lora_r {
+        if a.workload != Workload::Train || r == 0 {
+            bail!("--lora-r R (R >= 1) is for `palm bench train`");
+        }
+        let spec = palm::config::LoraSpec {
+            alpha: Some(2.0 * r as f64),
+            ..palm::config::LoraSpec::new(r)
+        };
+        model.add_scope(BENCH_SCOPE, spec, a.seed)?;
+    }
     if a.model.is_some() && a.workload == Workload::Ppo {
         bail!("bench ppo runs a fresh PaLM of --config; --model is for train, sample, decode and reward");
     }
@@ -307,6 +337,7 @@ pub fn run(a: Args) -> Result<()> {
         "gflops": flops_per_run / secs / 1e9,
         "precision": format!("{:?}", palm::ops::linear::matmul_precision()).to_lowercase(),
         // which bf16 kernel ran (null in f32)
+        "lora_r": a.lora_r,
         "bf16_kernel": palm::ops::linear::bf16_kernel()
             .filter(|_| palm::ops::linear::matmul_precision() == MatmulPrecision::Bf16),
         "peak_rss_mb": peak_rss_mb(),
