@@ -658,8 +658,10 @@ fn fast_decoder_equals_the_graph_path() {
             eprintln!("{name} scope {scope:?}/{disable}: worst relative difference {worst:.2e}");
         }
     }
-    // the Llama family is covered (where its fixtures are present)
-    for want in ["llama", "mistral", "qwen2", "gemma"] {
+    // the Llama family and its relatives are covered (where their fixtures are present)
+    for want in [
+        "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2",
+    ] {
         if dirs.iter().any(|d| d.ends_with(want)) {
             assert!(
                 fast.iter().any(|n| n == want),

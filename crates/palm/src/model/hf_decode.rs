@@ -3,12 +3,14 @@
 //! preallocated K/V cache, as `palm_decode` does for PaLM. `sample::generate` takes it where it
 //! applies; `hf.rs`'s graph is the reference it is tested against (`tests/hf_fixtures.rs`).
 //!
-//! Covered: serial pre-norm blocks, RMSNorm (Gemma's 1 + w too), rotate-half rotary over whole
-//! heads, grouped-, multi-query or multi-head attention with separate q/k/v projections (with
-//! or without biases, Qwen2), a gated SiLU or tanh-GELU MLP, scaled embeddings (Gemma), tied or
-//! untied output. That is Llama, SmolLM2, Mistral, Qwen2 and Gemma. Everything else (fused
-//! projections, q/k norms, parallel or post-norm blocks, learned or partial rotary positions,
-//! LayerNorm) keeps the graph path.
+//! Covered: serial pre-norm and post-norm blocks (OLMo 2), RMSNorm (Gemma's 1 + w too), q/k
+//! RMSNorms per head (Qwen3) or over the whole projection (OLMo 2), rotate-half rotary over
+//! whole heads, grouped-, multi-query or multi-head attention with separate or fused q/k/v
+//! projections (with or without biases: Qwen2; fused: Phi-3), a gated SiLU or tanh-GELU MLP
+//! (gate and up separate, or fused: Phi-3), scaled embeddings (Gemma), tied or untied output.
+//! That is Llama, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3, Gemma and OLMo 2. The rest (parallel
+//! blocks, LayerNorm, learned, partial or interleaved rotary positions: GPT-2, GPT-NeoX,
+//! Falcon) keeps the graph path.
 //!
 //! Dimensions: B rows, T new positions per row, S cached + new positions, C model dim, H query
 //! heads, KV key/value heads, D head dim, F feed-forward inner dim, V vocab. LoRA scopes are
@@ -34,7 +36,12 @@ struct Proj {
 impl Proj {
     /// `lin` with `delta` [in, out] (a LoRA scope's) folded in.
     fn new(lin: &Linear, delta: Option<Tensor>) -> Result<Self> {
-        let wt = lin.weight.detach().t()?; // [in, out]
+        Self::from_rows(&lin.weight.detach(), lin.bias.as_ref(), delta)
+    }
+
+    /// W [out, in] and its bias [out], with `delta` [in, out] folded in.
+    fn from_rows(w: &Tensor, bias: Option<&Tensor>, delta: Option<Tensor>) -> Result<Self> {
+        let wt = w.t()?; // [in, out]
         let wt = match delta {
             Some(d) => (wt + d)?,
             None => wt,
@@ -42,9 +49,30 @@ impl Proj {
         let out = wt.dim(1)?;
         Ok(Self {
             wt: to_vec(&wt.contiguous()?)?,
-            bias: lin.bias.as_ref().map(to_vec).transpose()?,
+            bias: bias.map(to_vec).transpose()?,
             out,
         })
+    }
+
+    /// Output rows `start..start + n` of a fused projection `lin` (its outputs reordered by
+    /// `order` first, when given), with `delta` folded in.
+    fn part(
+        lin: &Linear,
+        order: Option<&Tensor>,
+        start: usize,
+        n: usize,
+        delta: Option<Tensor>,
+    ) -> Result<Self> {
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            let t = match order {
+                Some(idx) => t.index_select(idx, 0)?,
+                None => t.clone(),
+            };
+            Ok(t.narrow(0, start, n)?)
+        };
+        let w = pick(&lin.weight.detach())?;
+        let b = lin.bias.as_ref().map(|b| pick(&b.detach())).transpose()?;
+        Self::from_rows(&w, b.as_ref(), delta)
     }
 
     /// y [N, out] (+)= x [N, in] W^T (+ bias).
@@ -61,6 +89,9 @@ impl Proj {
 struct Layer {
     norm1: Vec<f32>, // [C] effective gain (w, or 1 + w)
     norm2: Vec<f32>,
+    /// q/k RMSNorm gains: [D] per head, or [H*D] and [KV*D] whole (`QkNorm`).
+    q_norm: Option<(Vec<f32>, f32)>,
+    k_norm: Option<(Vec<f32>, f32)>,
     q: Proj, // [C, H*D]
     k: Proj, // [C, KV*D]
     v: Proj,
@@ -89,6 +120,8 @@ pub struct HfDecoder {
     head: Proj,    // [C, V]
     final_norm: Vec<f32>,
     eps: f32,
+    post_norm: bool,
+    qk_norm: QkNorm,
     embed_scale: Option<f32>,
     act: Act,
     scale: f32,
@@ -134,10 +167,9 @@ impl HfDecoder {
         if !matches!(model.device(), Device::Cpu)
             || model.embed.dtype() != DType::F32
             || opts.extra_embed.is_some()
-            || s.block != BlockKind::Serial
+            || s.block == BlockKind::Parallel
             || s.norm != NormKind::RmsNorm
-            || s.qk_norm != QkNorm::None
-            || s.mlp != MlpLayout::Gated
+            || s.mlp == MlpLayout::Plain
             || s.conv1d
             || !s.scale_attn
             || s.scale_by_layer
@@ -157,34 +189,13 @@ impl HfDecoder {
             ),
             _ => None,
         };
-        let (f, kvd) = (s.ff, s.kv_heads * s.head_dim);
         let mut layers = Vec::with_capacity(s.depth);
         for (l, layer) in model.layers.iter().enumerate() {
             let lo = lora.map(|sc| &sc.layers[l]);
-            let (Qkv::Separate { q, k, v }, Some(gate), Some(n2)) =
-                (&layer.attn.qkv, &layer.mlp.gate, &layer.norm2)
-            else {
-                return Ok(None);
-            };
-            let (Some(norm1), Some(norm2)) = (rms_gain(&layer.norm1)?, rms_gain(n2)?) else {
-                return Ok(None);
-            };
-            // the LoRA feed-forward input delta [C, 2F] is [up | gate]
-            let ff_in = delta(lo.and_then(|l| l.ff_in.as_ref()))?;
-            let ff_part = |i: usize| ff_in.as_ref().map(|d| d.narrow(1, i * f, f)).transpose();
-            layers.push(Layer {
-                norm1,
-                norm2,
-                q: Proj::new(q, delta(lo.map(|l| &l.q))?)?,
-                k: Proj::new(k, delta(lo.map(|l| &l.k))?)?,
-                v: Proj::new(v, delta(lo.map(|l| &l.v))?)?,
-                o: Proj::new(&layer.attn.o, delta(lo.map(|l| &l.o))?)?,
-                up: Proj::new(&layer.mlp.up, ff_part(0)?)?,
-                gate: Proj::new(gate, ff_part(1)?)?,
-                down: Proj::new(&layer.mlp.down, delta(lo.and_then(|l| l.ff_out.as_ref()))?)?,
-                k_cache: vec![0.0; batch * capacity * kvd],
-                v_cache: vec![0.0; batch * capacity * kvd],
-            });
+            match Self::layer(model, layer, lo, batch, capacity)? {
+                Some(x) => layers.push(x),
+                None => return Ok(None),
+            }
         }
         let Some(final_norm) = rms_gain(&model.norm)? else {
             return Ok(None);
@@ -208,7 +219,7 @@ impl HfDecoder {
             h: s.heads,
             kv: s.kv_heads,
             d: s.head_dim,
-            f,
+            f: s.ff,
             v: s.vocab,
             batch,
             capacity,
@@ -218,6 +229,8 @@ impl HfDecoder {
             head,
             final_norm,
             eps: s.norm_eps as f32,
+            post_norm: s.block == BlockKind::PostNorm,
+            qk_norm: s.qk_norm,
             embed_scale: s.embed_scale.map(|x| x as f32),
             act: s.act,
             // as the graph: 1/sqrt(D) in f64, applied to f32 scores
@@ -225,6 +238,79 @@ impl HfDecoder {
             inv_freq,
             key_mask: vec![0; batch * capacity],
             seen: vec![0; batch],
+        }))
+    }
+
+    /// One block's buffers: its weights as the GEMMs read them (LoRA `lo` merged), or None
+    /// where a part is outside what this decoder covers.
+    fn layer(
+        model: &HfModel,
+        layer: &super::hf::Layer,
+        lo: Option<&crate::lora::LoraLayer>,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Option<Layer>> {
+        let s = &model.spec;
+        let (f, qd, kvd) = (s.ff, s.q_dim(), s.kv_dim());
+        let Some(n2) = &layer.norm2 else {
+            return Ok(None);
+        };
+        let (Some(norm1), Some(norm2)) = (rms_gain(&layer.norm1)?, rms_gain(n2)?) else {
+            return Ok(None);
+        };
+        let qk = |n: &Option<Norm>| -> Result<Option<(Vec<f32>, f32)>> {
+            match n {
+                Some(n) => Ok(rms_gain(n)?.map(|g| (g, n.eps as f32))),
+                None => Ok(None),
+            }
+        };
+        let (q_norm, k_norm) = (qk(&layer.attn.q_norm)?, qk(&layer.attn.k_norm)?);
+        if s.qk_norm != QkNorm::None && (q_norm.is_none() || k_norm.is_none()) {
+            return Ok(None);
+        }
+        let d = |l: Option<&Lora>| delta(l);
+        let (q, k, v) = match &layer.attn.qkv {
+            Qkv::Separate { q, k, v } => (
+                Proj::new(q, d(lo.map(|l| &l.q))?)?,
+                Proj::new(k, d(lo.map(|l| &l.k))?)?,
+                Proj::new(v, d(lo.map(|l| &l.v))?)?,
+            ),
+            // outputs in canonical order [q | k | v] (`canon` reorders grouped layouts)
+            Qkv::Fused { lin, canon, .. } => (
+                Proj::part(lin, canon.as_ref(), 0, qd, d(lo.map(|l| &l.q))?)?,
+                Proj::part(lin, canon.as_ref(), qd, kvd, d(lo.map(|l| &l.k))?)?,
+                Proj::part(lin, canon.as_ref(), qd + kvd, kvd, d(lo.map(|l| &l.v))?)?,
+            ),
+        };
+        // the LoRA feed-forward input delta [C, 2F] is [up | gate]
+        let ff_in = d(lo.and_then(|l| l.ff_in.as_ref()))?;
+        let ff_part = |i: usize| ff_in.as_ref().map(|t| t.narrow(1, i * f, f)).transpose();
+        let (up, gate) = match (s.mlp, &layer.mlp.gate) {
+            (MlpLayout::Gated, Some(gate)) => (
+                Proj::new(&layer.mlp.up, ff_part(0)?)?,
+                Proj::new(gate, ff_part(1)?)?,
+            ),
+            // one projection with outputs [gate | up]
+            (MlpLayout::FusedGateUp, _) => (
+                Proj::part(&layer.mlp.up, None, f, f, ff_part(0)?)?,
+                Proj::part(&layer.mlp.up, None, 0, f, ff_part(1)?)?,
+            ),
+            _ => return Ok(None),
+        };
+        Ok(Some(Layer {
+            norm1,
+            norm2,
+            q_norm,
+            k_norm,
+            q,
+            k,
+            v,
+            o: Proj::new(&layer.attn.o, d(lo.map(|l| &l.o))?)?,
+            up,
+            gate,
+            down: Proj::new(&layer.mlp.down, d(lo.and_then(|l| l.ff_out.as_ref()))?)?,
+            k_cache: vec![0.0; batch * capacity * kvd],
+            v_cache: vec![0.0; batch * capacity * kvd],
         }))
     }
 
@@ -306,16 +392,37 @@ impl HfDecoder {
             }
         }
         let (mut xn, mut q) = (vec![0f32; n * c], vec![0f32; n * hd]);
+        // post-norm blocks: each sub-layer's output before its norm
+        let mut sub = if self.post_norm {
+            vec![0f32; n * c]
+        } else {
+            vec![]
+        };
         let (mut k, mut v) = (vec![0f32; n * kvd], vec![0f32; n * kvd]);
         let mut o = vec![0f32; n * hd];
         let (mut gate, mut up) = (vec![0f32; n * f], vec![0f32; n * f]);
         let s0 = self.len;
         for layer in self.layers.iter_mut() {
-            // 1. attention: pre-norm, projections, rotary, cache, grouped attention, output
-            rms_rows(&x, &layer.norm1, self.eps, c, &mut xn);
-            layer.q.apply(&xn, n, c, &mut q, false);
-            layer.k.apply(&xn, n, c, &mut k, false);
-            layer.v.apply(&xn, n, c, &mut v, false);
+            // 1. attention: pre-norm (or the input itself, post-norm), projections, q/k norms,
+            //    rotary, cache, grouped attention, output
+            let input = if self.post_norm {
+                &x
+            } else {
+                rms_rows(&x, &layer.norm1, self.eps, c, &mut xn);
+                &xn
+            };
+            layer.q.apply(input, n, c, &mut q, false);
+            layer.k.apply(input, n, c, &mut k, false);
+            layer.v.apply(input, n, c, &mut v, false);
+            if let (Some((qg, qe)), Some((kg, ke))) = (&layer.q_norm, &layer.k_norm) {
+                // per head ([D] gains) or over the whole projection
+                let (qw, kw) = match self.qk_norm {
+                    QkNorm::PerHead => (d, d),
+                    _ => (hd, kvd),
+                };
+                rms_in_place(&mut q, qg, *qe, qw);
+                rms_in_place(&mut k, kg, *ke, kw);
+            }
             for i in 0..n {
                 let (r, ti) = (i / t, i % t);
                 let (cs, sn) = (&cos[i * d..(i + 1) * d], &sin[i * d..(i + 1) * d]);
@@ -347,12 +454,24 @@ impl HfDecoder {
                 .zip(q.par_chunks(t * hd))
                 .enumerate()
                 .for_each(|(r, (o_r, q_r))| attention(&geo, r, q_r, o_r));
-            layer.o.apply(&o, n, hd, &mut x, true);
+            if self.post_norm {
+                // x += n1(attn(x))
+                layer.o.apply(&o, n, hd, &mut sub, false);
+                rms_rows(&sub, &layer.norm1, self.eps, c, &mut xn);
+                x.iter_mut().zip(&xn).for_each(|(a, b)| *a += b);
+            } else {
+                layer.o.apply(&o, n, hd, &mut x, true);
+            }
 
-            // 2. MLP: x += down(act(gate(n2(x))) * up(n2(x)))
-            rms_rows(&x, &layer.norm2, self.eps, c, &mut xn);
-            layer.gate.apply(&xn, n, c, &mut gate, false);
-            layer.up.apply(&xn, n, c, &mut up, false);
+            // 2. MLP: x += down(act(gate(n2(x))) * up(n2(x))), or x += n2(mlp(x)) post-norm
+            let input = if self.post_norm {
+                &x
+            } else {
+                rms_rows(&x, &layer.norm2, self.eps, c, &mut xn);
+                &xn
+            };
+            layer.gate.apply(input, n, c, &mut gate, false);
+            layer.up.apply(input, n, c, &mut up, false);
             let act = self.act;
             gate.par_chunks_mut(f)
                 .zip(up.par_chunks(f))
@@ -361,7 +480,13 @@ impl HfDecoder {
                         *gi = activate(*gi, act) * ui;
                     }
                 });
-            layer.down.apply(&gate, n, f, &mut x, true);
+            if self.post_norm {
+                layer.down.apply(&gate, n, f, &mut sub, false);
+                rms_rows(&sub, &layer.norm2, self.eps, c, &mut xn);
+                x.iter_mut().zip(&xn).for_each(|(a, b)| *a += b);
+            } else {
+                layer.down.apply(&gate, n, f, &mut x, true);
+            }
         }
         self.len = s0 + t;
 
@@ -432,6 +557,17 @@ fn activate(x: f32, act: Act) -> f32 {
                     + ((2.0f32 / std::f32::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh())
         }
         Act::GeluErf | Act::Relu => unreachable!("refused in HfDecoder::new"),
+    }
+}
+
+/// RMSNorm in place of each `width`-long piece of `x` (a head, or a whole projection).
+fn rms_in_place(x: &mut [f32], gain: &[f32], eps: f32, width: usize) {
+    for piece in x.chunks_exact_mut(width) {
+        let ms = piece.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let rs = (ms + eps).sqrt();
+        for (v, &g) in piece.iter_mut().zip(gain) {
+            *v = *v / rs * g;
+        }
     }
 }
 
