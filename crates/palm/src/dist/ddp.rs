@@ -140,6 +140,36 @@ pub fn check_resume_world(dir: &std::path::Path, saved: usize, command: &str) ->
     Ok(())
 }
 
+/// Metrics that are means over a batch's rows, across ranks: each numeric field of `metrics` (a
+/// JSON object; other fields are left alone) becomes the sum over ranks of `w` times it (`w`: this rank's share of the rows),
+/// and each value of `sums` its plain sum (values the caller weighted already, such as the
+/// loss). One all-reduce for all of them.
+pub fn reduce_means(
+    comm: &dyn Communicator,
+    metrics: &mut serde_json::Value,
+    sums: &mut [f64],
+    w: f64,
+) -> Result<()> {
+    let keys: Vec<String> = metrics
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(_, v)| v.is_number())
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut v = sums.to_vec();
+    v.extend(keys.iter().map(|k| w * metrics[k].as_f64().unwrap_or(0.0)));
+    comm.all_reduce_sum_f64(&mut v)?;
+    let n = sums.len();
+    sums.copy_from_slice(&v[..n]);
+    for (k, x) in keys.iter().zip(&v[n..]) {
+        metrics[k] = (*x).into();
+    }
+    Ok(())
+}
+
 /// Sums scalars across ranks.
 pub fn sum_f64(comm: &dyn Communicator, values: &mut [f64]) -> Result<()> {
     comm.all_reduce_sum_f64(values)
@@ -183,6 +213,47 @@ mod tests {
                 assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
             }
         }
+    }
+
+    /// Two ranks where the peer holds the same values as this one: sums double.
+    struct Twin;
+    impl Communicator for Twin {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+        fn barrier(&self) -> Result<()> {
+            Ok(())
+        }
+        fn broadcast_f32(&self, _: &mut [f32], _: usize) -> Result<()> {
+            Ok(())
+        }
+        fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
+            buf.iter_mut().for_each(|x| *x *= 2.0);
+            Ok(())
+        }
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+            buf.iter_mut().for_each(|x| *x *= 2.0);
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "twin".into()
+        }
+    }
+
+    /// Means weighted by the rank's share (0.25 here, twice: 0.5 of the value), plain sums
+    /// doubled, non-numeric fields left alone.
+    #[test]
+    fn reduce_means_weighs_metrics_and_sums_the_rest() {
+        let mut m = serde_json::json!({"acc": 0.8, "margin": -2.0, "note": "x"});
+        let mut sums = [1.5, 3.0];
+        reduce_means(&Twin, &mut m, &mut sums, 0.25).unwrap();
+        assert_eq!(sums, [3.0, 6.0]);
+        assert_eq!(m["acc"], 0.4);
+        assert_eq!(m["margin"], -1.0);
+        assert_eq!(m["note"], "x");
     }
 
     #[test]

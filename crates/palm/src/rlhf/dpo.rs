@@ -864,7 +864,9 @@ fn update(
     // DDP: the global gradient, loss and batch metrics, before the guard and the clipping
     ddp::all_reduce_grads(comm, &mut grads)?;
     if comm.world_size() > 1 {
-        lv = reduce_metrics(comm, &mut m, lv, w)?;
+        let mut v = [lv];
+        ddp::reduce_means(comm, &mut m, &mut v, w)?;
+        lv = v[0];
     }
     if grads_non_finite(&grads) {
         return Err(Error::msg(format!(
@@ -879,27 +881,6 @@ fn update(
     m["lr"] = lr.into();
     m["grad_norm"] = norm.into();
     Ok((m, lv))
-}
-
-/// Data parallelism: the global batch's loss (the sum of the ranks' weighted losses) and its
-/// metrics, which are means over pairs (each rank's mean weighs its share `w` of the pairs).
-fn reduce_metrics(
-    comm: &dyn dist::Communicator,
-    m: &mut serde_json::Value,
-    loss: f64,
-    w: f64,
-) -> Result<f64> {
-    let keys: Vec<String> = m
-        .as_object()
-        .map(|o| o.keys().cloned().collect())
-        .unwrap_or_default();
-    let mut v = vec![loss];
-    v.extend(keys.iter().map(|k| w * m[k].as_f64().unwrap_or(0.0)));
-    ddp::sum_f64(comm, &mut v)?;
-    for (k, x) in keys.iter().zip(&v[1..]) {
-        m[k] = (*x).into();
-    }
-    Ok(v[0])
 }
 
 fn eval_record(e: &DpoEval, step: u64) -> serde_json::Value {

@@ -422,35 +422,6 @@ fn one() -> usize {
     1
 }
 
-/// Data parallelism: the global batch's loss (a sum of the ranks' weighted losses) and its
-/// metrics (means over rows, so each rank's mean weighs its share `w` of the rows).
-fn reduce_step_metrics(
-    comm: &dyn dist::Communicator,
-    out: &mut StepOut,
-    loss: &mut f64,
-    w: f64,
-) -> Result<()> {
-    let keys: Vec<String> = out
-        .metrics
-        .as_object()
-        .map(|m| m.keys().cloned().collect())
-        .unwrap_or_default();
-    let mut v = vec![*loss, w * out.accuracy, w * out.margin];
-    v.extend(
-        keys.iter()
-            .map(|k| w * out.metrics[k].as_f64().unwrap_or(0.0)),
-    );
-    // NaN accuracy (scalar ratings) stays NaN on every rank
-    ddp::sum_f64(comm, &mut v)?;
-    *loss = v[0];
-    out.accuracy = v[1];
-    out.margin = v[2];
-    for (k, x) in keys.iter().zip(&v[3..]) {
-        out.metrics[k] = (*x).into();
-    }
-    Ok(())
-}
-
 /// The pair order of one epoch: a permutation fixed by (seed, epoch).
 fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     use rand::seq::SliceRandom;
@@ -742,7 +713,11 @@ impl<'a> Run<'a> {
         // DDP: the global gradient, loss and batch metrics (every rank then clips the same norm)
         ddp::all_reduce_grads(comm, &mut grads)?;
         if comm.world_size() > 1 {
-            reduce_step_metrics(comm, &mut out, &mut loss_v, (hi - lo) as f64 / b as f64)?;
+            // NaN accuracy (scalar ratings) stays NaN on every rank
+            let w = (hi - lo) as f64 / b as f64;
+            let mut v = [loss_v, w * out.accuracy, w * out.margin];
+            ddp::reduce_means(comm, &mut out.metrics, &mut v, w)?;
+            (loss_v, out.accuracy, out.margin) = (v[0], v[1], v[2]);
         }
         if grads_non_finite(&grads) {
             return Err(Error::msg(format!(
