@@ -61,7 +61,7 @@ pub(crate) fn bf16_bits(x: f32) -> u16 {
 
 /// bf16 bits -> f32.
 #[cfg(test)]
-pub(super) fn bf16_to_f32(h: u16) -> f32 {
+fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
@@ -309,6 +309,32 @@ pub(super) fn pack_operands(
     (Packed(pa, &BUF_A), mb, Packed(pb, &BUF_B), nb, kb)
 }
 
+/// Writes a computed block of C [_, n] (row-major) into `dst`, or adds it with `acc`: `rows` x
+/// `cols` values of `src` (row stride `stride`) at (`row0`, `col0`). Both bf16 kernels end so.
+///
+/// # Safety
+/// The block lies inside `dst`'s matrix, and no other thread writes its elements meanwhile.
+pub(super) unsafe fn store_block(
+    dst: *mut f32,
+    n: usize,
+    src: &[f32],
+    stride: usize,
+    (row0, col0): (usize, usize),
+    (rows, cols): (usize, usize),
+    acc: bool,
+) {
+    for r in 0..rows {
+        let from = &src[r * stride..][..cols];
+        // SAFETY: as the caller promises.
+        let row = unsafe { std::slice::from_raw_parts_mut(dst.add((row0 + r) * n + col0), cols) };
+        if acc {
+            row.iter_mut().zip(from).for_each(|(d, s)| *d += s);
+        } else {
+            row.copy_from_slice(from);
+        }
+    }
+}
+
 /// A packed operand, handed back to its thread-local cache when dropped.
 pub(super) struct Packed(
     Vec<u16>,
@@ -460,21 +486,9 @@ pub(crate) unsafe fn gemm_bf16(
                 if (t % 2 == 1 && jb1 == jb0) || (t >= 2 && ib1 == ib0) {
                     continue;
                 }
-                let rows = 16.min(m - ib * 16);
-                let cols = 16.min(n - jb * 16);
-                for r in 0..rows {
-                    let src = &tmp[t * 256 + r * 16..][..cols];
-                    // SAFETY: row ib*16 + r < m, columns jb*16 .. +cols <= n; each (i, j) of
-                    // dst belongs to exactly one task.
-                    let row = unsafe {
-                        std::slice::from_raw_parts_mut(dst.add((ib * 16 + r) * n + jb * 16), cols)
-                    };
-                    if acc {
-                        row.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                    } else {
-                        row.copy_from_slice(src);
-                    }
-                }
+                let shape = (16.min(m - ib * 16), 16.min(n - jb * 16));
+                // SAFETY: the block lies inside C [m, n]; each (i, j) belongs to one task.
+                unsafe { store_block(dst, n, &tmp[t * 256..], 16, (ib * 16, jb * 16), shape, acc) };
             }
         };
         (0..tasks.div_ceil(run)).into_par_iter().for_each(|r| {
@@ -497,71 +511,10 @@ pub(crate) unsafe fn gemm_bf16(
 mod tests {
     use super::*;
 
-    fn mat(v: &[f32], rs: usize, cs: usize) -> Mat {
-        Mat {
-            ptr: v.as_ptr(),
-            rs: rs as isize,
-            cs: cs as isize,
-        }
-    }
-
-    /// Against an f64 product of the bf16-rounded operands, for ragged shapes (edges in every
-    /// dimension, odd k), both layouts of each operand (rows or columns contiguous: the two
-    /// packing paths), and accumulation. Skipped where AMX is absent.
     #[test]
     fn bf16_gemm_matches_reference_of_rounded_operands() {
-        if !crate::ops::kernel_present("amx", available()) {
-            return;
-        }
-        let r = |x: f32| bf16_to_f32(bf16_bits(x)) as f64;
-        for &(m, n, k) in &[
-            (37usize, 21usize, 45usize),
-            (64, 64, 64),
-            (16, 48, 33),
-            (1, 5, 70),
-            // the packing buffer grows past a shape without padding (see avx512bf16's test)
-            (16, 32, 160),
-            (33, 100, 130),
-        ] {
-            // values of a[i][kk] and b[kk][j]
-            let av = |i: usize, kk: usize| ((i * 37 + kk * 11) % 101) as f32 / 17.0 - 3.0;
-            let bv = |kk: usize, j: usize| ((kk * 53 + j * 7) % 89) as f32 / 13.0 - 3.4;
-            for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
-                // stored row-major, or transposed (columns contiguous)
-                let a: Vec<f32> = (0..m * k)
-                    .map(|x| {
-                        if a_t {
-                            av(x % m, x / m)
-                        } else {
-                            av(x / k, x % k)
-                        }
-                    })
-                    .collect();
-                let b: Vec<f32> = (0..k * n)
-                    .map(|x| {
-                        if b_t {
-                            bv(x % k, x / k)
-                        } else {
-                            bv(x / n, x % n)
-                        }
-                    })
-                    .collect();
-                let am = if a_t { mat(&a, 1, m) } else { mat(&a, k, 1) };
-                let bm = if b_t { mat(&b, 1, k) } else { mat(&b, n, 1) };
-                let mut c = vec![1f32; m * n];
-                // SAFETY: shapes and strides as allocated.
-                assert!(unsafe { gemm_bf16(m, n, k, am, bm, c.as_mut_ptr(), true) });
-                for i in 0..m {
-                    for j in 0..n {
-                        let want = 1.0 + (0..k).map(|kk| r(av(i, kk)) * r(bv(kk, j))).sum::<f64>();
-                        let got = c[i * n + j] as f64;
-                        assert!(
-                            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                            "({m},{n},{k}) a_t {a_t} b_t {b_t} [{i},{j}] {got} vs {want}"
-                        );
-                    }
-                }
-            }
+        if crate::ops::kernel_present("amx", available()) {
+            check_against_scalar_reference(gemm_bf16);
         }
     }
 
@@ -574,5 +527,76 @@ mod tests {
         assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
         assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
         assert_eq!(bf16_to_f32(bf16_bits(-2.5)), -2.5);
+    }
+}
+
+/// The one scalar reference every bf16 kernel is checked against: an f64 product of the
+/// bf16-rounded operands, for ragged shapes (edges in every dimension, odd k, a lone last column
+/// block), both layouts of each operand (rows or columns contiguous: the two packing paths),
+/// with and without accumulation.
+#[cfg(test)]
+pub(super) fn check_against_scalar_reference(
+    gemm: unsafe fn(usize, usize, usize, Mat, Mat, *mut f32, bool) -> bool,
+) {
+    let mat = |v: &[f32], rs: usize, cs: usize| Mat {
+        ptr: v.as_ptr(),
+        rs: rs as isize,
+        cs: cs as isize,
+    };
+    let r = |x: f32| bf16_to_f32(bf16_bits(x)) as f64;
+    for &(m, n, k) in &[
+        (37usize, 21usize, 45usize),
+        (64, 64, 64),
+        (16, 48, 33),
+        (1, 5, 70),
+        (16, 16, 96),
+        (16, 16, 128),
+        // a shape with no padding, then a larger one with padding: the packing buffer grows and
+        // its padding must not keep the first shape's values (it once did)
+        (16, 32, 160),
+        (33, 100, 130),
+    ] {
+        // values of a[i][kk] and b[kk][j]
+        let av = |i: usize, kk: usize| ((i * 37 + kk * 11) % 101) as f32 / 17.0 - 3.0;
+        let bv = |kk: usize, j: usize| ((kk * 53 + j * 7) % 89) as f32 / 13.0 - 3.4;
+        for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+            // stored row-major, or transposed (columns contiguous)
+            let a: Vec<f32> = (0..m * k)
+                .map(|x| {
+                    if a_t {
+                        av(x % m, x / m)
+                    } else {
+                        av(x / k, x % k)
+                    }
+                })
+                .collect();
+            let b: Vec<f32> = (0..k * n)
+                .map(|x| {
+                    if b_t {
+                        bv(x % k, x / k)
+                    } else {
+                        bv(x / n, x % n)
+                    }
+                })
+                .collect();
+            let am = if a_t { mat(&a, 1, m) } else { mat(&a, k, 1) };
+            let bm = if b_t { mat(&b, 1, k) } else { mat(&b, n, 1) };
+            for acc in [false, true] {
+                let mut c = vec![1f32; m * n];
+                // SAFETY: shapes and strides as allocated.
+                assert!(unsafe { gemm(m, n, k, am, bm, c.as_mut_ptr(), acc) });
+                for i in 0..m {
+                    for j in 0..n {
+                        let dot = (0..k).map(|kk| r(av(i, kk)) * r(bv(kk, j))).sum::<f64>();
+                        let want = dot + if acc { 1.0 } else { 0.0 };
+                        let got = c[i * n + j] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "({m},{n},{k}) a_t {a_t} b_t {b_t} acc {acc} [{i},{j}] {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::amx::{pack_operands, TILE};
+use super::amx::{pack_operands, store_block, TILE};
 use super::cpu::Mat;
 
 /// True when the CPU has AVX512-BF16 (and AVX-512F).
@@ -105,6 +105,8 @@ pub(crate) unsafe fn gemm_bf16(
             // a lone last column block pairs with itself; its copy is not stored twice
             let jb1 = (jb0 + 1).min(nb - 1);
             let mut tmp = [0f32; ROWS * COLS];
+            // a lone last column block fills only its first 16 columns
+            let cols = if jb1 == jb0 { 16 } else { COLS };
             // SAFETY: available() checked; the packed buffers hold mb (nb) blocks of kb tiles.
             unsafe {
                 block(
@@ -115,24 +117,19 @@ pub(crate) unsafe fn gemm_bf16(
                     &mut tmp,
                 );
             }
-            let rows = ROWS.min(m - ib * ROWS);
-            let cols = if jb1 == jb0 { 16 } else { COLS }.min(n - jb0 * 16);
-            for r in 0..rows {
-                let src = &tmp[r * COLS..][..cols];
-                // SAFETY: row ib*16 + r < m, columns jb0*16 .. +cols <= n; each (i, j) of dst
-                // belongs to exactly one task.
-                let row = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        (dst as *mut f32).add((ib * ROWS + r) * n + jb0 * 16),
-                        cols,
-                    )
-                };
-                if acc {
-                    row.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                } else {
-                    row.copy_from_slice(src);
-                }
-            }
+            let shape = (ROWS.min(m - ib * ROWS), cols.min(n - jb0 * 16));
+            // SAFETY: the block lies inside C [m, n]; each (i, j) belongs to one task.
+            unsafe {
+                store_block(
+                    dst as *mut f32,
+                    n,
+                    &tmp,
+                    COLS,
+                    (ib * ROWS, jb0 * 16),
+                    shape,
+                    acc,
+                )
+            };
         });
         true
     }
@@ -145,79 +142,13 @@ pub(crate) unsafe fn gemm_bf16(
 
 #[cfg(test)]
 mod tests {
-    use super::super::amx::{bf16_bits, bf16_to_f32};
-    use super::*;
-
-    fn mat(v: &[f32], rs: usize, cs: usize) -> Mat {
-        Mat {
-            ptr: v.as_ptr(),
-            rs: rs as isize,
-            cs: cs as isize,
-        }
-    }
-
-    /// Against the scalar reference (an f64 product of the bf16-rounded operands) that the AMX
-    /// kernel is checked against, for ragged shapes (edges in every dimension, odd k, a lone
-    /// last column block), both layouts of each operand, and accumulation. Skipped where the CPU
-    /// has no AVX512-BF16 (failed under `PALM_REQUIRE_KERNEL=avx512bf16`).
+    /// Against the scalar reference the AMX kernel is checked against (`amx::
+    /// check_against_scalar_reference`). Skipped where the CPU has no AVX512-BF16 (failed under
+    /// `PALM_REQUIRE_KERNEL=avx512bf16`).
     #[test]
     fn bf16_gemm_matches_reference_of_rounded_operands() {
-        if !crate::ops::kernel_present("avx512bf16", available()) {
-            return;
-        }
-        let r = |x: f32| bf16_to_f32(bf16_bits(x)) as f64;
-        for &(m, n, k) in &[
-            (37usize, 21usize, 45usize),
-            (64, 64, 64),
-            (16, 48, 33),
-            (1, 5, 70),
-            (16, 16, 96),
-            (16, 16, 128),
-            // a shape with no padding, then a larger one with padding: the packing buffer grows
-            // and its padding must not keep the first shape's values (it once did)
-            (16, 32, 160),
-            (33, 100, 130),
-        ] {
-            let av = |i: usize, kk: usize| ((i * 37 + kk * 11) % 101) as f32 / 17.0 - 3.0;
-            let bv = |kk: usize, j: usize| ((kk * 53 + j * 7) % 89) as f32 / 13.0 - 3.4;
-            for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
-                let a: Vec<f32> = (0..m * k)
-                    .map(|x| {
-                        if a_t {
-                            av(x % m, x / m)
-                        } else {
-                            av(x / k, x % k)
-                        }
-                    })
-                    .collect();
-                let b: Vec<f32> = (0..k * n)
-                    .map(|x| {
-                        if b_t {
-                            bv(x % k, x / k)
-                        } else {
-                            bv(x / n, x % n)
-                        }
-                    })
-                    .collect();
-                let am = if a_t { mat(&a, 1, m) } else { mat(&a, k, 1) };
-                let bm = if b_t { mat(&b, 1, k) } else { mat(&b, n, 1) };
-                for acc in [false, true] {
-                    let mut c = vec![1f32; m * n];
-                    // SAFETY: shapes and strides as allocated.
-                    assert!(unsafe { gemm_bf16(m, n, k, am, bm, c.as_mut_ptr(), acc) });
-                    for i in 0..m {
-                        for j in 0..n {
-                            let dot = (0..k).map(|kk| r(av(i, kk)) * r(bv(kk, j))).sum::<f64>();
-                            let want = dot + if acc { 1.0 } else { 0.0 };
-                            let got = c[i * n + j] as f64;
-                            assert!(
-                                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                                "({m},{n},{k}) a_t {a_t} b_t {b_t} acc {acc} [{i},{j}] {got} vs {want}"
-                            );
-                        }
-                    }
-                }
-            }
+        if crate::ops::kernel_present("avx512bf16", super::available()) {
+            super::super::amx::check_against_scalar_reference(super::gemm_bf16);
         }
     }
 }
