@@ -508,7 +508,7 @@ pub(crate) unsafe fn gemm_bf16(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -528,72 +528,71 @@ mod tests {
         assert!(bf16_to_f32(bf16_bits(f32::NAN)).is_nan());
         assert_eq!(bf16_to_f32(bf16_bits(-2.5)), -2.5);
     }
-}
 
-/// The one scalar reference every bf16 kernel is checked against: an f64 product of the
-/// bf16-rounded operands, for ragged shapes (edges in every dimension, odd k, a lone last column
-/// block), both layouts of each operand (rows or columns contiguous: the two packing paths),
-/// with and without accumulation.
-#[cfg(test)]
-pub(super) fn check_against_scalar_reference(
-    gemm: unsafe fn(usize, usize, usize, Mat, Mat, *mut f32, bool) -> bool,
-) {
-    let mat = |v: &[f32], rs: usize, cs: usize| Mat {
-        ptr: v.as_ptr(),
-        rs: rs as isize,
-        cs: cs as isize,
-    };
-    let r = |x: f32| bf16_to_f32(bf16_bits(x)) as f64;
-    for &(m, n, k) in &[
-        (37usize, 21usize, 45usize),
-        (64, 64, 64),
-        (16, 48, 33),
-        (1, 5, 70),
-        (16, 16, 96),
-        (16, 16, 128),
-        // a shape with no padding, then a larger one with padding: the packing buffer grows and
-        // its padding must not keep the first shape's values (it once did)
-        (16, 32, 160),
-        (33, 100, 130),
-    ] {
-        // values of a[i][kk] and b[kk][j]
-        let av = |i: usize, kk: usize| ((i * 37 + kk * 11) % 101) as f32 / 17.0 - 3.0;
-        let bv = |kk: usize, j: usize| ((kk * 53 + j * 7) % 89) as f32 / 13.0 - 3.4;
-        for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
-            // stored row-major, or transposed (columns contiguous)
-            let a: Vec<f32> = (0..m * k)
-                .map(|x| {
-                    if a_t {
-                        av(x % m, x / m)
-                    } else {
-                        av(x / k, x % k)
-                    }
-                })
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|x| {
-                    if b_t {
-                        bv(x % k, x / k)
-                    } else {
-                        bv(x / n, x % n)
-                    }
-                })
-                .collect();
-            let am = if a_t { mat(&a, 1, m) } else { mat(&a, k, 1) };
-            let bm = if b_t { mat(&b, 1, k) } else { mat(&b, n, 1) };
-            for acc in [false, true] {
-                let mut c = vec![1f32; m * n];
-                // SAFETY: shapes and strides as allocated.
-                assert!(unsafe { gemm(m, n, k, am, bm, c.as_mut_ptr(), acc) });
-                for i in 0..m {
-                    for j in 0..n {
-                        let dot = (0..k).map(|kk| r(av(i, kk)) * r(bv(kk, j))).sum::<f64>();
-                        let want = dot + if acc { 1.0 } else { 0.0 };
-                        let got = c[i * n + j] as f64;
-                        assert!(
-                            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
-                            "({m},{n},{k}) a_t {a_t} b_t {b_t} acc {acc} [{i},{j}] {got} vs {want}"
-                        );
+    /// The one scalar reference every bf16 kernel is checked against: an f64 product of the
+    /// bf16-rounded operands, for ragged shapes (edges in every dimension, odd k, a lone last column
+    /// block), both layouts of each operand (rows or columns contiguous: the two packing paths),
+    /// with and without accumulation.
+    pub(in crate::ops) fn check_against_scalar_reference(
+        gemm: unsafe fn(usize, usize, usize, Mat, Mat, *mut f32, bool) -> bool,
+    ) {
+        let mat = |v: &[f32], rs: usize, cs: usize| Mat {
+            ptr: v.as_ptr(),
+            rs: rs as isize,
+            cs: cs as isize,
+        };
+        let r = |x: f32| bf16_to_f32(bf16_bits(x)) as f64;
+        for &(m, n, k) in &[
+            (37usize, 21usize, 45usize),
+            (64, 64, 64),
+            (16, 48, 33),
+            (1, 5, 70),
+            (16, 16, 96),
+            (16, 16, 128),
+            // a shape with no padding, then a larger one with padding: the packing buffer grows and
+            // its padding must not keep the first shape's values (it once did)
+            (16, 32, 160),
+            (33, 100, 130),
+        ] {
+            // values of a[i][kk] and b[kk][j]
+            let av = |i: usize, kk: usize| ((i * 37 + kk * 11) % 101) as f32 / 17.0 - 3.0;
+            let bv = |kk: usize, j: usize| ((kk * 53 + j * 7) % 89) as f32 / 13.0 - 3.4;
+            for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+                // stored row-major, or transposed (columns contiguous)
+                let a: Vec<f32> = (0..m * k)
+                    .map(|x| {
+                        if a_t {
+                            av(x % m, x / m)
+                        } else {
+                            av(x / k, x % k)
+                        }
+                    })
+                    .collect();
+                let b: Vec<f32> = (0..k * n)
+                    .map(|x| {
+                        if b_t {
+                            bv(x % k, x / k)
+                        } else {
+                            bv(x / n, x % n)
+                        }
+                    })
+                    .collect();
+                let am = if a_t { mat(&a, 1, m) } else { mat(&a, k, 1) };
+                let bm = if b_t { mat(&b, 1, k) } else { mat(&b, n, 1) };
+                for acc in [false, true] {
+                    let mut c = vec![1f32; m * n];
+                    // SAFETY: shapes and strides as allocated.
+                    assert!(unsafe { gemm(m, n, k, am, bm, c.as_mut_ptr(), acc) });
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot = (0..k).map(|kk| r(av(i, kk)) * r(bv(kk, j))).sum::<f64>();
+                            let want = dot + if acc { 1.0 } else { 0.0 };
+                            let got = c[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                                "({m},{n},{k}) a_t {a_t} b_t {b_t} acc {acc} [{i},{j}] {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }

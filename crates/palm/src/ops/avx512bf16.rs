@@ -142,13 +142,13 @@ pub(crate) unsafe fn gemm_bf16(
 
 #[cfg(test)]
 mod tests {
-    /// Against the scalar reference the AMX kernel is checked against (`amx::
+    /// Against the scalar reference the AMX kernel is checked against (`amx::tests::
     /// check_against_scalar_reference`). Skipped where the CPU has no AVX512-BF16 (failed under
     /// `PALM_REQUIRE_KERNEL=avx512bf16`).
     #[test]
     fn bf16_gemm_matches_reference_of_rounded_operands() {
         if crate::ops::kernel_present("avx512bf16", super::available()) {
-            super::super::amx::check_against_scalar_reference(super::gemm_bf16);
+            super::super::amx::tests::check_against_scalar_reference(super::gemm_bf16);
         }
     }
 }
