@@ -215,41 +215,14 @@ mod tests {
         }
     }
 
-    /// Two ranks where the peer holds the same values as this one: sums double.
-    struct Twin;
-    impl Communicator for Twin {
-        fn rank(&self) -> usize {
-            0
-        }
-        fn world_size(&self) -> usize {
-            2
-        }
-        fn barrier(&self) -> Result<()> {
-            Ok(())
-        }
-        fn broadcast_f32(&self, _: &mut [f32], _: usize) -> Result<()> {
-            Ok(())
-        }
-        fn all_reduce_sum_f32(&self, buf: &mut [f32]) -> Result<()> {
-            buf.iter_mut().for_each(|x| *x *= 2.0);
-            Ok(())
-        }
-        fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-            buf.iter_mut().for_each(|x| *x *= 2.0);
-            Ok(())
-        }
-        fn describe(&self) -> String {
-            "twin".into()
-        }
-    }
-
     /// Means weighted by the rank's share (0.25 here, twice: 0.5 of the value), plain sums
     /// doubled, non-numeric fields left alone.
     #[test]
     fn reduce_means_weighs_metrics_and_sums_the_rest() {
         let mut m = serde_json::json!({"acc": 0.8, "margin": -2.0, "note": "x"});
         let mut sums = [1.5, 3.0];
-        reduce_means(&Twin, &mut m, &mut sums, 0.25).unwrap();
+        let twin = super::super::tests::Doubling(std::sync::Mutex::new(0));
+        reduce_means(&twin, &mut m, &mut sums, 0.25).unwrap();
         assert_eq!(sums, [3.0, 6.0]);
         assert_eq!(m["acc"], 0.4);
         assert_eq!(m["margin"], -1.0);

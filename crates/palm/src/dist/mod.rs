@@ -227,9 +227,9 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    /// A fake world of one rank whose "other ranks" contribute fixed buffers, to check the
-    /// bucketing puts every element back where it came from.
-    struct Doubling(Mutex<usize>);
+    /// A fake world of two ranks where the other holds the same buffers (every sum doubles),
+    /// counting its f32 all-reduces: the bucketing and `ddp`'s reductions are checked on it.
+    pub(super) struct Doubling(pub(super) Mutex<usize>);
     impl Communicator for Doubling {
         fn rank(&self) -> usize {
             0

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use super::hf::{HfModel, Linear, Norm, Qkv};
 use super::hf_config::{Act, BlockKind, MlpLayout, NormKind, PosKind, QkNorm, RotaryStyle};
 use super::palm::Forward;
-use super::palm_decode::{attend, matmul_wt, rotate, to_vec};
+use super::palm_decode::{attend, check_step, matmul_wt, rotate, to_vec};
 use crate::error::{Error, Result};
 use crate::lora::Lora;
 
@@ -332,26 +332,7 @@ impl HfDecoder {
     /// position [B*T] (per row: real tokens before it, as `hf.rs` counts them).
     fn admit(&mut self, ids: &[u32], mask: &[u8], t: usize) -> Result<Vec<usize>> {
         let b = self.batch;
-        if ids.len() != b * t || mask.len() != b * t || t == 0 {
-            return Err(Error::msg(format!(
-                "decoder step: {} ids and {} mask entries for {b} rows of {t} positions",
-                ids.len(),
-                mask.len()
-            )));
-        }
-        if self.len + t > self.capacity {
-            return Err(Error::msg(format!(
-                "decoder step: {} positions exceed the capacity of {}",
-                self.len + t,
-                self.capacity
-            )));
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.v) {
-            return Err(Error::msg(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.v
-            )));
-        }
+        check_step(ids, mask, t, b, self.len, self.capacity, self.v)?;
         let mut pos = Vec::with_capacity(b * t);
         for r in 0..b {
             let row = &mask[r * t..(r + 1) * t];

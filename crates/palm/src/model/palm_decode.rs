@@ -153,26 +153,7 @@ impl PalmDecoder {
         let (b, c, h, d, f) = (self.batch, self.c, self.h, self.d, self.f);
         let hd = h * d;
         let fused = hd + 2 * d + 2 * f;
-        if ids.len() != b * t || mask.len() != b * t || t == 0 {
-            return Err(Error::msg(format!(
-                "decoder step: {} ids and {} mask entries for {b} rows of {t} positions",
-                ids.len(),
-                mask.len()
-            )));
-        }
-        if self.len + t > self.capacity {
-            return Err(Error::msg(format!(
-                "decoder step: {} positions exceed the capacity of {}",
-                self.len + t,
-                self.capacity
-            )));
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.v) {
-            return Err(Error::msg(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.v
-            )));
-        }
+        check_step(ids, mask, t, b, self.len, self.capacity, self.v)?;
         let (s0, s) = (self.len, self.len + t);
         for row in 0..b {
             let dst = &mut self.key_mask[row * self.capacity + s0..row * self.capacity + s];
@@ -267,6 +248,38 @@ impl PalmDecoder {
         matmul_wt(&last_n, &self.emb_t, b, c, self.v, &mut logits, false);
         Ok(logits)
     }
+}
+
+/// A decoding step's inputs fit: `ids` and `mask` are [B, T] with T >= 1, the `len` cached
+/// positions plus T fit the `capacity`, and every id is inside the vocabulary `v`.
+pub(super) fn check_step(
+    ids: &[u32],
+    mask: &[u8],
+    t: usize,
+    b: usize,
+    len: usize,
+    capacity: usize,
+    v: usize,
+) -> Result<()> {
+    if ids.len() != b * t || mask.len() != b * t || t == 0 {
+        return Err(Error::msg(format!(
+            "decoder step: {} ids and {} mask entries for {b} rows of {t} positions",
+            ids.len(),
+            mask.len()
+        )));
+    }
+    if len + t > capacity {
+        return Err(Error::msg(format!(
+            "decoder step: {} positions exceed the capacity of {capacity}",
+            len + t
+        )));
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+        return Err(Error::msg(format!(
+            "token id {bad} is outside the vocabulary of {v}"
+        )));
+    }
+    Ok(())
 }
 
 /// One layer of one decoding step: sizes and the layer's cache (all rows).

@@ -33,7 +33,7 @@ use crate::rlhf::kl::KlEstimator;
 use crate::rlhf::policy_loss::{
     policy_loss, token_entropy, Clip, ClipStats, KlInLoss, LossAgg, Normaliser,
 };
-use crate::rlhf::rollout::{self, Actors, Layout, RolloutConfig, ACTOR};
+use crate::rlhf::rollout::{self, take_rows, Actors, Layout, RolloutConfig, ACTOR};
 use crate::rlhf::scorer::Scorer;
 use crate::rlhf::{grpo, reinforce, rloo};
 use crate::rng::{self, PalmRng, RngState};
@@ -773,13 +773,6 @@ impl RlTrainer {
         sums.kl += f64::from(out.kl);
         optim::grads_take(&self.opt.params, self.model.backward(&loss)?)
     }
-}
-
-/// The rows `idx` of a per-token array [B, R].
-fn take_rows(x: &[f32], idx: &[usize], r: usize) -> Vec<f32> {
-    idx.iter()
-        .flat_map(|&i| x[i * r..(i + 1) * r].iter().copied())
-        .collect()
 }
 
 /// What one rank's micro-batches of an optimiser step measured; sums over the rows, so the sum

@@ -37,7 +37,7 @@ use crate::rlhf::advantage::{self, ScoreShaping};
 use crate::rlhf::kl::{KlController, KlEstimator};
 use crate::rlhf::reward::{HeadKind, Pooling, RewardModel};
 use crate::rlhf::rollout::{
-    self, Actors, Critic, Layout, Rollout, RolloutConfig, Scored, ACTOR, CRITIC,
+    self, take_rows, Actors, Critic, Layout, Rollout, RolloutConfig, Scored, ACTOR, CRITIC,
 };
 use crate::rlhf::scorer::Scorer;
 use crate::rlhf::value::{ValueHead, ValueKind};
@@ -998,11 +998,7 @@ impl PpoTrainer {
         let dev = self.model.device().clone();
         let r = ro.layout.r;
         let lay: Layout = ro.layout.rows(rows);
-        let take = |x: &[f32]| -> Vec<f32> {
-            rows.iter()
-                .flat_map(|&i| x[i * r..(i + 1) * r].iter().copied())
-                .collect()
-        };
+        let take = |x: &[f32]| take_rows(x, rows, r);
         let n = rows.len();
         let mask = lay.mask_tensor(&dev)?; // [n, R]
                                            // each block one graph node; the gradients come from Model::backward
@@ -1049,11 +1045,7 @@ impl PpoTrainer {
         let dev = self.model.device().clone();
         let r = ro.layout.r;
         let lay: Layout = ro.layout.rows(rows);
-        let take = |x: &[f32]| -> Vec<f32> {
-            rows.iter()
-                .flat_map(|&i| x[i * r..(i + 1) * r].iter().copied())
-                .collect()
-        };
+        let take = |x: &[f32]| take_rows(x, rows, r);
         let take_seq = |x: &[f32]| -> Vec<f32> { rows.iter().map(|&i| x[i]).collect() };
         let n = rows.len();
         let mask = lay.mask_tensor(&dev)?; // [n, R]

@@ -131,6 +131,13 @@ impl Layout {
     }
 }
 
+/// The rows `idx` of a per-token array [B, R] (minibatches of a rollout).
+pub fn take_rows(x: &[f32], idx: &[usize], r: usize) -> Vec<f32> {
+    idx.iter()
+        .flat_map(|&i| x[i * r..(i + 1) * r].iter().copied())
+        .collect()
+}
+
 /// Log-probabilities [B, R] of the response tokens and the tempered logits [B, R, V] they come
 /// from, under the model run with `opts` (policy: actor scope; reference: LoRA disabled).
 pub fn response_logprobs(
