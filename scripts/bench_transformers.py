@@ -4,7 +4,9 @@ gguf package), and time the same workloads, printing one JSON object per line.
 
 Workloads: sample (batch 16, `generate` with the KV cache, temperature-1 sampling, no early
 stop), decode (the same at batch 1), reward (one forward, no grad), train (forward,
-cross-entropy, backward, AdamW on every parameter, as `palm bench train --model`).
+cross-entropy, backward, AdamW on every parameter, as `palm bench train --model`; with
+`--lora-r R`, peft's LoRA on q, k, v and o with alpha 2R over a frozen base, as
+`palm bench train --lora-r R`).
 """
 import argparse, json, os, resource, statistics, time
 
@@ -32,6 +34,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--lora-r", type=int, default=0, help="train: LoRA rank (0: full model)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -59,13 +62,19 @@ def main():
     else:
         b = a.batch_size or 8
         ids = torch.randint(0, vocab, (b, a.seq_len + 1))
+        if a.lora_r:
+            from peft import LoraConfig, get_peft_model
+            cfg = LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0,
+                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+            model = get_peft_model(model, cfg)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
 
         def step():
             out = model(ids[:, :-1], labels=ids[:, :-1])
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
         tokens = b * a.seq_len
@@ -79,6 +88,7 @@ def main():
     print(json.dumps({"workload": a.workload, "model": a.model, "tokens_per_run": tokens,
                       "median_seconds": secs, "tokens_per_sec": tokens / secs,
                       "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
+                      "lora_r": a.lora_r or None,
                       "all_seconds": times}))
 
 

@@ -310,3 +310,53 @@ fn bench_train_with_lora() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--lora-r"));
 }
+
+/// `palm bench train --gradient-checkpointing` runs on a Hugging Face model and says so in its
+/// JSON; a PaLM (whose blocks are fused nodes already) and the other workloads refuse it.
+#[test]
+fn bench_train_with_gradient_checkpointing() {
+    let run = |args: &[&str]| palm_cmd().args(args).output().unwrap();
+    let Some(root) = palm::fixtures::require(palm::fixtures::data_path("models/tiny-random-hf"))
+    else {
+        return;
+    };
+    let llama = root.join("llama");
+    let llama = llama.to_str().unwrap();
+    let o = run(&[
+        "bench",
+        "train",
+        "--model",
+        llama,
+        "--runs",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "8",
+        "--gradient-checkpointing",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["gradient_checkpointing"], true);
+    let palm = run(&[
+        "bench",
+        "train",
+        "--config",
+        "tiny",
+        "--runs",
+        "1",
+        "--gradient-checkpointing",
+    ]);
+    assert!(!palm.status.success());
+    let err = String::from_utf8_lossy(&palm.stderr);
+    assert!(err.contains("Hugging Face and GGUF models"), "{err}");
+    let o = run(&[
+        "bench",
+        "sample",
+        "--model",
+        llama,
+        "--gradient-checkpointing",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--gradient-checkpointing"));
+}

@@ -670,3 +670,169 @@ fn fast_decoder_equals_the_graph_path() {
         }
     }
 }
+
+/// The fused kernels HF models train on (RMSNorm, per-group multi-query attention, gated SiLU)
+/// against candle's composed ops (`with_composed_ops`): the same logits and the same gradient
+/// for every parameter, with left padding, a loss mask and a LoRA scope, over the full model and
+/// with a frozen base.
+#[test]
+fn fused_ops_equal_composed_ops_in_logits_and_gradients() {
+    use palm::model::hf::with_composed_ops;
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let dev = Device::Cpu;
+        let mut m = load_hf(&dir, &dev).unwrap();
+        let spec = palm::config::LoraSpec {
+            targets: palm::config::LoraTargets::AttentionAndFf,
+            ..palm::config::LoraSpec::new(3)
+        };
+        m.add_scope("actor", spec, 5).unwrap();
+        for (i, (k, var)) in m.vars.iter().enumerate() {
+            if k.starts_with("finetune_modules.actor.") && k.ends_with(".B") {
+                let v = palm::rng::normal(&mut palm::rng::seeded(i as u64), var.elem_count(), 0.3);
+                var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap())
+                    .unwrap();
+            }
+        }
+        let ids = reference(&dir).ids;
+        let t = ids.len() - 1;
+        // row 1 is left-padded by 3 (pad id 0, masked keys, masked loss)
+        let mut padded = vec![0u32; 3];
+        padded.extend(&ids[..t - 3]);
+        let x = ids_tensor(&[ids[..t].to_vec(), padded]);
+        let mut y1 = vec![0u32; 3];
+        y1.extend(&ids[1..t - 2]);
+        let y = ids_tensor(&[ids[1..].to_vec(), y1]);
+        let km: Vec<u8> = [vec![1u8; t], vec![0, 0, 0], vec![1u8; t - 3]].concat();
+        let km = Tensor::from_vec(km, (2, t), &dev).unwrap();
+        let mut lm: Vec<f32> = vec![1.0; t];
+        lm.extend([0.0, 0.0, 0.0]);
+        lm.extend(vec![1.0; t - 3]);
+        let lm = Tensor::from_vec(lm, (2, t), &dev).unwrap();
+        // left padding (rotary outside the kernel), and none (rotary inside it)
+        let cases = [
+            (None, false, true),
+            (Some("actor"), true, true),
+            (Some("actor"), false, true),
+            (Some("actor"), false, false),
+        ];
+        for (scope, freeze_base, pad) in cases {
+            let (km, lm) = if pad {
+                (Some(&km), Some(&lm))
+            } else {
+                (None, None)
+            };
+            let opts = Forward {
+                scope,
+                freeze_base,
+                key_mask: km,
+                // dropout off: two runs would draw different masks (GPT-2's are 0.1)
+                train: false,
+                ..Default::default()
+            };
+            let run = || {
+                let logits = m.forward(&x, &opts).unwrap();
+                let loss = palm::model::cross_entropy(&logits, &y, lm).unwrap();
+                (logits, loss.backward().unwrap())
+            };
+            let (lf, gf) = run();
+            let (lc, gc) = with_composed_ops(run);
+            let dl = max_diff(&lf, &lc);
+            let (mut worst, mut checked) = (0f32, 0);
+            for (k, v) in m.vars.iter() {
+                match (gf.get(v.as_tensor()), gc.get(v.as_tensor())) {
+                    (Some(a), Some(b)) => {
+                        let scale = max_diff(b, &b.zeros_like().unwrap()).max(1e-6);
+                        worst = worst.max(max_diff(a, b) / scale);
+                        checked += 1;
+                    }
+                    (None, None) => {}
+                    (a, b) => panic!(
+                        "{name} {scope:?}: {k} has a gradient on one path only (fused {}, composed {})",
+                        a.is_some(),
+                        b.is_some()
+                    ),
+                }
+            }
+            eprintln!(
+                "{name} scope {scope:?} frozen {freeze_base} padded {pad}: logits {dl:.1e}, {checked} gradients, worst relative {worst:.1e}"
+            );
+            assert!(checked > 0, "{name}: no gradient was compared");
+            assert!(dl < 1e-4, "{name}: logits differ by {dl}");
+            assert!(
+                worst < 1e-3,
+                "{name}: a gradient differs by {worst} relative"
+            );
+        }
+    }
+}
+
+/// Gradient checkpointing (each layer recomputed in the backward) gives the gradients of the
+/// plain graph for every parameter, over the full model and for LoRA over a frozen base (where
+/// the layers' input is a constant), and refuses a second forward before the first one's
+/// gradients are collected.
+#[test]
+fn gradient_checkpointing_equals_the_plain_graph() {
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let dev = Device::Cpu;
+        let mut m = load_hf(&dir, &dev).unwrap();
+        m.add_scope("actor", palm::config::LoraSpec::new(2), 5)
+            .unwrap();
+        for (i, (k, var)) in m.vars.iter().enumerate() {
+            if k.ends_with(".B") {
+                let v = palm::rng::normal(&mut palm::rng::seeded(i as u64), var.elem_count(), 0.3);
+                var.set(&Tensor::from_vec(v, var.shape(), &dev).unwrap())
+                    .unwrap();
+            }
+        }
+        let ids = reference(&dir).ids;
+        let t = ids.len() - 1;
+        let x = ids_tensor(&[ids[..t].to_vec(), ids[1..].to_vec()]);
+        let y = ids_tensor(&[ids[1..].to_vec(), ids[..t].to_vec()]);
+        for (scope, freeze_base) in [(None, false), (Some("actor"), true)] {
+            let opts = Forward {
+                scope,
+                freeze_base,
+                fused_blocks: true,
+                ..Default::default()
+            };
+            let grads = |m: &HfModel| {
+                let logits = m.forward(&x, &opts).unwrap();
+                let loss = palm::model::cross_entropy(&logits, &y, None).unwrap();
+                m.backward(&loss).unwrap()
+            };
+            m.gradient_checkpointing = false;
+            let plain = grads(&m);
+            m.gradient_checkpointing = true;
+            let ckpt = grads(&m);
+            let (mut worst, mut checked) = (0f32, 0);
+            for (k, v) in m.vars.iter() {
+                match (plain.get(v.as_tensor()), ckpt.get(v.as_tensor())) {
+                    (Some(a), Some(b)) => {
+                        let scale = max_diff(a, &a.zeros_like().unwrap()).max(1e-6);
+                        worst = worst.max(max_diff(a, b) / scale);
+                        checked += 1;
+                    }
+                    (None, None) => {}
+                    (a, b) => panic!(
+                        "{name} {scope:?}: {k}: plain {} checkpointed {}",
+                        a.is_some(),
+                        b.is_some()
+                    ),
+                }
+            }
+            eprintln!("{name} {scope:?}: {checked} gradients, worst relative {worst:.1e}");
+            assert!(checked > 0 && worst < 1e-5, "{name} {scope:?}: {worst}");
+        }
+        // a checkpointed forward whose loss never reaches Model::backward holds its gradients
+        let opts = Forward {
+            fused_blocks: true,
+            ..Default::default()
+        };
+        let loss = palm::model::cross_entropy(&m.forward(&x, &opts).unwrap(), &y, None).unwrap();
+        drop(loss.backward().unwrap());
+        let err = m.forward(&x, &opts).unwrap_err().to_string();
+        assert!(err.contains("Model::backward"), "{err}");
+    }
+}

@@ -56,6 +56,10 @@ pub struct Args {
     /// every weight.
     #[arg(long)]
     pub lora_r: Option<usize>,
+    /// train: recompute each layer in the backward instead of keeping its activations
+    /// (Hugging Face and GGUF models).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Matrix-product precision of the linear layers (bf16: AMX or AVX512-BF16, f32 master
     /// weights).
     #[arg(long, value_enum, default_value_t = super::Precision::F32)]
@@ -270,6 +274,12 @@ pub fn run(a: Args) -> Result<()> {
         };
         model.add_scope(BENCH_SCOPE, spec, a.seed)?;
     }
+    if a.gradient_checkpointing {
+        if a.workload != Workload::Train {
+            bail!("--gradient-checkpointing is for `palm bench train`");
+        }
+        model.set_gradient_checkpointing(true)?;
+    }
     if a.model.is_some() && a.workload == Workload::Ppo {
         bail!("bench ppo runs a fresh PaLM of --config; --model is for train, sample, decode and reward");
     }
@@ -338,6 +348,7 @@ pub fn run(a: Args) -> Result<()> {
         "precision": format!("{:?}", palm::ops::linear::matmul_precision()).to_lowercase(),
         // which bf16 kernel ran (null in f32)
         "lora_r": a.lora_r,
+        "gradient_checkpointing": a.gradient_checkpointing,
         "bf16_kernel": palm::ops::linear::bf16_kernel()
             .filter(|_| palm::ops::linear::matmul_precision() == MatmulPrecision::Bf16),
         "peak_rss_mb": peak_rss_mb(),

@@ -136,6 +136,11 @@ pub struct Args {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Recompute each layer in the backward instead of keeping its activations: less memory,
+    /// one more forward per step, the same gradients (Hugging Face and GGUF models; may differ
+    /// on --resume).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Also write every batch and the initial model into --out (for scripts/compare-train.sh).
     #[arg(long, hide = true)]
     pub export_batches: bool,
@@ -190,7 +195,8 @@ fn train_config(a: &Args) -> TrainConfig {
 
 /// `--resume` continues the run with the settings saved in its checkpoint: a flag given on the
 /// command line that differs from them is refused by name (with the run's value), rather than
-/// silently ignored. `--steps` may extend the run; `--out`, `--quiet`, `--precision` and a
+/// silently ignored. `--steps` may extend the run; `--out`, `--quiet`, `--precision`,
+/// `--gradient-checkpointing` and a
 /// `--data` naming the same files are fine.
 fn check_resume_flags(
     a: &Args,
@@ -374,6 +380,9 @@ pub fn run(mut a: Args) -> Result<()> {
         Trainer::new(cfg, model, data, &a.out)?
     };
     trainer.quiet = a.quiet;
+    trainer
+        .model
+        .set_gradient_checkpointing(a.gradient_checkpointing)?;
     tracing::info!(
         "{} parameters, training {}; {} steps of {} x {} x {} tokens",
         trainer.model.num_parameters(),

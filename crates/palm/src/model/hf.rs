@@ -11,13 +11,15 @@
 //! LoRA scopes as for PaLM: `finetune_modules.{scope}.{layer}.{j}.{A,B}` with j = 0 q, 1 k, 2 v,
 //! 3 o (and 4 ff input, 5 ff output when targeted), A [in, r], B [r, out].
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor, D};
 use serde_json::Value;
 
+use super::hf_checkpoint::LayerNode;
 pub use super::hf_config::{
     Act, Arch, BlockKind, HfSpec, MlpLayout, NormKind, PosKind, QkNorm, QkvLayout, RotaryStyle,
 };
@@ -26,11 +28,33 @@ use crate::config::{LoraSpec, LoraTargets};
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, LayerKv};
 use crate::lora::{scope_tag, Lora, LoraLayer};
+use crate::ops;
+use crate::ops::attention::AttnSpec;
+use crate::ops::block::SideGrads;
 use crate::params::VarStore;
 use crate::rng::{self, PalmRng};
 
 /// Masked scores take this value (not -inf), so a fully masked row (left padding) is not NaN.
 const MASK_VALUE: f32 = -f32::MAX;
+
+thread_local! {
+    static COMPOSED: Cell<bool> = Cell::new(std::env::var_os("PALM_COMPOSED_OPS").is_some());
+}
+
+/// Runs `f` with this thread's HF forwards on candle's composed ops instead of the fused kernels
+/// (RMSNorm, attention, gated SiLU): the reference the fused path is tested against.
+/// `PALM_COMPOSED_OPS=1` does the same for a whole process (for comparisons).
+pub fn with_composed_ops<R>(f: impl FnOnce() -> R) -> R {
+    let before = COMPOSED.with(|c| c.replace(true));
+    let out = f();
+    COMPOSED.with(|c| c.set(before));
+    out
+}
+
+/// Whether `t` can go through the fused kernels (f32 on the CPU, not the composed reference).
+fn fused_ok(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32 && !COMPOSED.with(Cell::get)
+}
 
 // ---------------------------------------------------------------------------------------------
 // Linear: weight [out, in] (or [in, out] for GPT-2's Conv1D), optional bias [out].
@@ -71,7 +95,8 @@ impl Linear {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Norms as composed ops (they need a backward; candle-nn's fused norms have none).
+// Norms: RMSNorm through the fused kernel ([`ops::rms_norm`]) on f32 CPU tensors, the rest as
+// composed ops (they need a backward; candle-nn's fused norms have none).
 
 #[derive(Debug, Clone)]
 pub struct Norm {
@@ -85,6 +110,10 @@ pub struct Norm {
 
 impl Norm {
     pub fn forward(&self, x: &Tensor, freeze: bool) -> Result<Tensor> {
+        let w = frozen(&self.weight, freeze);
+        if self.kind == NormKind::RmsNorm && self.bias.is_none() && fused_ok(x) && fused_ok(&w) {
+            return Ok(ops::rms_norm::rms_norm(x, &w, self.eps, self.offset)?);
+        }
         let xn = match self.kind {
             // x / sqrt(mean(x^2) + eps)
             NormKind::RmsNorm => {
@@ -98,7 +127,6 @@ impl Norm {
                 xc.broadcast_div(&(var + self.eps)?.sqrt()?)?
             }
         };
-        let w = frozen(&self.weight, freeze);
         let w = if self.offset { (w + 1.0)? } else { w };
         let y = xn.broadcast_mul(&w)?;
         Ok(match &self.bias {
@@ -246,15 +274,17 @@ pub struct Layer {
     pub mlp: Mlp,
 }
 
-struct LayerCtx<'a> {
-    spec: &'a HfSpec,
-    layer: usize,
-    rot: Option<&'a RotaryTables>,
+pub(super) struct LayerCtx<'a> {
+    pub spec: &'a HfSpec,
+    pub layer: usize,
+    pub rot: Option<&'a RotaryTables>,
     /// [B, 1, T, S] u8, 1 = attend.
-    mask: Option<&'a Tensor>,
-    lora: Option<&'a LoraLayer>,
-    opts: &'a Forward<'a>,
-    rng: &'a Mutex<PalmRng>,
+    pub mask: Option<&'a Tensor>,
+    /// The fused attention's spec (H/KV heads, causal, key padding) where it applies.
+    pub fused_attn: Option<&'a AttnSpec>,
+    pub lora: Option<&'a LoraLayer>,
+    pub opts: &'a Forward<'a>,
+    pub rng: &'a Mutex<PalmRng>,
 }
 
 fn act(x: &Tensor, a: Act) -> Result<Tensor> {
@@ -307,7 +337,6 @@ impl Attention {
         let fz = ctx.opts.freeze_base;
         let (b, t, _c) = x.dims3()?;
         let (h, kv, d) = (spec.heads, spec.kv_heads, spec.head_dim);
-        let rep = h / kv;
 
         // 1. projections (+ LoRA on q, k, v)
         let (mut q, mut k, mut v) = self.project(x, spec, fz)?;
@@ -317,8 +346,8 @@ impl Attention {
             v = (v + l.v.forward(x)?)?;
         }
 
-        // 2. heads: q [B, T, H*D] -> [B, T, H, D] -> [B, H, T, D]; k, v [B, T, KV*D] ->
-        //    [B, KV, T, D]; q/k RMSNorm over the whole projection before the split, or per head
+        // 2. heads: q [B, T, H*D] -> [B, T, H, D]; k [B, T, KV*D] -> [B, T, KV, D]; q/k
+        //    RMSNorm over the whole projection before the split, or per head
         let (mut q, mut k) = (q, k);
         if spec.qk_norm == QkNorm::Whole {
             (q, k) = self.norm_qk(&q, &k, fz)?;
@@ -328,65 +357,145 @@ impl Attention {
         if spec.qk_norm == QkNorm::PerHead {
             (q, k) = self.norm_qk(&q, &k, fz)?;
         }
-        let q = q.transpose(1, 2)?.contiguous()?;
-        let k = k.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
-
-        // 3. rotary on q and k
-        let (q, k) = match (spec.pos, ctx.rot) {
-            (PosKind::Rotary { style, dims, .. }, Some(rot)) if dims > 0 => (
-                apply_rotary(&q, rot, style, dims)?,
-                apply_rotary(&k, rot, style, dims)?,
-            ),
-            _ => (q, k),
+        // 3-6. rotary, scores, softmax, weighted values -> o [B, T, H*D]
+        let scale = attn_scale(spec, ctx.layer);
+        let o = match (cache, ctx.fused_attn) {
+            (None, Some(fa)) => attend_fused(q, k, &v, ctx, fa, scale)?,
+            (cache, _) => attend_composed(q, k, &v, ctx, cache, scale)?,
         };
-
-        // 4. KV cache: earlier positions first, [B, KV, S, D]
-        let (k, v) = match cache {
-            Some((slot, reserve)) => slot.append(&k, &v, 2, reserve)?,
-            None => (k, v),
-        };
-        let s = k.dim(2)?;
-
-        // 5. scores: the H/KV query heads of a group share its key head,
-        //    [B, KV, rep*T, D] x [B, KV, D, S] -> [B, KV, rep*T, S] -> [B, H, T, S]
-        let mut scale = if spec.scale_attn {
-            (d as f64).powf(-0.5)
-        } else {
-            1.0
-        };
-        if spec.scale_by_layer {
-            scale /= (ctx.layer + 1) as f64;
-        }
-        let qg = q.reshape((b, kv, rep * t, d))?;
-        let sim = (qg.matmul(&k.t()?)? * scale)?.reshape((b, h, t, s))?;
-        let sim = match ctx.mask {
-            Some(m) => {
-                let m = m.broadcast_as((b, h, t, s))?;
-                let fill = Tensor::full(MASK_VALUE, (b, h, t, s), sim.device())?;
-                m.where_cond(&sim, &fill)?
-            }
-            None => sim,
-        };
-        let attn = softmax_last(&sim)?;
-        let attn = if ctx.opts.train {
-            dropout(&attn, spec.attn_dropout, ctx.rng)?
-        } else {
-            attn
-        };
-
-        // 6. weighted values [B, KV, rep*T, S] x [B, KV, S, D] -> [B, H, T, D] -> [B, T, H*D]
-        let o = attn.reshape((b, kv, rep * t, s))?.matmul(&v)?;
-        let o = o
-            .reshape((b, h, t, d))?
-            .transpose(1, 2)?
-            .reshape((b, t, h * d))?;
         let mut out = self.o.forward(&o, fz)?;
         if let Some(l) = ctx.lora {
             out = (out + l.o.forward(&o)?)?;
         }
         Ok(out)
     }
+}
+
+/// The score scale: D^-0.5 (or 1), divided by the layer number for GPT-2's
+/// `scale_attn_by_inverse_layer_idx`.
+fn attn_scale(spec: &HfSpec, layer: usize) -> f64 {
+    let mut scale = if spec.scale_attn {
+        (spec.head_dim as f64).powf(-0.5)
+    } else {
+        1.0
+    };
+    if spec.scale_by_layer {
+        scale /= (layer + 1) as f64;
+    }
+    scale
+}
+
+/// Steps 3-6 as composed ops (any device and dtype, KV cache, attention dropout):
+/// q [B, T, H, D], k [B, T, KV, D], v [B, T, KV*D] -> o [B, T, H*D].
+fn attend_composed(
+    q: Tensor,
+    k: Tensor,
+    v: &Tensor,
+    ctx: &LayerCtx,
+    cache: Option<(&mut LayerKv, usize)>,
+    scale: f64,
+) -> Result<Tensor> {
+    let spec = ctx.spec;
+    let (b, t, h, d) = q.dims4()?;
+    let kv = k.dim(2)?;
+    let rep = h / kv;
+    // [B, T, H, D] -> [B, H, T, D]; k, v -> [B, KV, T, D]
+    let q = q.transpose(1, 2)?.contiguous()?;
+    let k = k.transpose(1, 2)?.contiguous()?;
+    let v = v.reshape((b, t, kv, d))?.transpose(1, 2)?.contiguous()?;
+
+    // 3. rotary on q and k
+    let (q, k) = match (spec.pos, ctx.rot) {
+        (PosKind::Rotary { style, dims, .. }, Some(rot)) if dims > 0 => (
+            apply_rotary(&q, rot, style, dims)?,
+            apply_rotary(&k, rot, style, dims)?,
+        ),
+        _ => (q, k),
+    };
+
+    // 4. KV cache: earlier positions first, [B, KV, S, D]
+    let (k, v) = match cache {
+        Some((slot, reserve)) => slot.append(&k, &v, 2, reserve)?,
+        None => (k, v),
+    };
+    let s = k.dim(2)?;
+
+    // 5. scores: the H/KV query heads of a group share its key head,
+    //    [B, KV, rep*T, D] x [B, KV, D, S] -> [B, KV, rep*T, S] -> [B, H, T, S]
+    let qg = q.reshape((b, kv, rep * t, d))?;
+    let sim = (qg.matmul(&k.t()?)? * scale)?.reshape((b, h, t, s))?;
+    let sim = match ctx.mask {
+        Some(m) => {
+            let m = m.broadcast_as((b, h, t, s))?;
+            let fill = Tensor::full(MASK_VALUE, (b, h, t, s), sim.device())?;
+            m.where_cond(&sim, &fill)?
+        }
+        None => sim,
+    };
+    let attn = softmax_last(&sim)?;
+    let attn = if ctx.opts.train {
+        dropout(&attn, spec.attn_dropout, ctx.rng)?
+    } else {
+        attn
+    };
+
+    // 6. weighted values [B, KV, rep*T, S] x [B, KV, S, D] -> [B, H, T, D] -> [B, T, H*D]
+    let o = attn.reshape((b, kv, rep * t, s))?.matmul(&v)?;
+    Ok(o.reshape((b, h, t, d))?
+        .transpose(1, 2)?
+        .reshape((b, t, h * d))?)
+}
+
+/// Steps 3-6 on the fused kernel ([`ops::attention`], no KV cache): rotary inside the kernel
+/// or on [B, T, H, D] before it (no transposes), then for each KV group the fused multi-query attention of its H/KV query
+/// heads. No [B, H, T, S] tensor is built; the backward recomputes the probabilities.
+/// q [B, T, H, D], k [B, T, KV, D], v [B, T, KV*D] -> o [B, T, H*D].
+fn attend_fused(
+    q: Tensor,
+    k: Tensor,
+    v: &Tensor,
+    ctx: &LayerCtx,
+    fa: &AttnSpec,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, t, h, d) = q.dims4()?;
+    let kv = k.dim(2)?;
+    let rep = h / kv;
+    let (q, k) = match (ctx.spec.pos, ctx.rot) {
+        (PosKind::Rotary { style, dims, .. }, Some(rot)) if dims > 0 && fa.rotary.is_none() => {
+            // tables [B, 1, T, n] -> [B, T, 1, n] (the same memory), broadcast over the heads
+            let n = rot.cos.dim(3)?;
+            let bt = RotaryTables {
+                cos: rot.cos.reshape((b, t, 1, n))?,
+                sin: rot.sin.reshape((b, t, 1, n))?,
+            };
+            (
+                apply_rotary(&q, &bt, style, dims)?,
+                apply_rotary(&k, &bt, style, dims)?,
+            )
+        }
+        _ => (q, k),
+    };
+    // heads of group g are the query columns [g*rep*D, (g+1)*rep*D), its key head [g*D, (g+1)*D)
+    let q = q.reshape((b, t, h * d))?;
+    let k = k.reshape((b, t, kv * d))?;
+    let mut spec = fa.clone();
+    spec.scale = scale as f32;
+    let outs = (0..kv)
+        .map(|g| {
+            ops::attention::mqa_attention(
+                &q.narrow(2, g * rep * d, rep * d)?,
+                &k.narrow(2, g * d, d)?,
+                &v.narrow(2, g * d, d)?,
+                &spec,
+            )
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    // [B, T, rep*D] per group -> [B, T, H*D]
+    Ok(match outs.len() {
+        1 => outs.into_iter().next().unwrap_or_else(|| unreachable!()),
+        _ => Tensor::cat(&outs, 2)?,
+    })
 }
 
 impl Mlp {
@@ -419,7 +528,11 @@ impl Mlp {
                 if let Some(dl) = &delta {
                     g = (g + dl.narrow(D::Minus1, f, f)?)?;
                 }
-                (act(&g, spec.act)? * up)?
+                if spec.act == Act::Silu && fused_ok(&g) && fused_ok(&up) {
+                    ops::swiglu::gated_silu(&up, &g)?
+                } else {
+                    (act(&g, spec.act)? * up)?
+                }
             }
             // down(act(up(x)))
             None => act(&up, spec.act)?,
@@ -433,7 +546,7 @@ impl Mlp {
 }
 
 impl Layer {
-    fn forward(
+    pub(super) fn forward(
         &self,
         x: &Tensor,
         ctx: &LayerCtx,
@@ -510,6 +623,12 @@ pub struct HfModel {
     pub lm_head: Option<Linear>,
     pub scopes: BTreeMap<String, HfLoraScope>,
     pub vars: VarStore,
+    /// Recompute each layer in the backward instead of keeping its activations, in forwards
+    /// with `Forward::fused_blocks` (whose loss goes through `Model::backward`), without dropout
+    /// or a KV cache ([`super::hf_checkpoint`]). Off by default.
+    pub gradient_checkpointing: bool,
+    /// Parameter gradients of checkpointed layers, waiting for `backward` to collect them.
+    side: Arc<SideGrads>,
     device: Device,
     rng: Mutex<PalmRng>,
 }
@@ -720,6 +839,8 @@ impl HfModel {
             vars,
             device: device.clone(),
             rng: Mutex::new(rng::stream(0, 0xd20f)),
+            gradient_checkpointing: false,
+            side: Arc::new(SideGrads::default()),
             spec,
         };
         for (name, lspec) in scope_specs {
@@ -744,6 +865,19 @@ impl HfModel {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// `loss.backward()`, with the gradients of checkpointed layers moved into the store.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        let mut store = match loss.backward() {
+            Ok(s) => s,
+            Err(e) => {
+                self.side.clear();
+                return Err(e.into());
+            }
+        };
+        self.side.drain_into(&mut store)?;
+        Ok(store)
     }
 
     pub fn set_seed(&self, seed: u64) {
@@ -1006,6 +1140,10 @@ impl HfModel {
             _ => None,
         };
         let mask = causal_mask(b, t, s, offset, opts.key_mask, &self.device)?;
+        let fused_attn = match cache {
+            None => self.fused_attn_spec(&x, opts, &positions, rot.as_ref())?,
+            Some(_) => None,
+        };
 
         let lora = match (opts.scope, opts.disable_lora) {
             (Some(name), false) => Some(
@@ -1016,14 +1154,31 @@ impl HfModel {
             _ => None,
         };
 
-        // 4. layers, then the final norm
+        // 4. layers (each one checkpointed node where that is on), then the final norm
+        let checkpoint = self.checkpointing(&x, opts, cache.is_some())?;
         let mut cache = cache;
         for (l, layer) in self.layers.iter().enumerate() {
+            if checkpoint {
+                let node = LayerNode {
+                    layer: layer.clone(),
+                    spec: spec.clone(),
+                    index: l,
+                    rot: rot.clone(),
+                    mask: mask.clone(),
+                    fused_attn: fused_attn.clone(),
+                    lora: lora.map(|s| s.layers[l].clone()),
+                    freeze_base: opts.freeze_base,
+                    side: self.side.clone(),
+                };
+                x = node.apply(&x)?;
+                continue;
+            }
             let ctx = LayerCtx {
                 spec,
                 layer: l,
                 rot: rot.as_ref(),
                 mask: mask.as_ref(),
+                fused_attn: fused_attn.as_ref(),
                 lora: lora.map(|s| &s.layers[l]),
                 opts,
                 rng: &self.rng,
@@ -1035,6 +1190,63 @@ impl HfModel {
             c.advance(t);
         }
         self.norm.forward(&x, fz)
+    }
+
+    /// Whether this forward checkpoints its layers ([`HfModel::gradient_checkpointing`]);
+    /// refused while an earlier checkpointed forward's gradients wait to be collected.
+    fn checkpointing(&self, x: &Tensor, opts: &Forward, cached: bool) -> Result<bool> {
+        let s = &self.spec;
+        let dropout = opts.train && (s.attn_dropout > 0.0 || s.resid_dropout > 0.0);
+        let on = self.gradient_checkpointing && opts.fused_blocks && !cached && !dropout;
+        if on && self.side.pending() > 0 {
+            return Err(Error::msg(
+                "gradients of an earlier checkpointed forward were never collected: \
+                 run its loss through Model::backward",
+            ));
+        }
+        Ok(on && fused_ok(x))
+    }
+
+    /// The fused attention's spec for a forward without a KV cache of embeddings `x`, where the
+    /// kernel applies: f32 on the CPU, whole groups of query heads, and no attention dropout.
+    /// Rotate-half rotary over whole heads moves into the kernel when every row has positions
+    /// 0..T (no left padding); otherwise [`attend_fused`] rotates q and k before it.
+    fn fused_attn_spec(
+        &self,
+        x: &Tensor,
+        opts: &Forward,
+        positions: &[Vec<usize>],
+        rot: Option<&RotaryTables>,
+    ) -> Result<Option<AttnSpec>> {
+        let spec = &self.spec;
+        let grouped = spec.kv_heads > 0 && spec.heads.is_multiple_of(spec.kv_heads);
+        let dropout = opts.train && spec.attn_dropout > 0.0;
+        if !fused_ok(x) || !grouped || dropout {
+            return Ok(None);
+        }
+        let mut fa = AttnSpec::new(spec.heads / spec.kv_heads, spec.head_dim, true);
+        if let Some(km) = opts.key_mask {
+            let km: Vec<u8> = km.to_dtype(DType::U8)?.flatten_all()?.to_vec1()?;
+            fa.key_mask = Some(Arc::from(km));
+        }
+        let whole = matches!(spec.pos, PosKind::Rotary { style: RotaryStyle::RotateHalf, dims, .. } if dims == spec.head_dim);
+        let plain = positions
+            .iter()
+            .all(|r| r.iter().enumerate().all(|(i, &p)| i == p));
+        if let (true, true, Some(rot)) = (whole, plain, rot) {
+            // row 0's tables [1, 1, T, D] -> [T, D], the same for q and k
+            let first = |t: &Tensor| -> Result<Vec<f32>> {
+                Ok(t.narrow(0, 0, 1)?.flatten_all()?.to_vec1::<f32>()?)
+            };
+            let (cos, sin) = (first(&rot.cos)?, first(&rot.sin)?);
+            fa = fa.with_rotary(ops::attention::RotaryF32 {
+                cos_q: cos.clone(),
+                sin_q: sin.clone(),
+                cos_k: cos,
+                sin_k: sin,
+            });
+        }
+        Ok(Some(fa))
     }
 
     /// Logits [.., V] from hidden states [.., C].

@@ -5,6 +5,7 @@ pub mod gguf_export;
 pub mod gguf_export_tokenizer;
 pub mod gguf_import;
 pub mod hf;
+pub mod hf_checkpoint;
 pub mod hf_config;
 pub mod hf_decode;
 pub mod hf_export;
@@ -19,7 +20,7 @@ pub use hf::HfModel;
 pub use palm::{cross_entropy, Forward, Palm};
 
 use crate::config::LoraSpec;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::params::VarStore;
 
@@ -105,8 +106,26 @@ impl Model {
     pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
         match self {
             Model::Palm(m) => m.backward(loss),
-            Model::Hf(_) => Ok(loss.backward()?),
+            Model::Hf(m) => m.backward(loss),
         }
+    }
+
+    /// Turns gradient checkpointing on or off (Hugging Face and GGUF models: see
+    /// [`HfModel::gradient_checkpointing`]). PaLM blocks already train as fused nodes that keep
+    /// few activations, so turning it on for one is refused.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) -> Result<()> {
+        match self {
+            Model::Hf(m) => m.gradient_checkpointing = on,
+            Model::Palm(_) if on => {
+                return Err(Error::Config(
+                    "gradient checkpointing is for Hugging Face and GGUF models; PaLM blocks \
+                     already train as fused nodes that keep few activations"
+                        .into(),
+                ))
+            }
+            Model::Palm(_) => {}
+        }
+        Ok(())
     }
 
     pub fn vars(&self) -> &VarStore {

@@ -56,7 +56,7 @@ impl SideGrads {
             .map_err(|_| candle_core::Error::msg("side gradients: lock poisoned"))
     }
 
-    fn push(&self, param: &Tensor, grad: Tensor) -> Result<()> {
+    pub(crate) fn push(&self, param: &Tensor, grad: Tensor) -> Result<()> {
         self.lock()?.push((param.clone(), grad));
         Ok(())
     }
