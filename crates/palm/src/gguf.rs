@@ -618,6 +618,16 @@ impl GgufFile {
         Ok((buf, start))
     }
 
+    /// Tensor `name`'s type and raw bytes as stored, or None where the file has no such tensor.
+    pub fn tensor_raw(&self, name: &str) -> Result<Option<(GgmlDType, Vec<u8>)>> {
+        let Some(info) = self.tensor_info(name) else {
+            return Ok(None);
+        };
+        let (buf, start) = self.tensor_bytes(info)?;
+        let bytes = buf[start..start + info.n_bytes as usize].to_vec();
+        Ok(Some((info.dtype, bytes)))
+    }
+
     /// Tensor `name` as stored (quantised), on the CPU.
     pub fn qtensor(&self, name: &str) -> Result<QTensor> {
         let info = self.tensor_info(name).ok_or_else(|| Error::MissingTensor {

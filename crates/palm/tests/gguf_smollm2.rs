@@ -225,3 +225,52 @@ fn smollm2_exports_to_q8_0_with_its_tokenizer() {
         std::fs::copy(&out, &keep).unwrap();
     }
 }
+
+/// Decoding reads the GGUF's quantised weights (Q4_1 projections, the Q8_0 tied head) directly:
+/// every projection takes that path, its logits equal the f32 decoder's within rounding, and a
+/// weight changed after loading (as training does) falls back to its f32 copy.
+#[test]
+fn smollm2_decoder_reads_quantised_weights_until_a_weight_changes() {
+    use palm::model::hf_decode::HfDecoder;
+    let Some((path, cases, _)) = setup() else {
+        return;
+    };
+    let model = palm::load::load_model(&path, &Device::Cpu).unwrap();
+    let m = hf(&model);
+    let opts = palm::Forward::default();
+    let quant = HfDecoder::new(m, &opts, 1, 64).unwrap().unwrap();
+    assert_eq!(quant.quantised_projections(), (1 + 7 * 30, 1 + 7 * 30));
+    let plain = HfDecoder::new(m, &opts, 1, 64)
+        .unwrap()
+        .unwrap()
+        .without_quantised();
+    assert_eq!(plain.quantised_projections().0, 0);
+    let ids = &cases[0].input_ids;
+    let (mut quant, mut plain) = (quant, plain);
+    let mut worst = 0f32;
+    let mut input = ids.clone();
+    for step in 0..6 {
+        let t = input.len();
+        let mask = vec![1u8; t];
+        let a = quant.step(&input, &mask, t).unwrap();
+        let b = plain.step(&input, &mask, t).unwrap();
+        let scale = b.iter().fold(0f32, |s, v| s.max(v.abs()));
+        let d = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |s, (x, y)| s.max((x - y).abs()));
+        worst = worst.max(d / scale);
+        let next = top_k(&b, 1)[0];
+        assert_eq!(top_k(&a, 1)[0], next, "step {step}: greedy ids differ");
+        input = vec![next];
+    }
+    eprintln!("quantised vs f32 decoder: worst relative logit difference {worst:.1e}");
+    assert!(worst < 1e-4, "{worst}");
+
+    // a changed weight is read from its f32 copy; the others stay quantised
+    let key = "model.layers.3.mlp.up_proj.weight";
+    let var = m.vars.get(key).unwrap().clone();
+    var.set(&(var.as_tensor() * 1.01).unwrap()).unwrap();
+    let after = HfDecoder::new(m, &opts, 1, 64).unwrap().unwrap();
+    assert_eq!(after.quantised_projections(), (7 * 30, 1 + 7 * 30));
+}

@@ -12,6 +12,7 @@ pub use cpu::{on_rayon_worker, WORKER_STACK};
 pub mod cross_entropy;
 pub mod layer_norm;
 pub mod linear;
+pub mod quant;
 pub mod rms_norm;
 pub mod swiglu;
 #[cfg(test)]
