@@ -35,6 +35,10 @@ use crate::ops::quant::{QuantKind, QuantMatrix};
 /// rows it was the faster: 156 against 122 tokens/s sampling SmolLM2-135M on 2 cores).
 const QUANT_MAX_ROWS: usize = 8;
 
+/// Larger steps up to this many rows also read the quantised weights while the f32 copy has not
+/// been built: a prompt's one prefill is cheaper so than copying out every weight for it.
+const QUANT_MAX_ROWS_UNBUILT: usize = 64;
+
 /// A projection as the GEMM reads it: W^T [in, out] (LoRA delta added) and its bias [out],
 /// and W as the GGUF stores it where decoding can read that instead ([`quantised`]).
 struct Proj {
@@ -145,7 +149,12 @@ impl Proj {
         accumulate: bool,
     ) -> Result<()> {
         match &self.q {
-            Some(q) if n <= QUANT_MAX_ROWS => q.matmul(x, n, y, accumulate),
+            Some(q)
+                if n <= QUANT_MAX_ROWS
+                    || (n <= QUANT_MAX_ROWS_UNBUILT && self.wt.get().is_none()) =>
+            {
+                q.matmul(x, n, y, accumulate)
+            }
             _ => matmul_wt(x, self.f32_weights()?, n, inp, self.out, y, accumulate),
         }
         if let Some(b) = &self.bias {
