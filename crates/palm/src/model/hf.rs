@@ -447,8 +447,9 @@ fn attend_composed(
 }
 
 /// Steps 3-6 on the fused kernel ([`ops::attention`], no KV cache): rotary inside the kernel
-/// or on [B, T, H, D] before it (no transposes), then for each KV group the fused multi-query attention of its H/KV query
-/// heads. No [B, H, T, S] tensor is built; the backward recomputes the probabilities.
+/// or on [B, T, H, D] before it (no transposes), then for each KV group the fused multi-query
+/// attention of its H/KV query heads. No [B, H, T, S] tensor is built; the backward recomputes
+/// the probabilities.
 /// q [B, T, H, D], k [B, T, KV, D], v [B, T, KV*D] -> o [B, T, H*D].
 fn attend_fused(
     q: Tensor,
@@ -492,10 +493,7 @@ fn attend_fused(
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     // [B, T, rep*D] per group -> [B, T, H*D]
-    Ok(match outs.len() {
-        1 => outs.into_iter().next().unwrap_or_else(|| unreachable!()),
-        _ => Tensor::cat(&outs, 2)?,
-    })
+    Ok(Tensor::cat(&outs, 2)?)
 }
 
 impl Mlp {
@@ -1197,14 +1195,15 @@ impl HfModel {
     fn checkpointing(&self, x: &Tensor, opts: &Forward, cached: bool) -> Result<bool> {
         let s = &self.spec;
         let dropout = opts.train && (s.attn_dropout > 0.0 || s.resid_dropout > 0.0);
-        let on = self.gradient_checkpointing && opts.fused_blocks && !cached && !dropout;
+        let on =
+            self.gradient_checkpointing && opts.fused_blocks && !cached && !dropout && fused_ok(x);
         if on && self.side.pending() > 0 {
             return Err(Error::msg(
                 "gradients of an earlier checkpointed forward were never collected: \
                  run its loss through Model::backward",
             ));
         }
-        Ok(on && fused_ok(x))
+        Ok(on)
     }
 
     /// The fused attention's spec for a forward without a KV cache of embeddings `x`, where the
@@ -1229,7 +1228,12 @@ impl HfModel {
             let km: Vec<u8> = km.to_dtype(DType::U8)?.flatten_all()?.to_vec1()?;
             fa.key_mask = Some(Arc::from(km));
         }
-        let whole = matches!(spec.pos, PosKind::Rotary { style: RotaryStyle::RotateHalf, dims, .. } if dims == spec.head_dim);
+        let whole = match spec.pos {
+            PosKind::Rotary { style, dims, .. } => {
+                style == RotaryStyle::RotateHalf && dims == spec.head_dim
+            }
+            _ => false,
+        };
         let plain = positions
             .iter()
             .all(|r| r.iter().enumerate().all(|(i, &p)| i == p));

@@ -44,7 +44,8 @@ const QUANT_MAX_ROWS_UNBUILT: usize = 64;
 struct Proj {
     /// W^T [in, out]; with `q`, built from `src` only when a step too large for `q` needs it.
     wt: OnceLock<Vec<f32>>,
-    src: Tensor,
+    /// What `wt` is built from (a view of the model's weight), until it is.
+    src: Option<Tensor>,
     bias: Option<Vec<f32>>,
     out: usize,
     q: Option<QuantMatrix>,
@@ -66,7 +67,7 @@ impl Proj {
         let out = wt.dim(1)?;
         Self {
             wt: OnceLock::new(),
-            src: wt,
+            src: Some(wt),
             bias: bias.map(to_vec).transpose()?,
             out,
             q: None,
@@ -74,16 +75,18 @@ impl Proj {
         .built()
     }
 
-    /// With W^T copied out now (the f32 path's weights are read at every step).
-    fn built(self) -> Result<Self> {
+    /// With W^T copied out now (the f32 path's weights are read at every step), and its
+    /// source (a LoRA-merged weight is a tensor of its own) dropped.
+    fn built(mut self) -> Result<Self> {
         self.f32_weights()?;
+        self.src = None;
         Ok(self)
     }
 
     /// W^T [in, out] as the GEMM reads it.
     fn f32_weights(&self) -> Result<&[f32]> {
-        if self.wt.get().is_none() {
-            let _ = self.wt.set(to_vec(&self.src.contiguous()?)?);
+        if let (None, Some(src)) = (self.wt.get(), &self.src) {
+            let _ = self.wt.set(to_vec(&src.contiguous()?)?);
         }
         self.wt
             .get()
@@ -122,7 +125,7 @@ impl Proj {
         match q {
             Some(q) => Ok(Self {
                 wt: OnceLock::new(),
-                src: lin.weight.detach().t()?,
+                src: Some(lin.weight.detach().t()?),
                 bias: lin.bias.as_ref().map(to_vec).transpose()?,
                 out: lin.weight.dim(0)?,
                 q: Some(q),
@@ -330,7 +333,7 @@ impl HfDecoder {
                 let q = quantised(model, "model.embed_tokens.weight", &model.embed)?;
                 let head = Proj {
                     wt: OnceLock::new(),
-                    src: model.embed.detach().t()?,
+                    src: Some(model.embed.detach().t()?),
                     bias: None,
                     out: s.vocab,
                     q: None,

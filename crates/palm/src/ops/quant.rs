@@ -85,8 +85,10 @@ impl QuantMatrix {
             .checked_mul(cols / BLOCK)
             .and_then(|b| b.checked_mul(kind.block_bytes()));
         if !cols.is_multiple_of(BLOCK) || want != Some(data.len()) {
+            let want = want.map_or("more than usize::MAX".into(), |w| w.to_string());
             return Err(Error::msg(format!(
-                "a {kind:?} matrix [{rows}, {cols}] needs {cols} divisible by {BLOCK} and {want:?} bytes, got {}",
+                "a {kind:?} matrix [{rows}, {cols}] needs {cols} divisible by {BLOCK} and {want} \
+                 bytes, got {}",
                 data.len()
             )));
         }
