@@ -82,48 +82,74 @@ fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
-/// Draws one id from `logits` [V].
+/// Ids sorted before the draw looks past them; most draws end inside this many.
+const SORTED_PREFIX: usize = 256;
+
+/// Draws one id from `logits` [V]: ids in descending logit order (ties: the lower id first),
+/// truncated to the top k, their softmax at the temperature truncated to the top-p mass, and the
+/// first id whose cumulative probability exceeds a uniform draw. Only a prefix of the order is
+/// sorted (a selection puts the top [`SORTED_PREFIX`] ids first), the rest only when the top-p
+/// walk or the draw reaches past it; the result is that of sorting all V ids.
 pub fn sample_token(logits: &[f32], s: &Sampling, rng: &mut PalmRng) -> u32 {
     if s.greedy || s.temperature <= 0.0 {
         return argmax(logits);
     }
+    let before = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
     let mut idx: Vec<usize> = (0..logits.len()).collect();
-    // sort by descending logit (stable: ties keep the lower id first)
-    idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if let Some(k) = s.top_k {
-        idx.truncate(k.min(idx.len()));
+    // the top k ids first (any order), then the top of those sorted
+    let k = s.top_k.map_or(idx.len(), |k| k.clamp(1, idx.len()));
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, before);
+        idx.truncate(k);
     }
+    let mut sorted = SORTED_PREFIX.min(idx.len());
+    if sorted < idx.len() {
+        idx.select_nth_unstable_by(sorted - 1, before);
+    }
+    idx[..sorted].sort_unstable_by(before);
+    // sorts the rest of the candidates when a walk in order goes past the sorted prefix
+    let sort_rest = |idx: &mut Vec<usize>, sorted: &mut usize| {
+        if *sorted < idx.len() {
+            idx[*sorted..].sort_unstable_by(before);
+            *sorted = idx.len();
+        }
+    };
     let max = logits[idx[0]];
-    let mut probs: Vec<f64> = idx
-        .iter()
-        .map(|&i| (((logits[i] - max) / s.temperature) as f64).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|p| *p /= total);
+    let weight = |i: usize| (((logits[i] - max) / s.temperature) as f64).exp();
+    let total: f64 = idx.iter().map(|&i| weight(i)).sum();
+    let prob = |i: usize| weight(i) / total;
+    let mut keep = idx.len();
+    // with top-p, the kept probabilities are renormalised by their sum
+    let mut renorm = None;
     if let Some(p) = s.top_p {
         let mut mass = 0.0;
-        let mut keep = probs.len();
-        for (n, q) in probs.iter().enumerate() {
-            mass += q;
+        for n in 0..idx.len() {
+            if n == sorted {
+                sort_rest(&mut idx, &mut sorted);
+            }
+            mass += prob(idx[n]);
             if mass >= p as f64 {
                 keep = n + 1;
                 break;
             }
         }
-        probs.truncate(keep);
-        idx.truncate(keep);
-        let t: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= t);
+        renorm = Some(idx[..keep].iter().map(|&i| prob(i)).sum::<f64>());
     }
     let u: f64 = rng.random::<f64>();
     let mut acc = 0.0;
-    for (n, q) in probs.iter().enumerate() {
-        acc += q;
+    for n in 0..keep {
+        if n == sorted {
+            sort_rest(&mut idx, &mut sorted);
+        }
+        acc += match renorm {
+            Some(t) => prob(idx[n]) / t,
+            None => prob(idx[n]),
+        };
         if u < acc {
             return idx[n] as u32;
         }
     }
-    idx[probs.len() - 1] as u32
+    idx[keep - 1] as u32
 }
 
 /// A batched generation request.
@@ -327,6 +353,88 @@ pub fn generate_rows(
 
 #[cfg(test)]
 mod tests {
+    /// The draw as it was written before the partial sort: every id sorted first.
+    fn sample_token_sorting_all(logits: &[f32], s: &Sampling, rng: &mut PalmRng) -> u32 {
+        let mut idx: Vec<usize> = (0..logits.len()).collect();
+        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        if let Some(k) = s.top_k {
+            idx.truncate(k.min(idx.len()));
+        }
+        let max = logits[idx[0]];
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| (((logits[i] - max) / s.temperature) as f64).exp())
+            .collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        if let Some(p) = s.top_p {
+            let mut mass = 0.0;
+            let mut keep = probs.len();
+            for (n, q) in probs.iter().enumerate() {
+                mass += q;
+                if mass >= p as f64 {
+                    keep = n + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            idx.truncate(keep);
+            let t: f64 = probs.iter().sum();
+            probs.iter_mut().for_each(|q| *q /= t);
+        }
+        let u: f64 = rng.random::<f64>();
+        let mut acc = 0.0;
+        for (n, q) in probs.iter().enumerate() {
+            acc += q;
+            if u < acc {
+                return idx[n] as u32;
+            }
+        }
+        idx[probs.len() - 1] as u32
+    }
+
+    /// The partial sort draws the ids that sorting every id draws: vocabularies above and below
+    /// the sorted prefix, ties, flat and peaked logits (draws past the prefix), top-k above and
+    /// below it, top-p near 1 (walks past it), temperatures.
+    #[test]
+    fn partial_sort_draws_what_a_full_sort_draws() {
+        use super::*;
+        let mut differ = 0;
+        let mut past_prefix = 0;
+        for case in 0..400u64 {
+            let v = [50usize, 300, 5000][case as usize % 3];
+            let scale = [0.01f32, 1.0, 8.0][(case / 3) as usize % 3];
+            let mut r = rng::seeded(case);
+            let mut logits: Vec<f32> = rng::normal(&mut r, v, scale);
+            // ties: a few logits repeated
+            for j in (0..v).step_by(7) {
+                logits[j] = logits[0];
+            }
+            let s = Sampling {
+                temperature: [1.0, 0.7, 1.5][(case / 9) as usize % 3],
+                top_k: [None, Some(10), Some(400)][(case / 27) as usize % 3],
+                top_p: [None, Some(0.9), Some(0.999)][(case / 81) as usize % 3],
+                ..Sampling::default()
+            };
+            let (mut a, mut b) = (rng::seeded(1000 + case), rng::seeded(1000 + case));
+            for _ in 0..20 {
+                let got = sample_token(&logits, &s, &mut a);
+                let want = sample_token_sorting_all(&logits, &s, &mut b);
+                differ += usize::from(got != want);
+                let mut order: Vec<usize> = (0..v).collect();
+                order.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]));
+                let rank = order.iter().position(|&i| i as u32 == want).unwrap_or(0);
+                past_prefix += usize::from(rank >= SORTED_PREFIX);
+            }
+        }
+        eprintln!("8000 draws, {past_prefix} of them past the sorted prefix, {differ} differ");
+        assert_eq!(differ, 0);
+        assert!(
+            past_prefix > 100,
+            "the cases never drew past the prefix: {past_prefix}"
+        );
+    }
+
     use super::*;
 
     #[test]

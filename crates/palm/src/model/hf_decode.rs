@@ -256,7 +256,15 @@ fn quantised(model: &HfModel, key: &str, w: &Tensor) -> Result<Option<QuantMatri
             .collect();
         m = m.select_rows(&order)?;
     }
-    let same = m.dequantize() == to_vec(&w.detach())?;
+    // read in place: a weight's storage is contiguous f32 as loaded (no copy of the model)
+    let w = w.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let data = cpu.as_slice::<f32>()?;
+    let start = layout.start_offset();
+    let same = m.dequantizes_to(&data[start..start + rows * cols]);
     Ok(same.then_some(m))
 }
 

@@ -153,6 +153,30 @@ impl QuantMatrix {
         out
     }
 
+    /// Whether the matrix dequantises to exactly `w` [rows, cols] (row-major), bit for bit,
+    /// block by block (nothing the size of the matrix is allocated).
+    pub fn dequantizes_to(&self, w: &[f32]) -> bool {
+        if w.len() != self.rows * self.cols {
+            return false;
+        }
+        let (ns, nv) = (self.kind.scales(), self.kind.values());
+        let blocks = self.scales.chunks_exact(ns).zip(self.qs.chunks_exact(nv));
+        blocks.zip(w.chunks_exact(BLOCK)).all(|((sc, qs), w)| {
+            let (lo, hi) = w.split_at(16);
+            match self.kind {
+                QuantKind::Q4_1 => qs.iter().enumerate().all(|(j, q)| {
+                    let (d, m) = (sc[0], sc[1]);
+                    (f32::from(q & 15) * d + m).to_bits() == lo[j].to_bits()
+                        && (f32::from(q >> 4) * d + m).to_bits() == hi[j].to_bits()
+                }),
+                QuantKind::Q8_0 => qs
+                    .iter()
+                    .zip(w)
+                    .all(|(&q, w)| (f32::from(q as i8) * sc[0]).to_bits() == w.to_bits()),
+            }
+        })
+    }
+
     /// y [n, rows] (+)= x [n, cols] W^T, rows of y split over the threads.
     pub fn matmul(&self, x: &[f32], n: usize, y: &mut [f32], accumulate: bool) {
         let (k, o) = (self.cols, self.rows);
@@ -328,6 +352,19 @@ mod tests {
                 .map(|(a, b)| (a - 0.5 - b).abs())
                 .fold(0f32, f32::max);
             assert!(d < 1e-5, "{d}");
+        }
+    }
+
+    #[test]
+    fn dequantizes_to_checks_every_value_bit_for_bit() {
+        for kind in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let (m, mut w) = quantised(kind, 3, 64, 5);
+            assert!(m.dequantizes_to(&w), "{kind:?}");
+            // one value one ulp off, at the end of a high half
+            let last = w.len() - 1;
+            w[last] = f32::from_bits(w[last].to_bits() ^ 1);
+            assert!(!m.dequantizes_to(&w), "{kind:?}");
+            assert!(!m.dequantizes_to(&w[..64]), "{kind:?}: wrong length");
         }
     }
 
