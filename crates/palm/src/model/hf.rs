@@ -867,15 +867,7 @@ impl HfModel {
 
     /// `loss.backward()`, with the gradients of checkpointed layers moved into the store.
     pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
-        let mut store = match loss.backward() {
-            Ok(s) => s,
-            Err(e) => {
-                self.side.clear();
-                return Err(e.into());
-            }
-        };
-        self.side.drain_into(&mut store)?;
-        Ok(store)
+        Ok(self.side.backward(loss)?)
     }
 
     pub fn set_seed(&self, seed: u64) {

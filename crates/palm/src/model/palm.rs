@@ -618,15 +618,7 @@ impl Palm {
     /// `loss.backward()`, plus the weight gradients that fused blocks ([`Forward::fused_blocks`])
     /// computed outside the graph. Use it for every loss of a forward with `fused_blocks`.
     pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
-        let mut store = match loss.backward() {
-            Ok(s) => s,
-            Err(e) => {
-                self.side.clear();
-                return Err(e.into());
-            }
-        };
-        self.side.drain_into(&mut store)?;
-        Ok(store)
+        Ok(self.side.backward(loss)?)
     }
 
     pub fn device(&self) -> &Device {

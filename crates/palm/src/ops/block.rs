@@ -79,6 +79,20 @@ impl SideGrads {
         Ok(())
     }
 
+    /// `loss.backward()` with the waiting gradients moved into its store; on a failed backward
+    /// they are dropped. What `Palm::backward` and `HfModel::backward` both do.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut store = match loss.backward() {
+            Ok(s) => s,
+            Err(e) => {
+                self.clear();
+                return Err(e);
+            }
+        };
+        self.drain_into(&mut store)?;
+        Ok(store)
+    }
+
     /// Drops waiting gradients (e.g. after a failed backward).
     pub fn clear(&self) {
         if let Ok(mut p) = self.pending.lock() {
