@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor, Var, D};
 use palm::config::PalmConfig;
 use palm::model::palm::{layer_norm, softmax_last, RotaryTables};
 use palm::ops::attention::{mqa_attention, AttnSpec, RotaryF32};
-use palm::ops::{layer_norm as ln_op, swiglu as swiglu_op};
+use palm::ops::{norm as ln_op, swiglu as swiglu_op};
 
 /// The allocator the `palm` binary uses, so both sides allocate as they do in training.
 #[global_allocator]

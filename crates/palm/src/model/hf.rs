@@ -112,7 +112,7 @@ impl Norm {
     pub fn forward(&self, x: &Tensor, freeze: bool) -> Result<Tensor> {
         let w = frozen(&self.weight, freeze);
         if self.kind == NormKind::RmsNorm && self.bias.is_none() && fused_ok(x) && fused_ok(&w) {
-            return Ok(ops::rms_norm::rms_norm(x, &w, self.eps, self.offset)?);
+            return Ok(ops::norm::rms_norm(x, &w, self.eps, self.offset)?);
         }
         let xn = match self.kind {
             // x / sqrt(mean(x^2) + eps)

@@ -91,7 +91,7 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor, freeze: bool) -> Result<Tensor> {
         let gamma = frozen(&self.gamma, freeze);
         if fused_ok(x) && fused_ok(&gamma) {
-            return Ok(ops::layer_norm::layer_norm(x, &gamma, 1e-5)?);
+            return Ok(ops::norm::layer_norm(x, &gamma, 1e-5)?);
         }
         Ok(layer_norm(x, &gamma, 1e-5)?)
     }

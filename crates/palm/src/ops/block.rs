@@ -20,7 +20,7 @@
 //! gradient of every `narrow`. Over a block's intermediates ([B, T, 2F] is the largest) that is
 //! several extra passes over memory per tensor. Here the block is one node: the backward runs
 //! the same fused kernels ([`super::linear`], [`super::attention`], [`super::swiglu`],
-//! [`super::layer_norm`]) on the saved activations and writes each gradient once.
+//! [`super::norm`]) on the saved activations and writes each gradient once.
 //!
 //! The weights are not inputs of the node (a candle custom op takes at most three), so their
 //! gradients are handed to a [`SideGrads`] store (except one trainable parameter, the node's
@@ -36,7 +36,8 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Storage, T
 
 use super::attention::{self, AttnSaved, AttnSpec};
 use super::linear::{matmul_into, View};
-use super::{cpu, layer_norm, linear, swiglu};
+use super::norm::{self, NormKind};
+use super::{cpu, linear, swiglu};
 use crate::lora::{Lora, LoraLayer};
 
 const NAME: &str = "parallel_block";
@@ -304,7 +305,7 @@ pub fn parallel_block(
     );
 
     // 1. pre-norm and the fused projection [B, T, W], W = H*D + 2D + 2F
-    let xn = layer_norm::layer_norm(&xd, &gamma, EPS as f64)?;
+    let xn = norm::layer_norm(&xd, &gamma, EPS as f64)?;
     let mut proj = linear::linear(&xn, &wf)?;
     let lora = match &p.lora {
         Some(l) => Some(BlockLora::new(l, (c, hd, d, f))?),
@@ -579,12 +580,13 @@ impl CustomOp2 for BlockOp {
                 Some(extra) => (dxn + extra)?,
                 None => dxn,
             };
-            let (dx_, dgamma) = layer_norm::layer_norm_backward(
+            let (dx_, dgamma) = norm::norm_backward(
                 &x.detach(),
                 &p.gamma.detach(),
                 &dxn,
                 Some(&dy),
                 EPS,
+                NormKind::LAYER,
             )?;
             dx = x.track_op().then_some(dx_);
             if want_w {

@@ -10,10 +10,9 @@ mod cpu;
 pub(crate) use cpu::simd_dispatch;
 pub use cpu::{on_rayon_worker, WORKER_STACK};
 pub mod cross_entropy;
-pub mod layer_norm;
 pub mod linear;
+pub mod norm;
 pub mod quant;
-pub mod rms_norm;
 pub mod swiglu;
 #[cfg(test)]
 mod test_util;
