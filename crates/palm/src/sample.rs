@@ -94,6 +94,12 @@ pub fn sample_token(logits: &[f32], s: &Sampling, rng: &mut PalmRng) -> u32 {
     if s.greedy || s.temperature <= 0.0 {
         return argmax(logits);
     }
+    draw_token(logits, s, rng.random::<f64>())
+}
+
+/// [`sample_token`]'s draw (not greedy) given its one uniform number `u` in [0, 1), so that the
+/// rows of a batch can draw in parallel once their numbers are taken from the streams in order.
+fn draw_token(logits: &[f32], s: &Sampling, u: f64) -> u32 {
     let before = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
     let mut idx: Vec<usize> = (0..logits.len()).collect();
     // the top k ids first (any order), then the top of those sorted
@@ -135,7 +141,6 @@ pub fn sample_token(logits: &[f32], s: &Sampling, rng: &mut PalmRng) -> u32 {
         }
         renorm = Some(idx[..keep].iter().map(|&i| prob(i)).sum::<f64>());
     }
-    let u: f64 = rng.random::<f64>();
     let mut acc = 0.0;
     for n in 0..keep {
         if n == sorted {
@@ -322,15 +327,21 @@ pub fn generate_rows(
         }
         step_ids.clear();
         step_mask.clear();
-        for row in 0..b {
-            if done[row] {
+        let toks = draw_rows(
+            &logits,
+            vsz,
+            &done,
+            &req.sampling,
+            &mut per_row,
+            &mut shared,
+        );
+        for (row, tok) in toks.into_iter().enumerate() {
+            let Some(tok) = tok else {
                 step_ids.push(0);
                 step_mask.push(0);
                 mask_rows[row].push(0);
                 continue;
-            }
-            let rng = per_row.get_mut(row).unwrap_or(&mut shared);
-            let tok = sample_token(&logits[row * vsz..(row + 1) * vsz], &req.sampling, rng);
+            };
             completions[row].push(tok);
             on_token(row, tok);
             if req.eos.contains(&tok) {
@@ -349,6 +360,36 @@ pub fn generate_rows(
         completions,
         ended_with_eos: done,
     })
+}
+
+/// The next token of every row not `done` (None for those), as [`sample_token`] draws it with
+/// the row's stream (`per_row`, else `shared`): the uniform numbers are taken in row order, as a
+/// loop over the rows would, then the rows draw in parallel (their top-k selection and softmax
+/// over the vocabulary are the cost).
+fn draw_rows(
+    logits: &[f32],
+    vsz: usize,
+    done: &[bool],
+    s: &Sampling,
+    per_row: &mut [PalmRng],
+    shared: &mut PalmRng,
+) -> Vec<Option<u32>> {
+    use rayon::prelude::*;
+    let greedy = s.greedy || s.temperature <= 0.0;
+    let mut draws = Vec::with_capacity(done.len());
+    for (row, &d) in done.iter().enumerate() {
+        let rng = per_row.get_mut(row).unwrap_or(&mut *shared);
+        draws.push((!d && !greedy).then(|| rng.random::<f64>()));
+    }
+    let one = |row: usize| -> Option<u32> {
+        let l = &logits[row * vsz..(row + 1) * vsz];
+        match (done[row], draws[row]) {
+            (true, _) => None,
+            (false, None) => Some(argmax(l)),
+            (false, Some(u)) => Some(draw_token(l, s, u)),
+        }
+    };
+    (0..done.len()).into_par_iter().map(one).collect()
 }
 
 #[cfg(test)]
@@ -494,6 +535,52 @@ mod tests {
             let want = x.exp() / z;
             let got = seen[i] as f64 / n as f64;
             assert!((want - got).abs() < 0.015, "{i}: {want} vs {got}");
+        }
+    }
+
+    /// The rows drawn in parallel are the tokens of the loop over the rows with `sample_token`:
+    /// finished rows skipped (their streams untouched), per-row and shared streams, greedy and not.
+    #[test]
+    fn draw_rows_equals_the_loop_over_rows() {
+        let (b, v) = (7usize, 600usize);
+        let mut r = rng::seeded(11);
+        let logits: Vec<f32> = rng::normal(&mut r, b * v, 2.0);
+        let done = [false, true, false, false, true, false, false];
+        for s in [
+            Sampling::default(),
+            Sampling::greedy(),
+            Sampling {
+                temperature: 0.8,
+                top_k: Some(40),
+                top_p: Some(0.95),
+                greedy: false,
+            },
+        ] {
+            for with_rows in [false, true] {
+                let seeds: Vec<u64> = if with_rows {
+                    (0..b as u64).collect()
+                } else {
+                    vec![]
+                };
+                let streams = || -> (Vec<PalmRng>, PalmRng) {
+                    let rows = seeds.iter().map(|&x| rng::stream(x, 1)).collect();
+                    (rows, rng::stream(99, 1))
+                };
+                let (mut rows_a, mut shared_a) = streams();
+                let (mut rows_b, mut shared_b) = streams();
+                for _step in 0..5 {
+                    let got = draw_rows(&logits, v, &done, &s, &mut rows_a, &mut shared_a);
+                    let want: Vec<Option<u32>> = (0..b)
+                        .map(|row| {
+                            (!done[row]).then(|| {
+                                let rng = rows_b.get_mut(row).unwrap_or(&mut shared_b);
+                                sample_token(&logits[row * v..(row + 1) * v], &s, rng)
+                            })
+                        })
+                        .collect();
+                    assert_eq!(got, want, "{s:?} per-row streams: {with_rows}");
+                }
+            }
         }
     }
 
