@@ -94,25 +94,30 @@ pub fn permute_qk(w: &Tensor, heads: usize) -> Result<Tensor> {
 }
 
 fn regroup_rows(w: &Tensor, heads: usize, undo: bool) -> Result<Tensor> {
-    let dims = w.dims().to_vec();
-    let rows = dims.first().copied().unwrap_or(0);
+    let rows = w.dims().first().copied().unwrap_or(0);
+    let order = qk_row_order(rows, heads, undo)?;
+    let order = Tensor::from_iter(order.into_iter().map(|r| r as u32), w.device())?;
+    Ok(w.contiguous()?.index_select(&order, 0)?)
+}
+
+/// Row i of a regrouped Q or K weight [rows, ..] is row `order[i]` of the original. With `undo`
+/// (llama.cpp's order to rotate-half), row h*D + p*D/2 + j comes from h*D + 2j + p; without, the
+/// reverse.
+pub(crate) fn qk_row_order(rows: usize, heads: usize, undo: bool) -> Result<Vec<usize>> {
     if heads == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(Error::msg(format!(
             "cannot regroup {rows} rows into {heads} heads of an even size"
         )));
     }
-    let half = rows / heads / 2;
-    let rest: usize = dims[1..].iter().product();
-    // undo: [heads, D/2, 2, rest] -> [heads, 2, D/2, rest]; permute: the reverse
-    let shape = if undo {
-        (heads, half, 2, rest)
-    } else {
-        (heads, 2, half, rest)
-    };
-    Ok(w.reshape(shape)?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)?)
+    let (d, half) = (rows / heads, rows / heads / 2);
+    let order = (0..rows).map(|i| {
+        let (h, r) = (i / d, i % d);
+        match undo {
+            true => h * d + 2 * (r % half) + r / half,
+            false => h * d + (r % 2) * half + r / 2,
+        }
+    });
+    Ok(order.collect())
 }
 
 fn err(g: &GgufFile, msg: String) -> Error {
@@ -526,6 +531,25 @@ mod tests {
     use super::*;
     use crate::gguf::{write_gguf_file, GgufValue as V, TensorPlan};
     use candle_core::quantized::{GgmlDType, QTensor};
+
+    #[test]
+    fn qk_row_orders_by_hand() {
+        // one head of D = 6 (half 3): rotate-half rows [x0 x1 x2 | y0 y1 y2] are llama.cpp's
+        // [x0 y0 x1 y1 x2 y2]
+        assert_eq!(qk_row_order(6, 1, false).unwrap(), [0, 3, 1, 4, 2, 5]);
+        assert_eq!(qk_row_order(6, 1, true).unwrap(), [0, 2, 4, 1, 3, 5]);
+        // per head, and one undoes the other
+        let w = Tensor::arange(0f32, 24.0, &Device::Cpu)
+            .unwrap()
+            .reshape((12, 2))
+            .unwrap();
+        let p = permute_qk(&w, 2).unwrap();
+        assert_eq!(p.get(1).unwrap().to_vec1::<f32>().unwrap(), [6.0, 7.0]);
+        assert_eq!(p.get(7).unwrap().to_vec1::<f32>().unwrap(), [18.0, 19.0]);
+        let back = unpermute_qk(&p, 2).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        assert!(qk_row_order(10, 2, true).is_err() && qk_row_order(4, 0, false).is_err());
+    }
 
     fn write(
         dir: &Path,

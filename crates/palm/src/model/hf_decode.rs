@@ -25,18 +25,21 @@ use super::gguf_import::{gguf_name, permutes_qk};
 use super::hf::{HfModel, Linear, Norm, Qkv};
 use super::hf_config::{Act, BlockKind, MlpLayout, NormKind, PosKind, QkNorm, RotaryStyle};
 use super::palm::Forward;
-use super::palm_decode::{attend, check_step, matmul_wt, rotate, to_vec};
+use super::palm_decode::{attend, check_step, matmul_wt, rotate, to_vec, to_vec_t};
 use crate::error::{Error, Result};
 use crate::lora::Lora;
 use crate::ops::quant::{QuantKind, QuantMatrix};
 
 /// Steps of at most this many rows (rows x new positions) read a GGUF's quantised weights
-/// directly; larger ones run the f32 GEMM, which reads each weight once for all rows (at 16
-/// rows it was the faster: 156 against 122 tokens/s sampling SmolLM2-135M on 2 cores).
+/// directly; larger ones run the f32 GEMM, which reads each weight once for all rows. Measured
+/// sampling 16 rows of SmolLM2-135M on 2 cores, the f32 GEMM was the faster: 156 against 122
+/// tokens/s for 8-row register tiles run twice, 220 against 181 for 16-row tiles, and 225
+/// against 140 for panels of Q4_1 expanded to f32 for the GEMM.
 const QUANT_MAX_ROWS: usize = 8;
 
-/// Larger steps up to this many rows also read the quantised weights while the f32 copy has not
-/// been built: a prompt's one prefill is cheaper so than copying out every weight for it.
+/// A prompt's prefill of up to this many rows also reads the quantised weights while the f32
+/// copy has not been built: one prefill is cheaper so than copying out every weight for it.
+/// Decoding steps of more than [`QUANT_MAX_ROWS`] build the copy.
 const QUANT_MAX_ROWS_UNBUILT: usize = 64;
 
 /// A projection as the GEMM reads it: W^T [in, out] (LoRA delta added) and its bias [out],
@@ -44,8 +47,9 @@ const QUANT_MAX_ROWS_UNBUILT: usize = 64;
 struct Proj {
     /// W^T [in, out]; with `q`, built from `src` only when a step too large for `q` needs it.
     wt: OnceLock<Vec<f32>>,
-    /// What `wt` is built from (a view of the model's weight), until it is.
-    src: Option<Tensor>,
+    /// What `wt` is built from, until it is: W [out, in] (a view of the model's weight) and a
+    /// LoRA delta [in, out] to fold in.
+    src: Option<(Tensor, Option<Tensor>)>,
     bias: Option<Vec<f32>>,
     out: usize,
     q: Option<QuantMatrix>,
@@ -59,20 +63,18 @@ impl Proj {
 
     /// W [out, in] and its bias [out], with `delta` [in, out] folded in.
     fn from_rows(w: &Tensor, bias: Option<&Tensor>, delta: Option<Tensor>) -> Result<Self> {
-        let wt = w.t()?; // [in, out]
-        let wt = match delta {
-            Some(d) => (wt + d)?,
-            None => wt,
-        };
-        let out = wt.dim(1)?;
-        Self {
+        Self::unbuilt(w, bias, delta)?.built()
+    }
+
+    /// W [out, in] (+ `delta`) and its bias, W^T not yet copied out.
+    fn unbuilt(w: &Tensor, bias: Option<&Tensor>, delta: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
             wt: OnceLock::new(),
-            src: Some(wt),
+            src: Some((w.clone(), delta)),
             bias: bias.map(to_vec).transpose()?,
-            out,
+            out: w.dim(0)?,
             q: None,
-        }
-        .built()
+        })
     }
 
     /// With W^T copied out now (the f32 path's weights are read at every step), and its
@@ -83,10 +85,14 @@ impl Proj {
         Ok(self)
     }
 
-    /// W^T [in, out] as the GEMM reads it.
+    /// W^T [in, out] as the GEMM reads it (+ the delta).
     fn f32_weights(&self) -> Result<&[f32]> {
-        if let (None, Some(src)) = (self.wt.get(), &self.src) {
-            let _ = self.wt.set(to_vec(&src.contiguous()?)?);
+        if let (None, Some((w, delta))) = (self.wt.get(), &self.src) {
+            let mut wt = to_vec_t(w)?;
+            if let Some(d) = delta {
+                wt.iter_mut().zip(to_vec(d)?).for_each(|(w, d)| *w += d);
+            }
+            let _ = self.wt.set(wt);
         }
         self.wt
             .get()
@@ -124,11 +130,8 @@ impl Proj {
         };
         match q {
             Some(q) => Ok(Self {
-                wt: OnceLock::new(),
-                src: Some(lin.weight.detach().t()?),
-                bias: lin.bias.as_ref().map(to_vec).transpose()?,
-                out: lin.weight.dim(0)?,
                 q: Some(q),
+                ..Self::unbuilt(&lin.weight.detach(), lin.bias.as_ref(), None)?
             }),
             None => Self::new(lin, None),
         }
@@ -142,19 +145,13 @@ impl Proj {
         }
     }
 
-    /// y [N, out] (+)= x [N, in] W^T (+ bias).
-    fn apply(
-        &self,
-        x: &[f32],
-        n: usize,
-        inp: usize,
-        y: &mut [f32],
-        accumulate: bool,
-    ) -> Result<()> {
+    /// y [N, out] (+)= x [N, in] W^T (+ bias), for `n` rows of a prefill or decoding step.
+    fn apply(&self, x: &[f32], n: Rows, inp: usize, y: &mut [f32], accumulate: bool) -> Result<()> {
+        let Rows { n, prefill } = n;
         match &self.q {
             Some(q)
                 if n <= QUANT_MAX_ROWS
-                    || (n <= QUANT_MAX_ROWS_UNBUILT && self.wt.get().is_none()) =>
+                    || (prefill && n <= QUANT_MAX_ROWS_UNBUILT && self.wt.get().is_none()) =>
             {
                 q.matmul(x, n, y, accumulate)
             }
@@ -167,6 +164,14 @@ impl Proj {
         }
         Ok(())
     }
+}
+
+/// The rows of one step's projection, and whether the step is a prefill (several new positions
+/// per row) rather than a decoding step (one).
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    n: usize,
+    prefill: bool,
 }
 
 struct Layer {
@@ -245,15 +250,8 @@ fn quantised(model: &HfModel, key: &str, w: &Tensor) -> Result<Option<QuantMatri
     };
     let qk = key.contains(".self_attn.q_proj.") || key.contains(".self_attn.k_proj.");
     if qk && permutes_qk(g.architecture()?) && heads > 0 {
-        // Hugging Face row h*D + p*D/2 + j is GGUF row h*D + 2j + p (see gguf_import)
-        let dh = rows / heads;
-        let order: Vec<usize> = (0..rows)
-            .map(|i| {
-                let (h, r) = (i / dh, i % dh);
-                let (p, j) = (r / (dh / 2), r % (dh / 2));
-                h * dh + 2 * j + p
-            })
-            .collect();
+        // llama.cpp's interleaved rows back to rotate-half, as the f32 weights were loaded
+        let order = super::gguf_import::qk_row_order(rows, heads, true)?;
         m = m.select_rows(&order)?;
     }
     // read in place: a weight's storage is contiguous f32 as loaded (no copy of the model)
@@ -339,13 +337,7 @@ impl HfDecoder {
             Some(lin) => Proj::base(model, lin)?,
             None => {
                 let q = quantised(model, "model.embed_tokens.weight", &model.embed)?;
-                let head = Proj {
-                    wt: OnceLock::new(),
-                    src: Some(model.embed.detach().t()?),
-                    bias: None,
-                    out: s.vocab,
-                    q: None,
-                };
+                let head = Proj::unbuilt(&model.embed.detach(), None, None)?;
                 match q {
                     Some(q) => Proj { q: Some(q), ..head },
                     None => head.built()?,
@@ -529,6 +521,7 @@ impl HfDecoder {
         let pos = self.admit(ids, mask, t)?;
         let (b, c, h, kv, d, f) = (self.batch, self.c, self.h, self.kv, self.d, self.f);
         let (hd, kvd, n) = (h * d, kv * d, b * t);
+        let rows = Rows { n, prefill: t > 1 };
         // token embeddings x [B*T, C] (times the embedding scale)
         let mut x = vec![0f32; n * c];
         for (i, &id) in ids.iter().enumerate() {
@@ -569,9 +562,9 @@ impl HfDecoder {
                 rms_rows(&x, &layer.norm1, self.eps, c, &mut xn);
                 &xn
             };
-            layer.q.apply(input, n, c, &mut q, false)?;
-            layer.k.apply(input, n, c, &mut k, false)?;
-            layer.v.apply(input, n, c, &mut v, false)?;
+            layer.q.apply(input, rows, c, &mut q, false)?;
+            layer.k.apply(input, rows, c, &mut k, false)?;
+            layer.v.apply(input, rows, c, &mut v, false)?;
             if let (Some((qg, qe)), Some((kg, ke))) = (&layer.q_norm, &layer.k_norm) {
                 // per head ([D] gains) or over the whole projection
                 let (qw, kw) = match self.qk_norm {
@@ -614,11 +607,11 @@ impl HfDecoder {
                 .for_each(|(r, (o_r, q_r))| attention(&geo, r, q_r, o_r));
             if self.post_norm {
                 // x += n1(attn(x))
-                layer.o.apply(&o, n, hd, &mut sub, false)?;
+                layer.o.apply(&o, rows, hd, &mut sub, false)?;
                 rms_rows(&sub, &layer.norm1, self.eps, c, &mut xn);
                 x.iter_mut().zip(&xn).for_each(|(a, b)| *a += b);
             } else {
-                layer.o.apply(&o, n, hd, &mut x, true)?;
+                layer.o.apply(&o, rows, hd, &mut x, true)?;
             }
 
             // 2. MLP: x += down(act(gate(n2(x))) * up(n2(x))), or x += n2(mlp(x)) post-norm
@@ -628,8 +621,8 @@ impl HfDecoder {
                 rms_rows(&x, &layer.norm2, self.eps, c, &mut xn);
                 &xn
             };
-            layer.gate.apply(input, n, c, &mut gate, false)?;
-            layer.up.apply(input, n, c, &mut up, false)?;
+            layer.gate.apply(input, rows, c, &mut gate, false)?;
+            layer.up.apply(input, rows, c, &mut up, false)?;
             let act = self.act;
             gate.par_chunks_mut(f)
                 .zip(up.par_chunks(f))
@@ -639,11 +632,11 @@ impl HfDecoder {
                     }
                 });
             if self.post_norm {
-                layer.down.apply(&gate, n, f, &mut sub, false)?;
+                layer.down.apply(&gate, rows, f, &mut sub, false)?;
                 rms_rows(&sub, &layer.norm2, self.eps, c, &mut xn);
                 x.iter_mut().zip(&xn).for_each(|(a, b)| *a += b);
             } else {
-                layer.down.apply(&gate, n, f, &mut x, true)?;
+                layer.down.apply(&gate, rows, f, &mut x, true)?;
             }
         }
         self.len = s0 + t;
@@ -657,7 +650,8 @@ impl HfDecoder {
         let mut last_n = vec![0f32; b * c];
         rms_rows(&last, &self.final_norm, self.eps, c, &mut last_n);
         let mut logits = vec![0f32; b * self.v];
-        self.head.apply(&last_n, b, c, &mut logits, false)?;
+        self.head
+            .apply(&last_n, Rows { n: b, ..rows }, c, &mut logits, false)?;
         Ok(logits)
     }
 }
@@ -676,30 +670,32 @@ struct Geometry<'a> {
     scale: f32,
 }
 
-/// Row `r`: its T new positions' queries `q_r` [T, H*D] against its cached keys, into `o_r`
-/// [T, H*D]; the H/KV query heads of a group share their key/value head.
-fn attention(geo: &Geometry, r: usize, q_r: &[f32], o_r: &mut [f32]) {
-    let (h, kv, d, t) = (geo.h, geo.kv, geo.d, geo.t);
-    let (hd, rep, s) = (h * d, h / kv, geo.s0 + t);
-    let km = &geo.key_mask[r * geo.capacity..r * geo.capacity + s];
-    let mut scores = vec![0f32; rep * s];
-    for g in 0..kv {
-        let base = (r * kv + g) * geo.capacity * d;
-        let keys = &geo.k_cache[base..base + s * d];
-        let vals = &geo.v_cache[base..base + s * d];
-        for ti in 0..t {
-            let at = ti * hd + g * rep * d;
-            attend(
-                &q_r[at..at + rep * d],
-                keys,
-                vals,
-                km,
-                geo.s0 + ti,
-                geo.scale,
-                d,
-                &mut scores,
-                &mut o_r[at..at + rep * d],
-            );
+crate::ops::simd_dispatch! {
+    /// Row `r`: its T new positions' queries `q_r` [T, H*D] against its cached keys, into `o_r`
+    /// [T, H*D]; the H/KV query heads of a group share their key/value head.
+    fn attention(geo: &Geometry, r: usize, q_r: &[f32], o_r: &mut [f32]) {
+        let (h, kv, d, t) = (geo.h, geo.kv, geo.d, geo.t);
+        let (hd, rep, s) = (h * d, h / kv, geo.s0 + t);
+        let km = &geo.key_mask[r * geo.capacity..r * geo.capacity + s];
+        let mut scores = vec![0f32; rep * s];
+        for g in 0..kv {
+            let base = (r * kv + g) * geo.capacity * d;
+            let keys = &geo.k_cache[base..base + s * d];
+            let vals = &geo.v_cache[base..base + s * d];
+            for ti in 0..t {
+                let at = ti * hd + g * rep * d;
+                attend(
+                    &q_r[at..at + rep * d],
+                    keys,
+                    vals,
+                    km,
+                    geo.s0 + ti,
+                    geo.scale,
+                    d,
+                    &mut scores,
+                    &mut o_r[at..at + rep * d],
+                );
+            }
         }
     }
 }
