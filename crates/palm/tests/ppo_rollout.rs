@@ -98,6 +98,7 @@ fn ratio_is_one_before_the_first_update_with_unequal_prompts() {
             seed: 11,
             first_row: 0,
             forward_batch: 0,
+            policy_logprobs: true,
         },
     )
     .unwrap();
@@ -291,6 +292,7 @@ fn full_fine_tuning_ratio_is_one_and_reference_is_the_initial_model() {
             seed: 12,
             first_row: 0,
             forward_batch: 0,
+            policy_logprobs: true,
         },
     )
     .unwrap();

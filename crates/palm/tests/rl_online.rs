@@ -103,6 +103,72 @@ fn ratio_is_exactly_one_before_the_first_update_for_every_algorithm() {
     }
 }
 
+/// Numbers within `tol` relative (0: equal), everything else equal.
+fn assert_close(x: &serde_json::Value, y: &serde_json::Value, tol: f64, what: &str) {
+    let (x, y) = (x.as_object().unwrap(), y.as_object().unwrap());
+    assert_eq!(x.len(), y.len(), "{what}");
+    for (k, vx) in x {
+        match (vx.as_f64(), y[k].as_f64()) {
+            (Some(a), Some(b)) => assert!(
+                (a - b).abs() <= tol * b.abs().max(1e-6),
+                "{what}: {k} {a} vs {b}"
+            ),
+            _ => assert_eq!(vx, &y[k], "{what}: {k}"),
+        }
+    }
+}
+
+#[test]
+fn old_logprobs_from_the_update_train_as_the_rollouts_for_every_algorithm() {
+    // one on-policy optimiser step per rollout (micro-batches of 4 as the rollout's chunks):
+    // the update's own forward is pi_old, bit for bit the rollout's forward; DAPO's dynamic
+    // sampling joins two rollouts, so its micro-batches differ from the rollouts' chunks and the
+    // GEMM blocking leaves float noise
+    for a in Algorithm::ALL {
+        let c = RlConfig {
+            epochs: 1,
+            minibatch_size: 0,
+            kl_placement: KlPlacement::Loss,
+            ..cfg(a)
+        };
+        assert!(c.old_logprobs_from_update(), "{a:?}");
+        let measured = RlConfig {
+            rollout_old_logprobs: true,
+            ..c.clone()
+        };
+        assert!(!measured.old_logprobs_from_update());
+        let tol: f64 = if a == Algorithm::Dapo { 1e-4 } else { 0.0 };
+        let mut x = RlTrainer::new(tiny_model(4), c).unwrap();
+        let mut y = RlTrainer::new(tiny_model(4), measured).unwrap();
+        for _ in 0..2 {
+            let mut mx = strip_timing(x.step(&prompts(), &[0], &count_fives, None).unwrap());
+            let mut my = strip_timing(y.step(&prompts(), &[0], &count_fives, None).unwrap());
+            assert!(mx["ratio/first_step_max_dev"].is_null(), "{a:?}: {mx}");
+            let dev = my["ratio/first_step_max_dev"].as_f64().unwrap();
+            assert!(dev <= if tol == 0.0 { 0.0 } else { 1e-6 }, "{a:?}: {my}");
+            // the KL metric: the same tokens, summed per micro-batch instead of per row
+            let (kx, ky) = (mx["kl"].as_f64().unwrap(), my["kl"].as_f64().unwrap());
+            assert!(kx > 0.0 || x.step == 1, "{a:?}: {mx}");
+            assert!(
+                (kx - ky).abs() <= tol.max(1e-12) * ky.abs().max(1e-9),
+                "{a:?}: {kx} vs {ky}"
+            );
+            for m in [&mut mx, &mut my] {
+                let o = m.as_object_mut().unwrap();
+                for k in ["ratio/first_step_max_dev", "kl", "kl_per_response"] {
+                    o.remove(k);
+                }
+            }
+            assert_close(&mx, &my, tol, &format!("{a:?}"));
+        }
+        for ((k, wx), (_, wy)) in weights(&x.model).iter().zip(&weights(&y.model)) {
+            for (p, q) in wx.iter().zip(wy) {
+                assert!((p - q).abs() as f64 <= tol * 0.1, "{a:?}: {k} {p} vs {q}");
+            }
+        }
+    }
+}
+
 #[test]
 fn resume_continues_the_same_run_exactly_for_every_algorithm() {
     for a in Algorithm::ALL {

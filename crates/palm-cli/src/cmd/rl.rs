@@ -163,6 +163,11 @@ pub struct Args {
     /// Checkpoint every N iterations (0: only at the end) [default: 0].
     #[arg(long)]
     pub save_every: Option<usize>,
+    /// Run pi_old's log-prob forward in the rollout even when the update is one on-policy
+    /// optimiser step (one epoch, one minibatch, KL in the loss), where by default the update's
+    /// own forward supplies it (as TRL with num_iterations 1); logs `ratio/first_step_max_dev`.
+    #[arg(long)]
+    pub rollout_old_logprobs: Option<bool>,
     /// Held-out task prompts scored greedily before and after (with --task).
     #[arg(long, default_value_t = 100)]
     pub heldout: usize,
@@ -209,7 +214,8 @@ fn config(a: &Args, alg: Algorithm) -> Result<RlConfig> {
         entropy_advantage,
         lora_r,
         seed,
-        save_every
+        save_every,
+        rollout_old_logprobs
     );
     if let Some(k) = &a.kl_estimator {
         c.kl_estimator = k.parse::<KlEstimator>()?;

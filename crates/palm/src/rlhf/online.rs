@@ -13,7 +13,10 @@
 //! each with the policy (the `actor` LoRA scope; the reference is the same base with LoRA off),
 //! record per-token log-probs under the policy and the reference (tempered as sampled), score,
 //! compute advantages, then `epochs` passes of minibatch updates of the clipped surrogate. The
-//! ratio is exactly 1 on the first minibatch of the first epoch.
+//! ratio is exactly 1 on the first minibatch of the first epoch. When the rollout feeds one
+//! optimiser step only (one epoch, one minibatch, KL in the loss), the policy's rollout forward
+//! is skipped and the update's forward, detached, is pi_old (TRL's `num_iterations = 1`; see
+//! [`RlConfig::old_logprobs_from_update`]).
 
 use std::path::Path;
 
@@ -168,6 +171,11 @@ pub struct RlConfig {
     pub lora_targets: crate::config::LoraTargets,
     /// Checkpoint every this many steps (0: only at the end).
     pub save_every: usize,
+    /// Run pi_old's log-prob forward in the rollout even when the update can take it from its
+    /// own forward (see [`RlConfig::old_logprobs_from_update`]); the first step's ratio is then
+    /// measured (`ratio/first_step_max_dev`) instead of being 1 by construction.
+    #[serde(default)]
+    pub rollout_old_logprobs: bool,
 }
 
 impl RlConfig {
@@ -204,6 +212,7 @@ impl RlConfig {
             lora_r: 8,
             lora_targets: crate::config::LoraTargets::Attention,
             save_every: 0,
+            rollout_old_logprobs: false,
         };
         let in_reward = |beta: f64| Self {
             kl_coef: beta,
@@ -251,6 +260,18 @@ impl RlConfig {
             lr: 1e-4,
             ..Self::for_algorithm(algorithm)
         }
+    }
+
+    /// Whether the update takes pi_old's log-probs from its own forward, detached (TRL with
+    /// `num_iterations = 1`): the rollout is used by exactly one optimiser step (one epoch, one
+    /// minibatch), so pi_old is the policy that step's forward runs, and the KL is not in the
+    /// reward (the advantages need no pi_old). Saves the rollout's policy forward.
+    pub fn old_logprobs_from_update(&self) -> bool {
+        !self.rollout_old_logprobs
+            && self.epochs == 1
+            && (self.minibatch_size == 0
+                || self.minibatch_size >= self.batch_size * self.group_size)
+            && (self.kl_placement == KlPlacement::Loss || self.kl_coef == 0.0)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -524,6 +545,7 @@ impl RlTrainer {
                     seed,
                     first_row: 0,
                     forward_batch: cfg.micro_batch_size,
+                    policy_logprobs: !cfg.old_logprobs_from_update(),
                 },
                 scorer,
                 gold,
@@ -616,6 +638,10 @@ struct UpdateStats {
     entropy: Vec<f32>,
     /// max |ratio - 1| over the first optimiser step of the first epoch (0: exactly on-policy).
     first_ratio_dev: Option<f32>,
+    /// k3 summed over response tokens, and their count, from the update's forward (when it
+    /// supplies pi_old's log-probs).
+    kl_k3: f64,
+    kl_tokens: f64,
 }
 
 impl RlTrainer {
@@ -686,7 +712,11 @@ impl RlTrainer {
         });
         st.entropy
             .push((s.entropy / s.entropy_tokens.max(1.0)) as f32);
-        st.first_ratio_dev.get_or_insert(s.ratio_dev as f32);
+        if !cfg.old_logprobs_from_update() {
+            st.first_ratio_dev.get_or_insert(s.ratio_dev as f32);
+        }
+        st.kl_k3 += s.kl_k3;
+        st.kl_tokens += s.kl_tokens;
         Ok(())
     }
 
@@ -714,9 +744,25 @@ impl RlTrainer {
             ..Default::default()
         };
         let (logp, logits) = rollout::response_logprobs(&self.model, &lay, opts, cfg.temperature)?;
-        let old = t(take_rows(&b.logp, mb, r))?;
+        let ref_logp = t(take_rows(&b.ref_logp, mb, r))?;
+        let from_update = cfg.old_logprobs_from_update();
+        let old = if from_update {
+            // pi_old is this forward's policy: the ratio is 1 and the gradient the on-policy one
+            let lp = logp.detach();
+            let (a, rf): (Vec<f32>, Vec<f32>) =
+                (lp.flatten_all()?.to_vec1()?, take_rows(&b.ref_logp, mb, r));
+            for ((a, rf), m) in a.iter().zip(&rf).zip(&lay.mask) {
+                if *m > 0.0 {
+                    sums.kl_k3 += f64::from(KlEstimator::K3.estimate(*a, *rf));
+                    sums.kl_tokens += 1.0;
+                }
+            }
+            lp
+        } else {
+            t(take_rows(&b.logp, mb, r))?
+        };
         let mask_t = t(mask.clone())?;
-        if first {
+        if first && !from_update {
             let d = ((&logp - &old)?.abs()? * &mask_t)?
                 .max_all()?
                 .to_scalar::<f32>()?;
@@ -734,7 +780,7 @@ impl RlTrainer {
         let out = policy_loss(
             &logp,
             &old,
-            Some(&t(take_rows(&b.ref_logp, mb, r))?),
+            Some(&ref_logp),
             &adv,
             &mask_t,
             &w_t,
@@ -787,6 +833,9 @@ struct StepSums {
     entropy_tokens: f64,
     /// max |ratio - 1| on the first optimiser step.
     ratio_dev: f64,
+    /// k3 over response tokens and their count, when pi_old comes from the update's forward.
+    kl_k3: f64,
+    kl_tokens: f64,
     /// The first non-finite loss.
     bad_loss: Option<f32>,
 }
@@ -800,6 +849,8 @@ struct StepTotals {
     entropy: f64,
     entropy_tokens: f64,
     ratio_dev: f64,
+    kl_k3: f64,
+    kl_tokens: f64,
     bad_loss: Option<(usize, f32)>,
 }
 
@@ -807,7 +858,12 @@ impl StepSums {
     fn all_reduce(self, comm: &dyn dist::Communicator) -> Result<StepTotals> {
         let (rank, world) = (comm.rank(), comm.world_size());
         let mut v = vec![self.loss, self.kl, self.clip[0], self.clip[1], self.clip[2]];
-        v.extend([self.entropy, self.entropy_tokens]);
+        v.extend([
+            self.entropy,
+            self.entropy_tokens,
+            self.kl_k3,
+            self.kl_tokens,
+        ]);
         // per-rank slots: the ratio deviation (for a max), a bad-loss flag and its value
         let slots = v.len();
         v.resize(slots + 3 * world, 0.0);
@@ -824,6 +880,8 @@ impl StepSums {
             clip: [v[2], v[3], v[4]],
             entropy: v[5],
             entropy_tokens: v[6],
+            kl_k3: v[7],
+            kl_tokens: v[8],
             ratio_dev: (0..world).map(|i| at(0, i)).fold(0.0, f64::max),
             bad_loss: (0..world)
                 .find(|&i| at(1, i) != 0.0)
@@ -885,10 +943,15 @@ impl RlTrainer {
         let clipped =
             samples.iter().filter(|s| !s.ended).count() as f64 / samples.len().max(1) as f64;
         let (mut k3, mut ntok) = (0f64, 0f64);
-        for s in &samples {
-            for (a, r) in s.logp.iter().zip(&s.ref_logp) {
-                k3 += KlEstimator::K3.estimate(*a, *r) as f64;
-                ntok += 1.0;
+        if cfg.old_logprobs_from_update() {
+            // the rollout has no pi_old: the update's forward measured it
+            (k3, ntok) = (st.kl_k3, st.kl_tokens);
+        } else {
+            for s in &samples {
+                for (a, r) in s.logp.iter().zip(&s.ref_logp) {
+                    k3 += KlEstimator::K3.estimate(*a, *r) as f64;
+                    ntok += 1.0;
+                }
             }
         }
         let kl_seq = k3 / samples.len().max(1) as f64;
@@ -910,7 +973,7 @@ impl RlTrainer {
             "clip_ratio/region_mean": avg(&|c| c.region_mean),
             "grad_norm": st.grad_norm.iter().sum::<f64>() / st.grad_norm.len().max(1) as f64,
             "ratio/first_step_max_dev": st.first_ratio_dev,
-            "num_tokens": ntok,
+            "num_tokens": lens.iter().map(|&l| f64::from(l)).sum::<f64>(),
             "dynamic/groups_kept": samples.len() / g,
             "dynamic/gen_batches": gen_batches,
             "time/rollout_s": gen_s,

@@ -769,6 +769,7 @@ impl PpoTrainer {
                 seed: cfg.seed ^ (step as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
                 first_row: 0,
                 forward_batch: 0,
+                policy_logprobs: true,
             },
             scorer,
             gold,

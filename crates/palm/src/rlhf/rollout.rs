@@ -267,6 +267,9 @@ pub struct RolloutConfig {
     /// Rows per scoring forward (0: the whole batch in one); bounds the memory of the
     /// log-prob forwards on large models.
     pub forward_batch: usize,
+    /// Run the policy's log-prob forward (pi_old). Off when the update takes pi_old from its
+    /// own first forward (one on-policy optimiser step); `Rollout::logp` is then all 0.
+    pub policy_logprobs: bool,
 }
 
 /// One batch of experience.
@@ -277,7 +280,7 @@ pub struct Rollout {
     pub responses: Vec<Vec<u32>>,
     pub ended_with_eos: Vec<bool>,
     pub layout: Layout,
-    /// [B, R] log pi_old(y_k), 0 on pads.
+    /// [B, R] log pi_old(y_k), 0 on pads (all 0 without `RolloutConfig::policy_logprobs`).
     pub logp: Vec<f32>,
     /// [B, R] log pi_ref(y_k), 0 on pads.
     pub ref_logp: Vec<f32>,
@@ -370,9 +373,12 @@ pub fn collect(actors: &Actors, prompts: &[Vec<u32>], cfg: &RolloutConfig) -> Re
         } else {
             lay.rows(idx)
         };
-        let (lp, _) = response_logprobs(actors.policy, &part, policy, cfg.temperature)?;
-        logp.extend(masked_vec(&lp, &part.mask)?);
-        drop(lp);
+        if cfg.policy_logprobs {
+            let (lp, _) = response_logprobs(actors.policy, &part, policy, cfg.temperature)?;
+            logp.extend(masked_vec(&lp, &part.mask)?);
+        } else {
+            logp.extend(std::iter::repeat_n(0.0, part.mask.len()));
+        }
         let (rl, _) = response_logprobs(actors.frozen, &part, reference, cfg.temperature)?;
         ref_logp.extend(masked_vec(&rl, &part.mask)?);
     }

@@ -530,6 +530,7 @@ pub fn policy_kl_and_rm(
             seed,
             first_row: 0,
             forward_batch: 0,
+            policy_logprobs: true,
         },
     )?;
     let k = crate::rlhf::kl::KlEstimator::K3.estimate_all(&ro.logp, &ro.ref_logp, &ro.layout.mask);
