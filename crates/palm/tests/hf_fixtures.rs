@@ -671,6 +671,50 @@ fn fast_decoder_equals_the_graph_path() {
     }
 }
 
+/// Prefix sharing: a first step whose rows repeat runs each distinct row once and copies its
+/// cache; every row's logits then equal a decoder's that ran all rows, on the prefill and on
+/// later steps where the repeats diverge.
+#[test]
+fn repeated_prompts_prefill_once_and_decode_as_every_row() {
+    use palm::model::hf_decode::HfDecoder;
+    let mut ran = 0;
+    for dir in fixture_dirs() {
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let m = palm::model::Model::from(load_hf(&dir, &Device::Cpu).unwrap());
+        let Some(mut shared) = m.fast_decoder(&Forward::default(), 4, 16).unwrap() else {
+            continue;
+        };
+        let palm::model::Model::Hf(hf) = &m else {
+            unreachable!()
+        };
+        let mut each = HfDecoder::new(hf, &Forward::default(), 4, 16)
+            .unwrap()
+            .unwrap();
+        // rows A, B, A, A: B is A left-padded by one, so padding tells rows apart
+        let mut input: Vec<u32> = [[3, 9, 1, 4], [0, 9, 1, 4], [3, 9, 1, 4], [3, 9, 1, 4]].concat();
+        let mut mask: Vec<u8> = [[1, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]].concat();
+        let mut t = 4;
+        for step in 0..4 {
+            let got = shared.step(&input, &mask, t).unwrap();
+            let want = each.step(&input, &mask, t).unwrap();
+            let scale = want.iter().fold(1f32, |a, x| a.max(x.abs()));
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(err <= 1e-5 * scale, "{name} step {step}: max |diff| {err}");
+            // every row its own token from now on
+            input = (0..4).map(|r| 5 + r + step as u32).collect();
+            mask = vec![1, 1, (step % 2) as u8, 1];
+            t = 1;
+        }
+        assert_eq!(shared.shared_prefill, Some(2), "{name}");
+        ran += 1;
+    }
+    assert!(ran > 0, "no fixture took the fast decoder");
+}
+
 /// The fused kernels HF models train on (RMSNorm, per-group multi-query attention, gated SiLU)
 /// against candle's composed ops (`with_composed_ops`): the same logits and the same gradient
 /// for every parameter, with left padding, a loss mask and a LoRA scope, over the full model and

@@ -497,6 +497,37 @@ impl HfDecoder {
         &self.key_mask[r * self.capacity..r * self.capacity + self.len]
     }
 
+    /// Rows the next step runs (the batch, or fewer for a shared prefill).
+    pub(super) fn rows(&self) -> usize {
+        self.batch
+    }
+
+    /// Makes the next steps run rows `0..rows` (at most the batch it was built for): a
+    /// prefill of distinct prompts runs on the first rows, then [`Self::copy_rows`] fans out.
+    pub(super) fn set_rows(&mut self, rows: usize) {
+        self.batch = rows.min(self.seen.len());
+    }
+
+    /// Row `r` := row `from[r]` (cache, key mask, tokens seen), for every row of the batch;
+    /// `from[r] <= r`, so copying from the last row down reads no overwritten row.
+    pub(super) fn copy_rows(&mut self, from: &[usize]) {
+        let row = self.kv * self.capacity * self.d;
+        for (r, &src) in from.iter().enumerate().rev().filter(|(r, s)| s != &r) {
+            for layer in self.layers.iter_mut() {
+                layer
+                    .k_cache
+                    .copy_within(src * row..(src + 1) * row, r * row);
+                layer
+                    .v_cache
+                    .copy_within(src * row..(src + 1) * row, r * row);
+            }
+            let cap = self.capacity;
+            self.key_mask
+                .copy_within(src * cap..(src + 1) * cap, r * cap);
+            self.seen[r] = self.seen[src];
+        }
+    }
+
     /// Checks a step's sizes and records its key mask; returns each new position's rotary
     /// position [B*T] (per row: real tokens before it, as `hf.rs` counts them).
     fn admit(&mut self, ids: &[u32], mask: &[u8], t: usize) -> Result<Vec<usize>> {

@@ -71,14 +71,16 @@ impl Model {
         if std::env::var_os("PALM_GRAPH_DECODE").is_some_and(|v| v == "1") {
             return Ok(None);
         }
-        Ok(match self {
+        let dec = match self {
             Model::Palm(m) => {
-                palm_decode::PalmDecoder::new(m, opts, batch, capacity)?.map(FastDecoder::Palm)
+                palm_decode::PalmDecoder::new(m, opts, batch, capacity)?.map(Decoder::Palm)
             }
-            Model::Hf(m) => {
-                hf_decode::HfDecoder::new(m, opts, batch, capacity)?.map(FastDecoder::Hf)
-            }
-        })
+            Model::Hf(m) => hf_decode::HfDecoder::new(m, opts, batch, capacity)?.map(Decoder::Hf),
+        };
+        Ok(dec.map(|dec| FastDecoder {
+            dec,
+            shared_prefill: None,
+        }))
     }
 
     /// Logits [.., V] from hidden states [.., C].
@@ -262,18 +264,148 @@ impl Model {
 }
 
 /// A plain-buffer decoder ([`Model::fast_decoder`]).
-pub enum FastDecoder {
+pub struct FastDecoder {
+    dec: Decoder,
+    /// Rows the first step ran when its rows repeated (see [`FastDecoder::step`]).
+    pub shared_prefill: Option<usize>,
+}
+
+enum Decoder {
     Palm(palm_decode::PalmDecoder),
     Hf(hf_decode::HfDecoder),
+}
+
+/// The distinct rows of `x` ([B, T] row-major with its mask) in order of first appearance,
+/// and for each row the index of its distinct row among them.
+fn distinct_rows<T: PartialEq>(ids: &[T], mask: &[u8], t: usize) -> (Vec<usize>, Vec<usize>) {
+    let row = |r: usize| (&ids[r * t..(r + 1) * t], &mask[r * t..(r + 1) * t]);
+    let (mut distinct, mut of): (Vec<usize>, Vec<usize>) = (vec![], vec![]);
+    for r in 0..ids.len() / t.max(1) {
+        match distinct.iter().position(|&d| row(d) == row(r)) {
+            Some(j) => of.push(j),
+            None => {
+                of.push(distinct.len());
+                distinct.push(r);
+            }
+        }
+    }
+    (distinct, of)
 }
 
 impl FastDecoder {
     /// Runs `t` new positions for every row (`ids`, `mask` [B, T] row-major, mask 1 = real
     /// token); the logits of each row's last new position, [B, V].
+    ///
+    /// A first step whose rows repeat (a group of responses to one prompt, OpenAI's `n`) runs
+    /// each distinct row once and copies its cache to the repeats (prefix sharing).
     pub fn step(&mut self, ids: &[u32], mask: &[u8], t: usize) -> Result<Vec<f32>> {
-        match self {
-            FastDecoder::Palm(d) => d.step(ids, mask, t),
-            FastDecoder::Hf(d) => d.step(ids, mask, t),
+        let b = self.rows();
+        if self.is_empty() && t > 1 && ids.len() == b * t && mask.len() == b * t {
+            let (distinct, of) = distinct_rows(ids, mask, t);
+            if distinct.len() < b {
+                let at = |r: &usize| r * t..(r + 1) * t;
+                let ids_u: Vec<u32> = distinct.iter().flat_map(|r| ids[at(r)].to_vec()).collect();
+                let mask_u: Vec<u8> = distinct.iter().flat_map(|r| mask[at(r)].to_vec()).collect();
+                self.set_rows(distinct.len());
+                let got = self.step_rows(&ids_u, &mask_u, t);
+                self.set_rows(b);
+                let logits = got?; // [U, V]
+                self.copy_rows(&of);
+                let v = logits.len() / distinct.len();
+                self.shared_prefill = Some(distinct.len());
+                return Ok(of
+                    .iter()
+                    .flat_map(|&j| logits[j * v..(j + 1) * v].iter().copied())
+                    .collect());
+            }
         }
+        self.step_rows(ids, mask, t)
+    }
+
+    fn step_rows(&mut self, ids: &[u32], mask: &[u8], t: usize) -> Result<Vec<f32>> {
+        match &mut self.dec {
+            Decoder::Palm(d) => d.step(ids, mask, t),
+            Decoder::Hf(d) => d.step(ids, mask, t),
+        }
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        match &self.dec {
+            Decoder::Palm(d) => d.len(),
+            Decoder::Hf(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn rows(&self) -> usize {
+        match &self.dec {
+            Decoder::Palm(d) => d.rows(),
+            Decoder::Hf(d) => d.rows(),
+        }
+    }
+
+    fn set_rows(&mut self, rows: usize) {
+        match &mut self.dec {
+            Decoder::Palm(d) => d.set_rows(rows),
+            Decoder::Hf(d) => d.set_rows(rows),
+        }
+    }
+
+    fn copy_rows(&mut self, from: &[usize]) {
+        match &mut self.dec {
+            Decoder::Palm(d) => d.copy_rows(from),
+            Decoder::Hf(d) => d.copy_rows(from),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PalmConfig;
+
+    #[test]
+    fn distinct_rows_by_hand() {
+        // rows: [1 2], [1 2] padded differently, [1 2], [3 4]
+        let ids = [1u32, 2, 1, 2, 1, 2, 3, 4];
+        let mask = [1u8, 1, 0, 1, 1, 1, 1, 1];
+        assert_eq!(
+            distinct_rows(&ids, &mask, 2),
+            (vec![0, 1, 3], vec![0, 1, 0, 2])
+        );
+    }
+
+    /// The PaLM decoder under prefix sharing: every row's logits equal a decoder's that ran all
+    /// rows (prefill, then steps where the repeats diverge).
+    #[test]
+    fn palm_repeated_prompts_prefill_once() -> Result<()> {
+        let cfg = PalmConfig {
+            heads: 2,
+            dim_head: 8,
+            ..PalmConfig::new(50, 32, 2)
+        };
+        let m = Model::from(Palm::new(&cfg, 3, &Device::Cpu)?);
+        let mut shared = m
+            .fast_decoder(&Forward::default(), 3, 12)?
+            .ok_or_else(|| Error::msg("no fast decoder"))?;
+        let Model::Palm(p) = &m else { unreachable!() };
+        let mut each = palm_decode::PalmDecoder::new(p, &Forward::default(), 3, 12)?
+            .ok_or_else(|| Error::msg("no fast decoder"))?;
+        let (mut ids, mut mask, mut t) = (vec![7u32, 8, 9, 4, 8, 9, 7, 8, 9], vec![1u8; 9], 3);
+        for step in 0..3u32 {
+            let (got, want) = (shared.step(&ids, &mask, t)?, each.step(&ids, &mask, t)?);
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(err <= 1e-5, "step {step}: {err}");
+            (ids, mask, t) = (vec![10 + step, 20 + step, 30 + step], vec![1; 3], 1);
+        }
+        assert_eq!(shared.shared_prefill, Some(2));
+        Ok(())
     }
 }

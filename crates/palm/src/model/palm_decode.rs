@@ -176,6 +176,35 @@ impl PalmDecoder {
         self.len == 0
     }
 
+    /// Rows the next step runs (the batch, or fewer for a shared prefill).
+    pub(super) fn rows(&self) -> usize {
+        self.batch
+    }
+
+    /// Makes the next steps run rows `0..rows` (at most the batch it was built for; see
+    /// `HfDecoder::set_rows`).
+    pub(super) fn set_rows(&mut self, rows: usize) {
+        self.batch = rows.min(self.key_mask.len() / self.capacity);
+    }
+
+    /// Row `r` := row `from[r]` (cache and key mask) for every row; `from[r] <= r`.
+    pub(super) fn copy_rows(&mut self, from: &[usize]) {
+        let row = self.capacity * self.d;
+        for (r, &src) in from.iter().enumerate().rev().filter(|(r, s)| s != &r) {
+            for layer in self.layers.iter_mut() {
+                layer
+                    .k_cache
+                    .copy_within(src * row..(src + 1) * row, r * row);
+                layer
+                    .v_cache
+                    .copy_within(src * row..(src + 1) * row, r * row);
+            }
+            let cap = self.capacity;
+            self.key_mask
+                .copy_within(src * cap..(src + 1) * cap, r * cap);
+        }
+    }
+
     /// Runs `t` new positions for every row: `ids` and `mask` are [B, T] row-major (mask 1 =
     /// real token, 0 = padding). Returns the logits of each row's last new position, [B, V].
     pub fn step(&mut self, ids: &[u32], mask: &[u8], t: usize) -> Result<Vec<f32>> {
