@@ -510,6 +510,10 @@ impl RlTrainer {
     }
 }
 
+/// The kept samples, every drawn score, the batches sampled, and the seconds spent sampling and
+/// in the log-prob forwards.
+type Collected = (Vec<Sample>, Vec<f32>, usize, [f64; 2]);
+
 impl RlTrainer {
     /// Samples `batch_size` prompts x `group_size` responses, scores them; under dynamic
     /// sampling keeps only groups with unequal scores, drawing up to `max_gen_batches` batches.
@@ -520,10 +524,10 @@ impl RlTrainer {
         eos: &[u32],
         scorer: &dyn Scorer,
         gold: Option<&dyn Scorer>,
-    ) -> Result<(Vec<Sample>, Vec<f32>, usize, f64)> {
+    ) -> Result<Collected> {
         let cfg = self.cfg.clone();
         let g = cfg.group_size;
-        let (mut kept, mut all_scores, mut gen_batches, mut gen_s) = (vec![], vec![], 0, 0.0);
+        let (mut kept, mut all_scores, mut gen_batches, mut gen_s) = (vec![], vec![], 0, [0.0; 2]);
         while gen_batches < cfg.max_gen_batches && kept.len() < cfg.batch_size * g {
             let mut idx: Vec<usize> = (0..prompts.len()).collect();
             idx.shuffle(&mut self.rng);
@@ -553,7 +557,8 @@ impl RlTrainer {
             )?;
             let (ro, scores, golds) = (sc.ro, sc.scores, sc.gold);
             gen_batches += 1;
-            gen_s += ro.generate_seconds + ro.forward_seconds;
+            gen_s[0] += ro.generate_seconds;
+            gen_s[1] += ro.forward_seconds;
             all_scores.extend_from_slice(&scores);
             let r = ro.layout.r;
             for (grp, sc) in scores.chunks(g).enumerate() {
@@ -976,7 +981,9 @@ impl RlTrainer {
             "num_tokens": lens.iter().map(|&l| f64::from(l)).sum::<f64>(),
             "dynamic/groups_kept": samples.len() / g,
             "dynamic/gen_batches": gen_batches,
-            "time/rollout_s": gen_s,
+            "time/rollout_s": gen_s[0] + gen_s[1],
+            "time/generate_s": gen_s[0],
+            "time/logprobs_s": gen_s[1],
             "time/update_s": t_update.elapsed().as_secs_f64(),
             "time/step_s": t0.elapsed().as_secs_f64(),
         });
