@@ -95,7 +95,7 @@ impl Linear {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Norms: RMSNorm through the fused kernel ([`ops::rms_norm`]) on f32 CPU tensors, the rest as
+// Norms: RMSNorm through the fused kernel ([`ops::norm::rms_norm`]) on f32 CPU tensors, the rest as
 // composed ops (they need a backward; candle-nn's fused norms have none).
 
 #[derive(Debug, Clone)]
