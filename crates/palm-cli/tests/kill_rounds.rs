@@ -156,6 +156,15 @@ fn interrupted_write(run: &Path, pid: u32) -> Option<bool> {
     found
 }
 
+/// `palm rl`'s timing fields.
+const RL_TIMING: &[&str] = &[
+    "time/generate_s",
+    "time/logprobs_s",
+    "time/rollout_s",
+    "time/update_s",
+    "time/step_s",
+];
+
 /// The run ends as the reference did: metrics (timing fields aside), final weights, summary.
 fn assert_same_run(s: &Subject, run: &Path, reference: &Path) {
     let (a, b) = (metrics(run, s.timing), metrics(reference, s.timing));
@@ -581,7 +590,7 @@ fn rl_grpo_survives_kill_9() {
             "--resume",
         ]),
         weights: &["policy/model.safetensors"],
-        timing: &["time/rollout_s", "time/update_s", "time/step_s"],
+        timing: RL_TIMING,
         summary: true,
     };
     check(&s, d.path(), None);
@@ -719,7 +728,7 @@ fn rl_task_run_resumed_ends_as_an_uninterrupted_run() {
         fresh: vec![],
         resume: vec![],
         weights: &["policy/model.safetensors"],
-        timing: &["time/rollout_s", "time/update_s", "time/step_s"],
+        timing: RL_TIMING,
         summary: true,
     };
     let sum = summary(&d.path().join("resumed"), &[]);
