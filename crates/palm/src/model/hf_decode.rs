@@ -25,7 +25,7 @@ use super::gguf_import::{gguf_name, permutes_qk};
 use super::hf::{HfModel, Linear, Norm, Qkv};
 use super::hf_config::{Act, BlockKind, MlpLayout, NormKind, PosKind, QkNorm, RotaryStyle};
 use super::palm::Forward;
-use super::palm_decode::{attend, check_step, matmul_wt, rotate, to_vec, to_vec_t};
+use super::palm_decode::{attend, check_step, fan_out_rows, matmul_wt, rotate, to_vec, to_vec_t};
 use crate::error::{Error, Result};
 use crate::lora::Lora;
 use crate::ops::quant::{QuantKind, QuantMatrix};
@@ -508,24 +508,16 @@ impl HfDecoder {
         self.batch = rows.min(self.seen.len());
     }
 
-    /// Row `r` := row `from[r]` (cache, key mask, tokens seen), for every row of the batch;
-    /// `from[r] <= r`, so copying from the last row down reads no overwritten row.
+    /// Row `r` := row `from[r]` (cache, key mask, tokens seen), for every row of the batch
+    /// (`from[r] <= r`; see [`fan_out_rows`]).
     pub(super) fn copy_rows(&mut self, from: &[usize]) {
         let row = self.kv * self.capacity * self.d;
-        for (r, &src) in from.iter().enumerate().rev().filter(|(r, s)| s != &r) {
-            for layer in self.layers.iter_mut() {
-                layer
-                    .k_cache
-                    .copy_within(src * row..(src + 1) * row, r * row);
-                layer
-                    .v_cache
-                    .copy_within(src * row..(src + 1) * row, r * row);
-            }
-            let cap = self.capacity;
-            self.key_mask
-                .copy_within(src * cap..(src + 1) * cap, r * cap);
-            self.seen[r] = self.seen[src];
+        for layer in self.layers.iter_mut() {
+            fan_out_rows(from, row, &mut layer.k_cache);
+            fan_out_rows(from, row, &mut layer.v_cache);
         }
+        fan_out_rows(from, self.capacity, &mut self.key_mask);
+        fan_out_rows(from, 1, &mut self.seen);
     }
 
     /// Checks a step's sizes and records its key mask; returns each new position's rotary

@@ -189,20 +189,11 @@ impl PalmDecoder {
 
     /// Row `r` := row `from[r]` (cache and key mask) for every row; `from[r] <= r`.
     pub(super) fn copy_rows(&mut self, from: &[usize]) {
-        let row = self.capacity * self.d;
-        for (r, &src) in from.iter().enumerate().rev().filter(|(r, s)| s != &r) {
-            for layer in self.layers.iter_mut() {
-                layer
-                    .k_cache
-                    .copy_within(src * row..(src + 1) * row, r * row);
-                layer
-                    .v_cache
-                    .copy_within(src * row..(src + 1) * row, r * row);
-            }
-            let cap = self.capacity;
-            self.key_mask
-                .copy_within(src * cap..(src + 1) * cap, r * cap);
+        for layer in self.layers.iter_mut() {
+            fan_out_rows(from, self.capacity * self.d, &mut layer.k_cache);
+            fan_out_rows(from, self.capacity * self.d, &mut layer.v_cache);
         }
+        fan_out_rows(from, self.capacity, &mut self.key_mask);
     }
 
     /// Runs `t` new positions for every row: `ids` and `mask` are [B, T] row-major (mask 1 =
@@ -305,6 +296,14 @@ impl PalmDecoder {
         let mut logits = vec![0f32; b * self.v];
         matmul_wt(&last_n, &self.emb_t, b, c, self.v, &mut logits, false);
         Ok(logits)
+    }
+}
+
+/// Row `r` := row `from[r]` of `buf`, laid out in rows of `len`, for every row; `from[r] <= r`,
+/// so copying from the last row down reads no overwritten row (a shared prefill's fan-out).
+pub(super) fn fan_out_rows<T: Copy>(from: &[usize], len: usize, buf: &mut [T]) {
+    for (r, &src) in from.iter().enumerate().rev().filter(|(r, s)| s != &r) {
+        buf.copy_within(src * len..(src + 1) * len, r * len);
     }
 }
 

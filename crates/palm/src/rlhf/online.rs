@@ -749,14 +749,14 @@ impl RlTrainer {
             ..Default::default()
         };
         let (logp, logits) = rollout::response_logprobs(&self.model, &lay, opts, cfg.temperature)?;
-        let ref_logp = t(take_rows(&b.ref_logp, mb, r))?;
+        let ref_rows = take_rows(&b.ref_logp, mb, r);
+        let ref_logp = t(ref_rows.clone())?;
         let from_update = cfg.old_logprobs_from_update();
         let old = if from_update {
             // pi_old is this forward's policy: the ratio is 1 and the gradient the on-policy one
             let lp = logp.detach();
-            let (a, rf): (Vec<f32>, Vec<f32>) =
-                (lp.flatten_all()?.to_vec1()?, take_rows(&b.ref_logp, mb, r));
-            for ((a, rf), m) in a.iter().zip(&rf).zip(&lay.mask) {
+            let a: Vec<f32> = lp.flatten_all()?.to_vec1()?;
+            for ((a, rf), m) in a.iter().zip(&ref_rows).zip(&lay.mask) {
                 if *m > 0.0 {
                     sums.kl_k3 += f64::from(KlEstimator::K3.estimate(*a, *rf));
                     sums.kl_tokens += 1.0;
